@@ -1,1 +1,48 @@
-//! shared types
+//! bt-common: job spec types and validation, configuration loading, tracing setup, ids, shutdown.
+pub mod config;
+pub mod ids;
+pub mod spec;
+
+pub use ids::{AttemptEpoch, JobId, WorkerId};
+pub use spec::{JobKind, JobSpec, SpecError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sets up `tracing` for a binary: human-readable lines on stderr, filtered by `RUST_LOG`
+/// (default `info`), or JSON lines when `BT_LOG_FORMAT=json`.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("BT_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Resolves when the process receives SIGTERM or ctrl-c (SIGINT): the one shutdown path.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,1 +1,352 @@
-//! test harness
+//! Harness for the multi-process tests: starts the real `bt-coordinator`, `bt-worker` daemons and
+//! `btctl` on loopback, waits on conditions with deadlines (never a bare sleep as a wait), and
+//! prints every child's log when a test fails.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where the binaries are: `BT_BIN_DIR`, else the workspace's `target/debug`.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .join("target/debug")
+    });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns Some or the deadline passes (then panics with `what`).
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A coordinator and some worker daemons, all real processes, in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    coordinator: Option<Proc>,
+    workers: Vec<Option<Proc>>,
+    heartbeat_timeout_ms: u64,
+    port_base: u32,
+}
+
+fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
+    let child = cmd
+        .stdout(Stdio::from(f.try_clone().expect("dup")))
+        .stderr(Stdio::from(f))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    Proc {
+        name: name.into(),
+        child,
+        log,
+    }
+}
+
+impl Cluster {
+    /// Starts a coordinator and `workers` daemons with `slots` CPU slots each, and waits until all
+    /// daemons are online.
+    pub fn start(workers: usize, slots: u32) -> Cluster {
+        Self::start_with(workers, slots, 3000)
+    }
+
+    pub fn start_with(workers: usize, slots: u32, heartbeat_timeout_ms: u64) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("bt-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        // Distinct TCPStore port ranges per test process, so concurrent tests never collide.
+        let port_base = 20000 + (std::process::id() % 400) * 100;
+        let mut c = Cluster {
+            dir,
+            addr: String::new(),
+            coordinator: None,
+            workers: Vec::new(),
+            heartbeat_timeout_ms,
+            port_base,
+        };
+        c.start_coordinator();
+        for i in 0..workers {
+            c.workers.push(None);
+            c.start_worker(i, slots);
+        }
+        c.wait_workers_online(workers);
+        c
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// (Re)starts the coordinator on the same database; its address may change, so the daemons are
+    /// told through a stable address file... they were given the address at start, so we reuse it.
+    pub fn start_coordinator(&mut self) {
+        let addr_file = self.path("coordinator.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_string()
+        } else {
+            self.addr.clone()
+        };
+        let mut cmd = Command::new(bin("bt-coordinator"));
+        cmd.arg("--listen")
+            .arg(&listen)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .arg("--db")
+            .arg(self.path("coordinator.db"))
+            .arg("--checkpoint-root")
+            .arg(self.path("checkpoints"))
+            .arg("--heartbeat-timeout-ms")
+            .arg(self.heartbeat_timeout_ms.to_string());
+        let p = spawn("coordinator", &mut cmd, self.path("coordinator.log"));
+        self.coordinator = Some(p);
+        let addr = wait_for("the coordinator's address file", Duration::from_secs(30), || {
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        });
+        self.addr = addr.trim().to_string();
+    }
+
+    /// SIGKILLs the coordinator (no shutdown path runs).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut p) = self.coordinator.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    pub fn start_worker(&mut self, i: usize, slots: u32) {
+        let start = self.port_base + (i as u32) * 10;
+        let mut cmd = Command::new(bin("bt-worker"));
+        cmd.arg("--coordinator")
+            .arg(&self.addr)
+            .arg("--name")
+            .arg(format!("worker-{i}"))
+            .arg("--cpu-slots")
+            .arg(slots.to_string())
+            .arg("--port-range")
+            .arg(format!("{start}-{}", start + 10))
+            .arg("--work-dir")
+            .arg(self.path(&format!("worker-{i}")))
+            .arg("--stop-grace-ms")
+            .arg("5000")
+            .env("RUST_LOG", "info");
+        let p = spawn(
+            &format!("worker-{i}"),
+            &mut cmd,
+            self.path(&format!("worker-{i}.log")),
+        );
+        self.workers[i] = Some(p);
+    }
+
+    /// The daemon's process id.
+    pub fn worker_pid(&self, i: usize) -> u32 {
+        self.workers[i].as_ref().expect("worker running").child.id()
+    }
+
+    pub fn wait_workers_online(&self, n: usize) {
+        wait_for(
+            &format!("{n} workers online"),
+            Duration::from_secs(60),
+            || {
+                let ws = self.btctl_json(&["workers"])?;
+                let online = ws
+                    .as_array()?
+                    .iter()
+                    .filter(|w| w["state"] == "online")
+                    .count();
+                (online >= n).then_some(())
+            },
+        );
+    }
+
+    /// Runs btctl against this cluster.
+    pub fn btctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("btctl"))
+            .args(args)
+            .env("BT_COORDINATOR", &self.addr)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run btctl")
+    }
+
+    /// Runs a read command with `-o json`; None if it failed.
+    pub fn btctl_json(&self, args: &[&str]) -> Option<Value> {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.btctl(&a);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        self.btctl_json(&["get", id])
+            .unwrap_or_else(|| panic!("btctl get {id} failed"))
+    }
+
+    /// Writes a spec file and submits it; returns the job id.
+    pub fn submit(&self, spec: &str, overrides: &[&str]) -> String {
+        let f = self.path(&format!("job-{}.toml", rand_suffix()));
+        std::fs::write(&f, spec).expect("write spec");
+        let mut args = vec!["submit", f.to_str().expect("utf8 path")];
+        for o in overrides {
+            args.extend(["--set", o]);
+        }
+        let out = self.btctl(&args);
+        assert!(
+            out.status.success(),
+            "btctl submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn wait_state(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
+        wait_for(
+            &format!("job {id} to reach {states:?}"),
+            timeout,
+            || {
+                let j = self.btctl_json(&["get", id])?;
+                states
+                    .contains(&j["state"].as_str().unwrap_or(""))
+                    .then_some(j)
+            },
+        )
+    }
+
+    /// Pids of trainer processes (children of the daemons).
+    pub fn trainer_pids(&self) -> Vec<u32> {
+        let daemons: Vec<u32> = self
+            .workers
+            .iter()
+            .flatten()
+            .map(|p| p.child.id())
+            .collect();
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // ppid is the 2nd field after the parenthesised command name.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let (Some(state), Some(ppid)) = (fields.first(), fields.get(1)) else {
+                continue;
+            };
+            if *state == "Z" {
+                continue;
+            }
+            if let Ok(ppid) = ppid.parse::<u32>() {
+                if daemons.contains(&ppid) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
+    fn dump_logs(&self) {
+        let mut logs: Vec<PathBuf> = vec![self.path("coordinator.log")];
+        for i in 0..self.workers.len() {
+            logs.push(self.path(&format!("worker-{i}.log")));
+            if let Ok(rd) = std::fs::read_dir(self.path(&format!("worker-{i}"))) {
+                logs.extend(rd.flatten().map(|e| e.path()).filter(|p| {
+                    p.extension().is_some_and(|x| x == "log")
+                }));
+            }
+        }
+        for l in logs {
+            if let Ok(text) = std::fs::read_to_string(&l) {
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(80);
+                eprintln!("===== {} (last {} lines) =====", l.display(), lines.len() - from);
+                for line in &lines[from..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let mut procs: Vec<Proc> = self.workers.iter_mut().filter_map(Option::take).collect();
+        procs.extend(self.coordinator.take());
+        for p in &procs {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(p.child.id() as i32, libc::SIGTERM);
+            }
+        }
+        for mut p in procs {
+            let deadline = Instant::now() + Duration::from_secs(8);
+            loop {
+                match p.child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("{} did not stop on SIGTERM; killing (log {})", p.name, p.log.display());
+                        let _ = p.child.kill();
+                        let _ = p.child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

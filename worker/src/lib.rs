@@ -2,6 +2,10 @@
 //! (models, loss, optimizer, data, collectives, checkpoints, evaluation).
 pub mod error;
 
+pub mod agent;
+pub mod ipc;
+pub mod trainer;
+
 pub mod checkpoint;
 pub mod data;
 pub mod dist;

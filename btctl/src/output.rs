@@ -1,0 +1,218 @@
+//! Text and JSON rendering of coordinator replies.
+use bt_proto::*;
+use serde_json::{json, Value};
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let secs = (bt_common::now_ms() - ms).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+pub fn metrics_json(m: &TrainMetrics) -> Value {
+    json!({
+        "step": m.step, "epoch": m.epoch, "total_steps": m.total_steps, "loss": m.loss,
+        "on_diag": m.on_diag, "off_diag": m.off_diag, "off_diag_scaled": m.off_diag_scaled,
+        "mean_diag": m.mean_diag, "mean_abs_off_diag": m.mean_abs_off_diag,
+        "max_abs_off_diag": m.max_abs_off_diag, "lr": m.lr, "images_per_sec": m.images_per_sec,
+        "skipped_images": m.skipped_images, "step_time_ms": m.step_time_ms,
+    })
+}
+
+pub fn eval_json(e: &EvalResult) -> Value {
+    json!({
+        "kind": e.kind, "step": e.step, "epoch": e.epoch, "top1": e.top1, "top5": e.top5,
+        "baseline_top1": e.baseline_top1, "detail": e.detail,
+    })
+}
+
+fn job_json(j: &Job) -> Value {
+    json!({
+        "id": j.id, "name": j.name, "kind": j.kind, "state": j.state().name(),
+        "priority": j.priority, "world_size": j.world_size, "created_at_ms": j.created_at_ms,
+        "updated_at_ms": j.updated_at_ms, "epoch": j.epoch, "attempts": j.attempts,
+        "restarts_used": j.restarts_used, "max_restarts": j.max_restarts,
+        "failure_reason": j.failure_reason, "total_steps": j.total_steps,
+        "rendezvous": j.rendezvous,
+        "last_metrics": j.last_metrics.as_ref().map(metrics_json),
+        "placement": j.placement.iter().map(|p| json!({
+            "rank": p.rank, "worker_id": p.worker_id, "worker_name": p.worker_name,
+            "host": p.host, "device": p.device,
+        })).collect::<Vec<_>>(),
+        "evals": j.evals.iter().map(eval_json).collect::<Vec<_>>(),
+        "spec": j.spec_toml,
+    })
+}
+
+pub fn print_jobs(jobs: &[Job], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = jobs.iter().map(job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<36}  {:<20} {:<10} {:>5} {:>12} {:>10}  CREATED",
+        "ID", "NAME", "STATE", "RANKS", "STEP", "LOSS"
+    );
+    for j in jobs {
+        let (step, loss) = match &j.last_metrics {
+            Some(m) => (format!("{}/{}", m.step, m.total_steps), format!("{:.2}", m.loss)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<36}  {:<20} {:<10} {:>5} {:>12} {:>10}  {}",
+            j.id,
+            truncate(&j.name, 20),
+            j.state().name(),
+            j.world_size,
+            step,
+            loss,
+            time(j.created_at_ms)
+        );
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}
+
+pub fn print_job(j: &Job, as_json: bool) {
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&job_json(j)).unwrap_or_default());
+        return;
+    }
+    println!("id:        {}", j.id);
+    println!("name:      {} ({})", j.name, j.kind);
+    println!("state:     {}", j.state().name());
+    println!("priority:  {}", j.priority);
+    println!("ranks:     {}", j.world_size);
+    println!(
+        "attempts:  {} (epoch {}, restarts used {}/{})",
+        j.attempts, j.epoch, j.restarts_used, j.max_restarts
+    );
+    println!("created:   {}", time(j.created_at_ms));
+    if !j.rendezvous.is_empty() {
+        println!("rendezvous: {}", j.rendezvous);
+    }
+    for p in &j.placement {
+        println!(
+            "  rank {:<3} worker {} ({}) device {}",
+            p.rank, p.worker_name, p.host, p.device
+        );
+    }
+    if let Some(m) = &j.last_metrics {
+        println!(
+            "progress:  step {}/{} epoch {}  loss {:.4} (on-diag {:.4}, off-diag {:.4} x lambda = {:.4})",
+            m.step, m.total_steps, m.epoch, m.loss, m.on_diag, m.off_diag, m.off_diag_scaled
+        );
+        println!(
+            "           mean C_ii {:.4}  mean |C_ij| {:.4}  max |C_ij| {:.4}  lr {:.5}  {:.1} img/s",
+            m.mean_diag, m.mean_abs_off_diag, m.max_abs_off_diag, m.lr, m.images_per_sec
+        );
+        if m.skipped_images > 0 {
+            println!("           skipped images: {}", m.skipped_images);
+        }
+    }
+    for e in &j.evals {
+        println!("eval:      {}", eval_line(e));
+    }
+    if !j.failure_reason.is_empty() {
+        println!("failure:   {}", j.failure_reason.replace('\n', "\n           "));
+    }
+}
+
+pub fn eval_line(e: &EvalResult) -> String {
+    let mut s = format!(
+        "{} at step {} (epoch {}): top-1 {:.2}%",
+        e.kind,
+        e.step,
+        e.epoch,
+        100.0 * e.top1
+    );
+    if e.top5 > 0.0 {
+        s += &format!(", top-5 {:.2}%", 100.0 * e.top5);
+    }
+    if e.baseline_top1 > 0.0 {
+        s += &format!(
+            "; random-init baseline top-1 {:.2}%",
+            100.0 * e.baseline_top1
+        );
+    }
+    if !e.detail.is_empty() {
+        s += &format!(" [{}]", e.detail);
+    }
+    s
+}
+
+pub fn print_workers(ws: &[Worker], as_json: bool) {
+    let state = |w: &Worker| match w.state() {
+        WorkerState::Online => "online",
+        WorkerState::Lost => "lost",
+        WorkerState::Unspecified => "unknown",
+    };
+    if as_json {
+        let v: Vec<Value> = ws
+            .iter()
+            .map(|w| {
+                json!({
+                    "id": w.id, "name": w.name, "host": w.host, "state": state(w),
+                    "last_seen_ms": w.last_seen_ms, "busy_devices": w.busy_devices,
+                    "devices": w.devices.iter().map(|d| json!({
+                        "index": d.index, "kind": d.kind, "name": d.name})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<36}  {:<16} {:<16} {:<7} {:>7}  LAST SEEN",
+        "ID", "NAME", "HOST", "STATE", "BUSY"
+    );
+    for w in ws {
+        println!(
+            "{:<36}  {:<16} {:<16} {:<7} {:>3}/{:<3}  {}",
+            w.id,
+            truncate(&w.name, 16),
+            truncate(&w.host, 16),
+            state(w),
+            w.busy_devices,
+            w.devices.len(),
+            time(w.last_seen_ms)
+        );
+    }
+}
+
+pub fn print_checkpoints(cps: &[CheckpointInfo], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = cps
+            .iter()
+            .map(|c| {
+                json!({"job_id": c.job_id, "step": c.step, "epoch": c.epoch, "path": c.path,
+                "created_at_ms": c.created_at_ms, "size_bytes": c.size_bytes, "sha256": c.sha256})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("{:>8} {:>6} {:>10}  {:<12} PATH", "STEP", "EPOCH", "SIZE", "CREATED");
+    for c in cps {
+        println!(
+            "{:>8} {:>6} {:>9.1}M  {:<12} {}",
+            c.step,
+            c.epoch,
+            c.size_bytes as f64 / 1e6,
+            time(c.created_at_ms),
+            c.path
+        );
+    }
+}

@@ -1,0 +1,544 @@
+//! The job spec: what a user submits (`btctl submit job.toml`), validated by the same code in
+//! `btctl` (early, friendly) and in the coordinator (authoritative).
+//!
+//! Every error names the field it is about (`train.batch_size: must be greater than 0`).
+use serde::{Deserialize, Serialize};
+
+/// The largest world size a job may ask for. The design targets 32 GPUs; anything past this is
+/// certainly a typo.
+pub const MAX_WORLD_SIZE: u32 = 256;
+
+/// A spec error that names the field (dotted path) it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Barlow Twins pretraining.
+    #[default]
+    Pretrain,
+    /// Linear probe on a frozen checkpoint.
+    LinearProbe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default = "defaults::name")]
+    pub name: String,
+    #[serde(default)]
+    pub kind: JobKind,
+    /// Number of trainer ranks (devices); the job starts only when all can be placed.
+    #[serde(default = "defaults::one")]
+    pub world_size: u32,
+    /// Higher runs first; FIFO within a priority.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub data: DataSpec,
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
+    #[serde(default)]
+    pub dist: DistSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// "fashion-mnist", "mnist", "image-folder" or "synthetic".
+    #[serde(default = "defaults::source")]
+    pub source: String,
+    /// Directory of the data set (IDX files, or an ImageFolder tree).
+    #[serde(default = "defaults::data_path")]
+    pub path: String,
+    /// Use only the first N training images (0: all).
+    #[serde(default)]
+    pub limit: u64,
+    /// Side of the random resized crop.
+    #[serde(default = "defaults::image_size")]
+    pub image_size: u32,
+    /// Smallest crop scale of the random resized crop (paper: 0.08).
+    #[serde(default = "defaults::min_scale")]
+    pub min_scale: f64,
+    /// Gaussian blur (off by default for small images, as usual for 32×32 data).
+    #[serde(default)]
+    pub blur: bool,
+    /// CPU threads decoding and cropping.
+    #[serde(default = "defaults::threads")]
+    pub threads: u32,
+    /// Batches prepared ahead.
+    #[serde(default = "defaults::prefetch")]
+    pub prefetch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// "resnet18", "resnet34" or "resnet50".
+    #[serde(default = "defaults::backbone")]
+    pub backbone: String,
+    /// 3×3 stride-1 first convolution and no max-pool (for small images).
+    #[serde(default = "defaults::yes")]
+    pub cifar_stem: bool,
+    /// Widths of the projector's linear layers.
+    #[serde(default = "defaults::projector")]
+    pub projector: Vec<i64>,
+    /// Batch-norm statistics over the global batch (all ranks).
+    #[serde(default = "defaults::yes")]
+    pub sync_bn: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Global batch size (split evenly over the ranks).
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "defaults::one")]
+    pub epochs: u32,
+    /// Stop after this many steps (0: run all epochs).
+    #[serde(default)]
+    pub max_steps: u64,
+    #[serde(default = "defaults::lr_weights")]
+    pub lr_weights: f64,
+    #[serde(default = "defaults::lr_biases")]
+    pub lr_biases: f64,
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: f64,
+    /// λ, the weight of the off-diagonal term.
+    #[serde(default = "defaults::lambda")]
+    pub lambda: f64,
+    #[serde(default = "defaults::warmup_epochs")]
+    pub warmup_epochs: f64,
+    /// Multiplies the gradient before the optimizer (1/32 reproduces the official 32-GPU step).
+    #[serde(default = "defaults::one_f")]
+    pub loss_scale: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Report metrics every k steps.
+    #[serde(default = "defaults::log_every")]
+    pub log_every: u32,
+    /// "auto", "cross" or "gram".
+    #[serde(default = "defaults::loss_form")]
+    pub loss_form: String,
+    /// Intra-op threads per trainer (0: libtorch's default).
+    #[serde(default = "defaults::one")]
+    pub torch_threads: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Keep the last N checkpoints (0: keep all).
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: u32,
+    /// Also keep one checkpoint every K epochs (0: none).
+    #[serde(default)]
+    pub keep_every_epochs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSpec {
+    /// Attempts that may be restarted after an infrastructure failure (lost worker, crashed trainer).
+    #[serde(default = "defaults::max_restarts")]
+    pub max_restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistSpec {
+    /// Collective and rendezvous timeout.
+    #[serde(default = "defaults::timeout_secs")]
+    pub timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Run the kNN monitor every N epochs (0: only at the end when `knn_at_end`).
+    #[serde(default)]
+    pub knn_every_epochs: u32,
+    #[serde(default = "defaults::yes")]
+    pub knn_at_end: bool,
+    #[serde(default = "defaults::knn_k")]
+    pub knn_k: u32,
+    #[serde(default = "defaults::knn_temperature")]
+    pub knn_temperature: f64,
+    /// Labelled training images embedded as the kNN bank.
+    #[serde(default = "defaults::bank_size")]
+    pub bank_size: u32,
+    /// Held-out images classified.
+    #[serde(default = "defaults::test_size")]
+    pub test_size: u32,
+    /// Report the same evaluation of a randomly initialised backbone next to it.
+    #[serde(default = "defaults::yes")]
+    pub baseline: bool,
+    /// For `kind = "linear_probe"`: the checkpoint directory to evaluate.
+    #[serde(default)]
+    pub checkpoint: String,
+    /// Linear-probe epochs.
+    #[serde(default = "defaults::probe_epochs")]
+    pub probe_epochs: u32,
+}
+
+mod defaults {
+    pub fn name() -> String {
+        "barlow-twins".into()
+    }
+    pub fn one() -> u32 {
+        1
+    }
+    pub fn one_f() -> f64 {
+        1.0
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn source() -> String {
+        "fashion-mnist".into()
+    }
+    pub fn data_path() -> String {
+        "/usr/share/datasets/fashion-mnist".into()
+    }
+    pub fn image_size() -> u32 {
+        28
+    }
+    pub fn min_scale() -> f64 {
+        0.08
+    }
+    pub fn threads() -> u32 {
+        1
+    }
+    pub fn prefetch() -> u32 {
+        4
+    }
+    pub fn backbone() -> String {
+        "resnet18".into()
+    }
+    pub fn projector() -> Vec<i64> {
+        vec![8192, 8192, 8192]
+    }
+    pub fn batch_size() -> u32 {
+        256
+    }
+    pub fn lr_weights() -> f64 {
+        0.2
+    }
+    pub fn lr_biases() -> f64 {
+        0.0048
+    }
+    pub fn weight_decay() -> f64 {
+        1e-6
+    }
+    pub fn lambda() -> f64 {
+        0.0051
+    }
+    pub fn warmup_epochs() -> f64 {
+        10.0
+    }
+    pub fn log_every() -> u32 {
+        10
+    }
+    pub fn loss_form() -> String {
+        "auto".into()
+    }
+    pub fn keep_last() -> u32 {
+        3
+    }
+    pub fn max_restarts() -> u32 {
+        2
+    }
+    pub fn timeout_secs() -> u32 {
+        60
+    }
+    pub fn knn_k() -> u32 {
+        200
+    }
+    pub fn knn_temperature() -> f64 {
+        0.1
+    }
+    pub fn bank_size() -> u32 {
+        5000
+    }
+    pub fn test_size() -> u32 {
+        1000
+    }
+    pub fn probe_epochs() -> u32 {
+        10
+    }
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                toml::from_str("").expect("all fields have defaults")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    JobSpec,
+    DataSpec,
+    ModelSpec,
+    TrainSpec,
+    CheckpointSpec,
+    RestartSpec,
+    DistSpec,
+    EvalSpec
+);
+
+impl JobSpec {
+    /// Parses and validates TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, SpecError> {
+        Self::from_toml_with_overrides(text, &[])
+    }
+
+    /// Parses TOML text, applies `key=value` overrides (dotted keys, TOML values; bare words are
+    /// strings), then validates.
+    pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self, SpecError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| SpecError::new("spec", format!("not valid TOML: {}", e.message())))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let spec: JobSpec = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() { "spec".to_string() } else { path };
+            SpecError::new(field, e.into_inner().to_string().trim().to_string())
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The canonical TOML text of this spec (every field explicit).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a job spec always serializes")
+    }
+
+    /// The batch each rank processes per step.
+    pub fn per_rank_batch(&self) -> u32 {
+        self.train.batch_size / self.world_size.max(1)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let err = |f: &str, m: String| Err(SpecError::new(f, m));
+        if self.name.trim().is_empty() {
+            return err("name", "must not be empty".into());
+        }
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return err(
+                "world_size",
+                format!("must be between 1 and {MAX_WORLD_SIZE}, got {}", self.world_size),
+            );
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return err("train.batch_size", "must be greater than 0".into());
+        }
+        if t.batch_size % self.world_size != 0 {
+            return err(
+                "train.batch_size",
+                format!(
+                    "{} is not divisible by world_size {}; each rank must get the same share",
+                    t.batch_size, self.world_size
+                ),
+            );
+        }
+        if self.kind == JobKind::Pretrain && t.batch_size / self.world_size < 2 {
+            return err("train.batch_size", "each rank needs at least 2 samples (batch norm)".into());
+        }
+        if t.epochs == 0 {
+            return err("train.epochs", "must be greater than 0".into());
+        }
+        for (f, v) in [
+            ("train.lr_weights", t.lr_weights),
+            ("train.lr_biases", t.lr_biases),
+            ("train.loss_scale", t.loss_scale),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return err(f, format!("must be a positive number, got {v}"));
+            }
+        }
+        for (f, v) in [
+            ("train.weight_decay", t.weight_decay),
+            ("train.lambda", t.lambda),
+            ("train.warmup_epochs", t.warmup_epochs),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return err(f, format!("must be zero or positive, got {v}"));
+            }
+        }
+        if t.log_every == 0 {
+            return err("train.log_every", "must be greater than 0".into());
+        }
+        if !["auto", "cross", "gram"].contains(&t.loss_form.as_str()) {
+            return err("train.loss_form", format!("must be auto, cross or gram, got {:?}", t.loss_form));
+        }
+        let d = &self.data;
+        if !["fashion-mnist", "mnist", "image-folder", "synthetic"].contains(&d.source.as_str()) {
+            return err(
+                "data.source",
+                format!("must be fashion-mnist, mnist, image-folder or synthetic, got {:?}", d.source),
+            );
+        }
+        if d.source != "synthetic" && d.path.trim().is_empty() {
+            return err("data.path", "must name the data set directory".into());
+        }
+        if !(8..=1024).contains(&d.image_size) {
+            return err("data.image_size", format!("must be between 8 and 1024, got {}", d.image_size));
+        }
+        if !(d.min_scale > 0.0 && d.min_scale <= 1.0) {
+            return err("data.min_scale", format!("must be in (0, 1], got {}", d.min_scale));
+        }
+        if d.threads == 0 || d.threads > 256 {
+            return err("data.threads", format!("must be between 1 and 256, got {}", d.threads));
+        }
+        if d.prefetch == 0 {
+            return err("data.prefetch", "must be greater than 0".into());
+        }
+        let m = &self.model;
+        if !["resnet18", "resnet34", "resnet50"].contains(&m.backbone.as_str()) {
+            return err(
+                "model.backbone",
+                format!("must be resnet18, resnet34 or resnet50, got {:?}", m.backbone),
+            );
+        }
+        if m.projector.is_empty() {
+            return err("model.projector", "needs at least one layer width".into());
+        }
+        if let Some(w) = m.projector.iter().find(|w| **w <= 0 || **w > 65536) {
+            return err("model.projector", format!("widths must be between 1 and 65536, got {w}"));
+        }
+        if self.dist.timeout_secs == 0 {
+            return err("dist.timeout_secs", "must be greater than 0".into());
+        }
+        let e = &self.eval;
+        if e.knn_k == 0 {
+            return err("eval.knn_k", "must be greater than 0".into());
+        }
+        if !(e.knn_temperature.is_finite() && e.knn_temperature > 0.0) {
+            return err("eval.knn_temperature", "must be a positive number".into());
+        }
+        if (e.knn_every_epochs > 0 || e.knn_at_end) && e.bank_size < e.knn_k {
+            return err(
+                "eval.bank_size",
+                format!("the kNN bank ({}) must hold at least k = {} images", e.bank_size, e.knn_k),
+            );
+        }
+        if self.kind == JobKind::LinearProbe && e.checkpoint.trim().is_empty() {
+            return err("eval.checkpoint", "a linear probe needs the checkpoint to evaluate".into());
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override to a TOML table.
+fn apply_override(table: &mut toml::Table, kv: &str) -> Result<(), SpecError> {
+    let (key, raw) = kv
+        .split_once('=')
+        .ok_or_else(|| SpecError::new(kv, "an override must look like key=value"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(SpecError::new(kv, "an override needs a dotted key, like train.batch_size=64"));
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| {
+            SpecError::new(parts[..=i].join("."), "is not a table, so it has no sub-keys")
+        })?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> String {
+        JobSpec::from_toml_str(text).unwrap_err().field
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = JobSpec::from_toml_str("").unwrap();
+        assert_eq!(s.world_size, 1);
+        assert_eq!(s.train.lambda, 0.0051);
+        assert_eq!(JobSpec::default(), s);
+        let back = JobSpec::from_toml_str(&s.to_toml()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of("[train]\nbatch_size = 0"), "train.batch_size");
+        assert_eq!(field_of("[train]\nbatch_size = -4"), "train.batch_size");
+        assert_eq!(field_of("[train]\nbatch_size = \"big\""), "train.batch_size");
+        assert_eq!(field_of("[train]\nbogus = 1"), "train");
+        assert!(JobSpec::from_toml_str("[train]\nbogus = 1")
+            .unwrap_err()
+            .message
+            .contains("bogus"));
+        assert_eq!(field_of("world_size = 100000"), "world_size");
+        assert_eq!(field_of("world_size = 3\n[train]\nbatch_size = 64"), "train.batch_size");
+        assert_eq!(field_of("[model]\nbackbone = \"vit\""), "model.backbone");
+        assert_eq!(field_of("nonsense = ["), "spec");
+    }
+
+    #[test]
+    fn overrides_apply_with_types() {
+        let s = JobSpec::from_toml_with_overrides(
+            "world_size = 2",
+            &[
+                "train.batch_size=64".into(),
+                "name=quick".into(),
+                "model.projector=[64, 64]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.train.batch_size, 64);
+        assert_eq!(s.name, "quick");
+        assert_eq!(s.model.projector, vec![64, 64]);
+        let e = JobSpec::from_toml_with_overrides("", &["train.batch_size".into()]).unwrap_err();
+        assert!(e.message.contains("key=value"));
+        let e = JobSpec::from_toml_with_overrides("", &["name.x=1".into()]).unwrap_err();
+        assert_eq!(e.field, "name");
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need, idempotently:
+#  - torch 2.13.0 + torchvision 0.28.0 (PyPI) into a virtual environment in a per-user cache keyed by
+#    the torch version ($BT_VENV, default ~/.cache/bt/torch-2.13.0), reused by every clone. tch builds
+#    against it (LIBTORCH_USE_PYTORCH=1) unless you set LIBTORCH to a libtorch of your own; the
+#    PyTorch reference tests always use it.
+#  - Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo.
+# protoc needs no install: the build uses a vendored binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+want="$BT_TORCH_VERSION"
+if ! "$BT_VENV/bin/python" - "$want" >/dev/null 2>&1 <<'PY'
+import sys, torch, torchvision, numpy, safetensors
+sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
+PY
+then
+  echo "setup: installing torch==$want and torchvision==0.28.0 into $BT_VENV (about 4.7 GB, a few minutes)"
+  python3 -m venv "$BT_VENV"
+  "$BT_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "torch==$want" "torchvision==0.28.0" numpy safetensors
+fi
+echo "setup: torch $("$BT_VENV/bin/python" -c 'import torch; print(torch.__version__)') in $BT_VENV"
+if [ -n "${LIBTORCH:-}" ]; then
+  echo "setup: building against LIBTORCH=$LIBTORCH"
+fi
+
+fm=/usr/share/datasets/fashion-mnist
+if ! ls "$fm"/train-images-idx3-ubyte* >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's dataset-fashion-mnist"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: Fashion-MNIST is missing from $fm; install it with: sudo apt-get install dataset-fashion-mnist" >&2
+    exit 1
+  fi
+fi
+echo "setup: Fashion-MNIST in $fm"

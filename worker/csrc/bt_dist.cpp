@@ -1,0 +1,488 @@
+// bt c10d shim: a process group (TCPStore rendezvous + Gloo, or NCCL with the `nccl` feature),
+// the collectives the trainer needs, bucketed gradient all-reduce, and synchronized batch norm
+// as an autograd function. Every entry point is `extern "C"`, catches every C++ exception and
+// returns it as a heap-allocated error string (NULL on success; the caller frees it with
+// bt_dist_free_error). Tensors cross the boundary as tch's handles (pointers to at::Tensor).
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/ATen.h>
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+namespace {
+
+// One process group: the store it met on and the backend that runs the collectives.
+// Reference counted so an autograd node (SyncBN backward) keeps it alive after Rust drops it.
+struct Group : torch::CustomClassHolder {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int rank = 0;
+  int world = 1;
+  bool nccl = false;
+  std::chrono::milliseconds timeout{0};
+  // Collectives must be issued in the same order on every rank; serialize this process's calls
+  // (Rust threads and the autograd engine may both issue them).
+  std::mutex mu;
+};
+
+struct Handle {
+  c10::intrusive_ptr<Group> g;
+};
+
+char* dup_error(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, s.c_str(), s.size() + 1);
+  }
+  return out;
+}
+
+template <typename F>
+char* guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const c10::Error& e) {
+    return dup_error(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return dup_error(e.what());
+  } catch (...) {
+    return dup_error("unknown C++ exception");
+  }
+}
+
+void wait_work(Group& g, const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait();
+#ifdef USE_C10D_NCCL
+  if (g.nccl) {
+    // wait() only orders the current stream after the collective; callers of this API expect
+    // the result to be ready (and errors to surface) when the call returns.
+    c10::cuda::device_synchronize();
+  }
+#else
+  (void)g;
+#endif
+}
+
+void check_device(const Group& g, const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.defined(), what, ": undefined tensor");
+  if (g.nccl) {
+    TORCH_CHECK(t.is_cuda(), what, ": the NCCL process group needs CUDA tensors, got ", t.device());
+  } else {
+    TORCH_CHECK(t.is_cpu(), what, ": the Gloo process group needs CPU tensors, got ", t.device());
+  }
+}
+
+// In-place sum of `t` over all ranks (contiguous staging copy when needed).
+void allreduce_inplace(Group& g, at::Tensor t) {
+  at::NoGradGuard ng;
+  check_device(g, t, "all_reduce");
+  if (g.world == 1) {
+    return;
+  }
+  at::Tensor buf = t.is_contiguous() ? t : t.contiguous();
+  std::vector<at::Tensor> ts{buf};
+  {
+    std::lock_guard<std::mutex> lock(g.mu);
+    wait_work(g, g.backend->allreduce(ts, c10d::AllreduceOptions()));
+  }
+  if (!buf.is_same(t)) {
+    t.copy_(buf);
+  }
+}
+
+void broadcast_inplace(Group& g, at::Tensor t, int root) {
+  at::NoGradGuard ng;
+  check_device(g, t, "broadcast");
+  TORCH_CHECK(root >= 0 && root < g.world, "broadcast: root ", root, " is not a rank of a group of ", g.world);
+  if (g.world == 1) {
+    return;
+  }
+  at::Tensor buf = t.is_contiguous() ? t : t.contiguous();
+  std::vector<at::Tensor> ts{buf};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = root;
+  {
+    std::lock_guard<std::mutex> lock(g.mu);
+    wait_work(g, g.backend->broadcast(ts, opts));
+  }
+  if (!buf.is_same(t)) {
+    t.copy_(buf);
+  }
+}
+
+at::Tensor allgather(Group& g, const at::Tensor& t) {
+  at::NoGradGuard ng;
+  check_device(g, t, "all_gather");
+  TORCH_CHECK(t.dim() >= 1, "all_gather: needs a tensor with at least one dimension");
+  at::Tensor in = t.detach().contiguous();
+  if (g.world == 1) {
+    return in.clone();
+  }
+  std::vector<int64_t> sizes = in.sizes().vec();
+  sizes[0] *= g.world;
+  at::Tensor out = at::empty(sizes, in.options());
+  {
+    std::lock_guard<std::mutex> lock(g.mu);
+    wait_work(g, g.backend->_allgather_base(out, in, c10d::AllgatherOptions()));
+  }
+  return out;
+}
+
+// Packs `tensors` into flat buffers of at most `bucket_bytes` (one tensor larger than that gets a
+// bucket of its own), grouped by dtype and device in order, and runs `op` on each buffer.
+template <typename Op>
+void bucketed(Group& g, const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op) {
+  at::NoGradGuard ng;
+  size_t i = 0;
+  while (i < tensors.size()) {
+    const at::Tensor& first = tensors[i];
+    size_t j = i;
+    int64_t bytes = 0;
+    while (j < tensors.size()) {
+      const at::Tensor& t = tensors[j];
+      if (t.scalar_type() != first.scalar_type() || t.device() != first.device()) {
+        break;
+      }
+      int64_t nb = t.numel() * static_cast<int64_t>(t.element_size());
+      if (j > i && bytes + nb > bucket_bytes) {
+        break;
+      }
+      bytes += nb;
+      ++j;
+    }
+    std::vector<at::Tensor> flat;
+    flat.reserve(j - i);
+    for (size_t k = i; k < j; ++k) {
+      flat.push_back(tensors[k].reshape({-1}));
+    }
+    at::Tensor buf = at::cat(flat);
+    op(buf);
+    int64_t off = 0;
+    for (size_t k = i; k < j; ++k) {
+      const at::Tensor& t = tensors[k];
+      int64_t n = t.numel();
+      t.copy_(buf.narrow(0, off, n).view(t.sizes()));
+      off += n;
+    }
+    i = j;
+  }
+}
+
+at::Tensor stat_shape_view(const at::Tensor& v, int64_t dim) {
+  std::vector<int64_t> shape(dim, 1);
+  shape[1] = v.size(0);
+  return v.view(shape);
+}
+
+std::vector<int64_t> reduce_dims(int64_t dim) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < dim; ++d) {
+    dims.push_back(d);
+  }
+  return dims;
+}
+
+// Synchronized batch norm (training mode). Forward: every rank contributes per-channel sums of
+// x and x^2 and its sample count; the global mean and biased variance normalize; the running
+// statistics take the unbiased global variance (like torch.nn.SyncBatchNorm). Backward:
+// all-reduces sum(dy) and sum(dy * (x - mean)) per channel; weight and bias get this rank's
+// share (summing over ranks gives the global gradient).
+struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
+  static at::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      c10::intrusive_ptr<Group> group,
+      at::Tensor running_mean,
+      at::Tensor running_var,
+      double momentum,
+      double eps) {
+    Group& g = *group;
+    TORCH_CHECK(input.dim() >= 2, "sync_batch_norm: input needs at least 2 dimensions, got ", input.sizes());
+    const int64_t c = input.size(1);
+    const int64_t dim = input.dim();
+    const bool low = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+    at::Tensor x = low ? input.to(at::kFloat) : input;
+    auto dims = reduce_dims(dim);
+    const int64_t n_local = c > 0 ? input.numel() / c : 0;
+
+    // Per-rank mean and M2 (stable), turned into sum and sum of squares in float64 for the
+    // reduction: [sum_x (C), sum_x2 (C), count (1)].
+    at::Tensor stats = at::zeros({2 * c + 1}, x.options().dtype(at::kDouble));
+    if (n_local > 0) {
+      auto vm = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/false);
+      at::Tensor var_l = std::get<0>(vm).to(at::kDouble);
+      at::Tensor mean_l = std::get<1>(vm).to(at::kDouble);
+      double n = static_cast<double>(n_local);
+      stats.narrow(0, 0, c).copy_(mean_l * n);
+      stats.narrow(0, c, c).copy_((var_l + mean_l * mean_l) * n);
+      stats.narrow(0, 2 * c, 1).fill_(n);
+    }
+    allreduce_inplace(g, stats);
+    // Count is identical on all ranks after the reduction.
+    const double n_total = stats[2 * c].item<double>();
+    TORCH_CHECK(n_total > 1, "sync_batch_norm: expected more than 1 value per channel over the global batch, got ", n_total);
+    at::Tensor mean_d = stats.narrow(0, 0, c) / n_total;
+    at::Tensor var_d = (stats.narrow(0, c, c) / n_total - mean_d * mean_d).clamp_min(0.0);
+    at::Tensor invstd_d = (var_d + eps).rsqrt();
+
+    {
+      at::NoGradGuard ng;
+      if (running_mean.defined()) {
+        running_mean.mul_(1.0 - momentum).add_(mean_d.to(running_mean.scalar_type()), momentum);
+      }
+      if (running_var.defined()) {
+        at::Tensor unbiased = var_d * (n_total / (n_total - 1.0));
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+      }
+    }
+
+    at::Tensor mean = mean_d.to(x.scalar_type());
+    at::Tensor invstd = invstd_d.to(x.scalar_type());
+    at::Tensor xhat = (x - stat_shape_view(mean, dim)) * stat_shape_view(invstd, dim);
+    at::Tensor out = xhat;
+    if (weight.defined()) {
+      out = out * stat_shape_view(weight.to(x.scalar_type()), dim);
+    }
+    if (bias.defined()) {
+      out = out + stat_shape_view(bias.to(x.scalar_type()), dim);
+    }
+    if (low) {
+      out = out.to(input.scalar_type());
+    }
+
+    ctx->save_for_backward({input, weight, mean, invstd});
+    ctx->saved_data["group"] = c10::IValue::make_capsule(group);
+    ctx->saved_data["n_total"] = n_total;
+    ctx->saved_data["has_bias"] = bias.defined();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grad_outputs) {
+    auto saved = ctx->get_saved_variables();
+    at::Tensor input = saved[0];
+    at::Tensor weight = saved[1];
+    at::Tensor mean = saved[2];
+    at::Tensor invstd = saved[3];
+    auto holder = ctx->saved_data["group"].toCapsule();
+    auto group = c10::static_intrusive_pointer_cast<Group>(holder);
+    const double n_total = ctx->saved_data["n_total"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+
+    at::Tensor gy = grad_outputs[0];
+    const int64_t c = input.size(1);
+    const int64_t dim = input.dim();
+    at::Tensor x = input.to(mean.scalar_type());
+    at::Tensor dy = gy.defined() ? gy.to(mean.scalar_type()) : at::zeros_like(x);
+    auto dims = reduce_dims(dim);
+    at::Tensor xmu = x - stat_shape_view(mean, dim);
+
+    // Local per-channel sums, then the global ones.
+    at::Tensor local = at::cat({dy.sum(dims), (dy * xmu).sum(dims)});
+    at::Tensor global = local.clone();
+    allreduce_inplace(*group, global);
+    at::Tensor sum_dy_l = local.narrow(0, 0, c);
+    at::Tensor sum_dy_xmu_l = local.narrow(0, c, c);
+    at::Tensor sum_dy = global.narrow(0, 0, c);
+    at::Tensor sum_dy_xmu = global.narrow(0, c, c);
+
+    at::Tensor w = weight.defined() ? weight.to(mean.scalar_type()) : at::ones_like(mean);
+    // dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch.
+    at::Tensor coef_dy = stat_shape_view(w * invstd, dim);
+    at::Tensor mean_dy = stat_shape_view(sum_dy / n_total, dim);
+    at::Tensor proj = stat_shape_view(sum_dy_xmu * invstd * invstd / n_total, dim);
+    at::Tensor grad_input = ((dy - mean_dy - xmu * proj) * coef_dy).to(input.scalar_type());
+
+    at::Tensor grad_weight;
+    if (weight.defined()) {
+      grad_weight = (sum_dy_xmu_l * invstd).to(weight.scalar_type());
+    }
+    at::Tensor grad_bias;
+    if (has_bias) {
+      grad_bias = sum_dy_l.to(weight.defined() ? weight.scalar_type() : mean.scalar_type());
+    }
+    // One gradient per forward argument (non-tensor arguments get undefined ones).
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+} // namespace
+
+extern "C" {
+
+typedef struct bt_pg bt_pg;
+
+void bt_dist_free_error(char* err) {
+  std::free(err);
+}
+
+// Joins a process group. backend: 0 = Gloo, 1 = NCCL (device_index is the CUDA device).
+// Rank 0 hosts the TCPStore on master_port; all ranks wait up to timeout_ms for the others.
+char* bt_pg_new(
+    int backend,
+    const char* master_addr,
+    uint16_t master_port,
+    const char* local_addr,
+    int rank,
+    int world_size,
+    int64_t timeout_ms,
+    int device_index,
+    bt_pg** out) {
+  *out = nullptr;
+  return guarded([&] {
+    TORCH_CHECK(world_size >= 1, "world size must be at least 1, got ", world_size);
+    TORCH_CHECK(rank >= 0 && rank < world_size, "rank ", rank, " is outside a world of ", world_size);
+    TORCH_CHECK(timeout_ms > 0, "timeout must be positive");
+    auto g = c10::make_intrusive<Group>();
+    g->rank = rank;
+    g->world = world_size;
+    g->timeout = std::chrono::milliseconds(timeout_ms);
+
+    c10d::TCPStoreOptions so;
+    so.port = master_port;
+    so.isServer = rank == 0;
+    so.numWorkers = static_cast<size_t>(world_size);
+    so.waitWorkers = true;
+    so.timeout = g->timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), so);
+    g->store = tcp;
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("bt/pg0", tcp);
+
+    if (backend == 0) {
+      auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(local_addr)));
+      g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world_size, opts);
+    } else if (backend == 1) {
+#ifdef USE_C10D_NCCL
+      g->nccl = true;
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(device_index));
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = g->timeout;
+      g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world_size, opts);
+#else
+      (void)device_index;
+      TORCH_CHECK(false, "this build has no NCCL support (build bt-worker with --features nccl)");
+#endif
+    } else {
+      TORCH_CHECK(false, "unknown backend code ", backend);
+    }
+    auto* h = new Handle{g};
+    *out = reinterpret_cast<bt_pg*>(h);
+  });
+}
+
+void bt_pg_free(bt_pg* pg) {
+  try {
+    delete reinterpret_cast<Handle*>(pg);
+  } catch (...) {
+    // A destructor that throws (a backend shutting down badly) must not cross into Rust.
+  }
+}
+
+char* bt_pg_all_reduce_sum(bt_pg* pg, at::Tensor* t) {
+  return guarded([&] { allreduce_inplace(*reinterpret_cast<Handle*>(pg)->g, *t); });
+}
+
+char* bt_pg_broadcast(bt_pg* pg, at::Tensor* t, int root) {
+  return guarded([&] { broadcast_inplace(*reinterpret_cast<Handle*>(pg)->g, *t, root); });
+}
+
+char* bt_pg_all_gather(bt_pg* pg, at::Tensor* t, at::Tensor** out) {
+  *out = nullptr;
+  return guarded([&] {
+    at::Tensor r = allgather(*reinterpret_cast<Handle*>(pg)->g, *t);
+    *out = new at::Tensor(std::move(r));
+  });
+}
+
+char* bt_pg_barrier(bt_pg* pg) {
+  return guarded([&] {
+    Group& g = *reinterpret_cast<Handle*>(pg)->g;
+    if (g.world == 1) {
+      return;
+    }
+    std::lock_guard<std::mutex> lock(g.mu);
+    wait_work(g, g.backend->barrier(c10d::BarrierOptions()));
+  });
+}
+
+// Sums the gradients of `params` over ranks in flat buckets. A parameter without a gradient gets
+// a zero one first, so every rank packs the same layout.
+char* bt_pg_allreduce_grads(bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes) {
+  return guarded([&] {
+    Group& g = *reinterpret_cast<Handle*>(pg)->g;
+    std::vector<at::Tensor> grads;
+    grads.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      at::Tensor& p = *params[i];
+      if (!p.grad().defined()) {
+        at::NoGradGuard ng;
+        p.mutable_grad() = at::zeros_like(p, at::MemoryFormat::Contiguous);
+      }
+      grads.push_back(p.grad());
+    }
+    if (g.world == 1) {
+      return;
+    }
+    bucketed(g, grads, bucket_bytes, [&](at::Tensor& buf) { allreduce_inplace(g, buf); });
+  });
+}
+
+// Broadcasts `tensors` (parameters, buffers) in place from `root`, in flat buckets.
+char* bt_pg_broadcast_tensors(bt_pg* pg, at::Tensor** tensors, int64_t n, int root, int64_t bucket_bytes) {
+  return guarded([&] {
+    Group& g = *reinterpret_cast<Handle*>(pg)->g;
+    if (g.world == 1) {
+      return;
+    }
+    std::vector<at::Tensor> ts;
+    ts.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      ts.push_back(*tensors[i]);
+    }
+    bucketed(g, ts, bucket_bytes, [&](at::Tensor& buf) { broadcast_inplace(g, buf, root); });
+  });
+}
+
+char* bt_sync_batch_norm(
+    bt_pg* pg,
+    at::Tensor* input,
+    at::Tensor* weight,
+    at::Tensor* bias,
+    at::Tensor* running_mean,
+    at::Tensor* running_var,
+    double momentum,
+    double eps,
+    at::Tensor** out) {
+  *out = nullptr;
+  return guarded([&] {
+    auto group = reinterpret_cast<Handle*>(pg)->g;
+    check_device(*group, *input, "sync_batch_norm");
+    at::Tensor w = weight != nullptr ? *weight : at::Tensor();
+    at::Tensor b = bias != nullptr ? *bias : at::Tensor();
+    at::Tensor rm = running_mean != nullptr ? *running_mean : at::Tensor();
+    at::Tensor rv = running_var != nullptr ? *running_var : at::Tensor();
+    at::Tensor r = SyncBatchNormFn::apply(*input, w, b, group, rm, rv, momentum, eps);
+    *out = new at::Tensor(std::move(r));
+  });
+}
+
+} // extern "C"

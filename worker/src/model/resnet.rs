@@ -1,0 +1,245 @@
+//! ResNet-18/34/50 in torchvision's layout and parameter names, without the final `fc` layer.
+//!
+//! Inputs are always 3-channel (N, 3, H, W) float tensors: the data pipeline replicates grayscale
+//! images to RGB before normalisation, so `conv1` always has 3 input channels, exactly as in
+//! torchvision and the official Barlow Twins code.
+use tch::nn::{self, FanInOut, Init, NonLinearity, NormalOrUniform};
+use tch::Tensor;
+
+use crate::dist::ProcessGroup;
+use crate::Result;
+
+use super::batch_norm::BatchNorm;
+use super::{join, Arch, NamedTensor, TensorRole};
+
+/// torchvision's conv init: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
+const CONV_INIT: Init = Init::Kaiming {
+    dist: NormalOrUniform::Normal,
+    fan: FanInOut::FanOut,
+    non_linearity: NonLinearity::ReLU,
+};
+
+/// A bias-free 2-d convolution (`nn.Conv2d(..., bias=False)`).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> Result<Self> {
+        let weight = p.f_var("weight", &[c_out, c_in, k, k], CONV_INIT)?;
+        Ok(Conv2d {
+            weight,
+            stride,
+            padding,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_conv2d(
+            &self.weight,
+            None::<&Tensor>,
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )?)
+    }
+
+    fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
+        out.push(NamedTensor::new(prefix, "weight", &self.weight, TensorRole::Parameter));
+    }
+}
+
+/// `downsample = Sequential(conv1x1(stride), BatchNorm2d)`: keys `downsample.0.weight`,
+/// `downsample.1.*`.
+#[derive(Debug)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+#[derive(Debug)]
+enum BlockKind {
+    /// conv3x3(stride)-bn-relu-conv3x3-bn (expansion 1).
+    Basic,
+    /// conv1x1-bn-relu-conv3x3(stride)-bn-relu-conv1x1-bn (expansion 4; torchvision "v1.5").
+    Bottleneck { conv3: Conv2d, bn3: BatchNorm },
+}
+
+#[derive(Debug)]
+struct Block {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    kind: BlockKind,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(
+        p: &nn::Path,
+        bottleneck: bool,
+        in_planes: i64,
+        planes: i64,
+        stride: i64,
+        zero_init_residual: bool,
+    ) -> Result<Self> {
+        let last_gamma = if zero_init_residual { 0.0 } else { 1.0 };
+        let expansion = if bottleneck { 4 } else { 1 };
+        let out_planes = planes * expansion;
+        let downsample = if stride != 1 || in_planes != out_planes {
+            let d = p / "downsample";
+            Some(Downsample {
+                conv: Conv2d::new(&(&d / "0"), in_planes, out_planes, 1, stride, 0)?,
+                bn: BatchNorm::new(&(&d / "1"), out_planes, 1.0)?,
+            })
+        } else {
+            None
+        };
+        if bottleneck {
+            Ok(Block {
+                conv1: Conv2d::new(&(p / "conv1"), in_planes, planes, 1, 1, 0)?,
+                bn1: BatchNorm::new(&(p / "bn1"), planes, 1.0)?,
+                conv2: Conv2d::new(&(p / "conv2"), planes, planes, 3, stride, 1)?,
+                bn2: BatchNorm::new(&(p / "bn2"), planes, 1.0)?,
+                kind: BlockKind::Bottleneck {
+                    conv3: Conv2d::new(&(p / "conv3"), planes, out_planes, 1, 1, 0)?,
+                    bn3: BatchNorm::new(&(p / "bn3"), out_planes, last_gamma)?,
+                },
+                downsample,
+            })
+        } else {
+            Ok(Block {
+                conv1: Conv2d::new(&(p / "conv1"), in_planes, planes, 3, stride, 1)?,
+                bn1: BatchNorm::new(&(p / "bn1"), planes, 1.0)?,
+                conv2: Conv2d::new(&(p / "conv2"), planes, planes, 3, 1, 1)?,
+                bn2: BatchNorm::new(&(p / "bn2"), planes, last_gamma)?,
+                kind: BlockKind::Basic,
+                downsample,
+            })
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
+        let out = self.bn1.forward(&self.conv1.forward(x)?, train, g)?.f_relu()?;
+        let mut out = self.bn2.forward(&self.conv2.forward(&out)?, train, g)?;
+        if let BlockKind::Bottleneck { conv3, bn3 } = &self.kind {
+            out = bn3.forward(&conv3.forward(&out.f_relu()?)?, train, g)?;
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.bn.forward(&d.conv.forward(x)?, train, g)?,
+            None => x.shallow_clone(),
+        };
+        Ok(out.f_add(&identity)?.f_relu()?)
+    }
+
+    fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
+        // torchvision's state_dict order: conv1, bn1, conv2, bn2, [conv3, bn3], downsample.
+        self.conv1.collect(&join(prefix, "conv1"), out);
+        self.bn1.collect(&join(prefix, "bn1"), out);
+        self.conv2.collect(&join(prefix, "conv2"), out);
+        self.bn2.collect(&join(prefix, "bn2"), out);
+        if let BlockKind::Bottleneck { conv3, bn3 } = &self.kind {
+            conv3.collect(&join(prefix, "conv3"), out);
+            bn3.collect(&join(prefix, "bn3"), out);
+        }
+        if let Some(d) = &self.downsample {
+            d.conv.collect(&join(prefix, "downsample.0"), out);
+            d.bn.collect(&join(prefix, "downsample.1"), out);
+        }
+    }
+}
+
+/// The ResNet trunk: stem, layer1..layer4, global average pool; outputs (N, 512) for
+/// ResNet-18/34 and (N, 2048) for ResNet-50.
+#[derive(Debug)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    cifar_stem: bool,
+    layers: Vec<Vec<Block>>,
+    out_dim: i64,
+}
+
+impl ResNet {
+    /// `cifar_stem`: 3×3 stride-1 `conv1` and no max-pool (for 32×32 inputs); the key names are
+    /// unchanged, only `conv1.weight`'s shape differs (64×3×3×3 instead of 64×3×7×7).
+    pub fn new(
+        p: &nn::Path,
+        arch: Arch,
+        cifar_stem: bool,
+        zero_init_residual: bool,
+    ) -> Result<Self> {
+        let (bottleneck, counts): (bool, [usize; 4]) = match arch {
+            Arch::Resnet18 => (false, [2, 2, 2, 2]),
+            Arch::Resnet34 => (false, [3, 4, 6, 3]),
+            Arch::Resnet50 => (true, [3, 4, 6, 3]),
+        };
+        let expansion = if bottleneck { 4 } else { 1 };
+        let conv1 = if cifar_stem {
+            Conv2d::new(&(p / "conv1"), 3, 64, 3, 1, 1)?
+        } else {
+            Conv2d::new(&(p / "conv1"), 3, 64, 7, 2, 3)?
+        };
+        let bn1 = BatchNorm::new(&(p / "bn1"), 64, 1.0)?;
+        let mut in_planes = 64;
+        let mut layers = Vec::with_capacity(4);
+        for (li, (&n, planes)) in counts.iter().zip([64i64, 128, 256, 512]).enumerate() {
+            let lp = p / format!("layer{}", li + 1);
+            let mut blocks = Vec::with_capacity(n);
+            for bi in 0..n {
+                let stride = if bi == 0 && li > 0 { 2 } else { 1 };
+                blocks.push(Block::new(
+                    &(&lp / bi),
+                    bottleneck,
+                    in_planes,
+                    planes,
+                    stride,
+                    zero_init_residual,
+                )?);
+                in_planes = planes * expansion;
+            }
+            layers.push(blocks);
+        }
+        Ok(ResNet {
+            conv1,
+            bn1,
+            cifar_stem,
+            layers,
+            out_dim: 512 * expansion,
+        })
+    }
+
+    /// Width of the pooled representation (512 or 2048).
+    pub fn out_dim(&self) -> i64 {
+        self.out_dim
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
+        let mut h = self.bn1.forward(&self.conv1.forward(x)?, train, g)?.f_relu()?;
+        if !self.cifar_stem {
+            h = h.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
+        }
+        for layer in &self.layers {
+            for block in layer {
+                h = block.forward(&h, train, g)?;
+            }
+        }
+        Ok(h.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)
+    }
+
+    /// Parameters and buffers in torchvision's `state_dict` order, names relative to the trunk.
+    pub fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
+        self.conv1.collect(&join(prefix, "conv1"), out);
+        self.bn1.collect(&join(prefix, "bn1"), out);
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (bi, block) in layer.iter().enumerate() {
+                block.collect(&join(prefix, &format!("layer{}.{}", li + 1, bi)), out);
+            }
+        }
+    }
+}
