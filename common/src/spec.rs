@@ -511,7 +511,7 @@ mod tests {
         assert_eq!(field_of("[train]\nbatch_size = 0"), "train.batch_size");
         assert_eq!(field_of("[train]\nbatch_size = -4"), "train.batch_size");
         assert_eq!(field_of("[train]\nbatch_size = \"big\""), "train.batch_size");
-        assert_eq!(field_of("[train]\nbogus = 1"), "train");
+        assert_eq!(field_of("[train]\nbogus = 1"), "train.bogus");
         assert!(JobSpec::from_toml_str("[train]\nbogus = 1")
             .unwrap_err()
             .message
