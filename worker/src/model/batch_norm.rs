@@ -63,7 +63,8 @@ impl BatchNorm {
     /// more than one rank) and updates the running statistics; eval mode uses the running ones.
     pub fn forward(&self, x: &Tensor, train: bool, group: Option<&ProcessGroup>) -> Result<Tensor> {
         if train {
-            tch::no_grad(|| self.num_batches_tracked.f_add_scalar_(1))?;
+            let mut nbt = self.num_batches_tracked.shallow_clone();
+            let _ = tch::no_grad(|| nbt.f_add_scalar_(1))?;
         }
         match group {
             Some(g) if train && g.world_size() > 1 => dist::sync_batch_norm(
@@ -96,8 +97,18 @@ impl BatchNorm {
         if let Some(b) = &self.bias {
             out.push(NamedTensor::new(prefix, "bias", b, TensorRole::Parameter));
         }
-        out.push(NamedTensor::new(prefix, "running_mean", &self.running_mean, TensorRole::Buffer));
-        out.push(NamedTensor::new(prefix, "running_var", &self.running_var, TensorRole::Buffer));
+        out.push(NamedTensor::new(
+            prefix,
+            "running_mean",
+            &self.running_mean,
+            TensorRole::Buffer,
+        ));
+        out.push(NamedTensor::new(
+            prefix,
+            "running_var",
+            &self.running_var,
+            TensorRole::Buffer,
+        ));
         out.push(NamedTensor::new(
             prefix,
             "num_batches_tracked",

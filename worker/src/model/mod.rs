@@ -126,7 +126,8 @@ impl BarlowTwinsModel {
             cfg.cifar_stem,
             cfg.zero_init_residual,
         )?;
-        let projector = Projector::new(&(vs_root / "projector"), backbone.out_dim(), &cfg.projector)?;
+        let projector =
+            Projector::new(&(vs_root / "projector"), backbone.out_dim(), &cfg.projector)?;
         Ok(BarlowTwinsModel {
             backbone,
             projector,
@@ -216,7 +217,11 @@ pub fn write_safetensors(tensors: &[NamedTensor], path: &Path) -> Result<()> {
     let cpu = tensors
         .iter()
         .map(|t| {
-            let c = t.tensor.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            let c = t
+                .tensor
+                .f_detach()?
+                .f_to_device(Device::Cpu)?
+                .f_contiguous()?;
             Ok((t.name.clone(), c))
         })
         .collect::<Result<Vec<(String, Tensor)>>>()?;
@@ -257,7 +262,12 @@ pub fn load_named_into(
         return Err(err(format!(
             "{} tensor(s) missing, first: {}",
             missing.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     for t in dst {

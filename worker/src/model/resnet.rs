@@ -3,7 +3,8 @@
 //! Inputs are always 3-channel (N, 3, H, W) float tensors: the data pipeline replicates grayscale
 //! images to RGB before normalisation, so `conv1` always has 3 input channels, exactly as in
 //! torchvision and the official Barlow Twins code.
-use tch::nn::{self, FanInOut, Init, NonLinearity, NormalOrUniform};
+use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use tch::nn::{self, Init};
 use tch::Tensor;
 
 use crate::dist::ProcessGroup;
@@ -49,7 +50,12 @@ impl Conv2d {
     }
 
     fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
-        out.push(NamedTensor::new(prefix, "weight", &self.weight, TensorRole::Parameter));
+        out.push(NamedTensor::new(
+            prefix,
+            "weight",
+            &self.weight,
+            TensorRole::Parameter,
+        ));
     }
 }
 
@@ -125,7 +131,10 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
-        let out = self.bn1.forward(&self.conv1.forward(x)?, train, g)?.f_relu()?;
+        let out = self
+            .bn1
+            .forward(&self.conv1.forward(x)?, train, g)?
+            .f_relu()?;
         let mut out = self.bn2.forward(&self.conv2.forward(&out)?, train, g)?;
         if let BlockKind::Bottleneck { conv3, bn3 } = &self.kind {
             out = bn3.forward(&conv3.forward(&out.f_relu()?)?, train, g)?;
@@ -220,7 +229,10 @@ impl ResNet {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
-        let mut h = self.bn1.forward(&self.conv1.forward(x)?, train, g)?.f_relu()?;
+        let mut h = self
+            .bn1
+            .forward(&self.conv1.forward(x)?, train, g)?
+            .f_relu()?;
         if !self.cifar_stem {
             h = h.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
         }

@@ -1,0 +1,206 @@
+//! End-to-end: the real coordinator, worker daemons, trainer processes and btctl on loopback, a real
+//! (tiny) Barlow Twins job on Fashion-MNIST.
+use std::time::Duration;
+
+use bt_tests::{wait_for, Cluster};
+
+/// Two ranks, a tiny ResNet-18 and projector, a few steps on 256 Fashion-MNIST images.
+const TINY: &str = r#"
+name = "e2e"
+world_size = 2
+[data]
+source = "fashion-mnist"
+path = "/usr/share/datasets/fashion-mnist"
+limit = 256
+image_size = 16
+threads = 1
+prefetch = 2
+[model]
+backbone = "resnet18"
+cifar_stem = true
+projector = [64, 64]
+[train]
+batch_size = 16
+epochs = 1
+max_steps = 6
+warmup_epochs = 0
+log_every = 2
+torch_threads = 1
+[checkpoint]
+every_steps = 2
+keep_last = 2
+[eval]
+knn_at_end = true
+knn_k = 10
+bank_size = 200
+test_size = 100
+baseline = false
+[dist]
+timeout_secs = 20
+"#;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn two_rank_job_streams_metrics_and_succeeds() {
+    let c = Cluster::start(2, 1);
+    let id = c.submit(TINY, &[]);
+    let out = c.btctl(&["watch", "--plain", &id]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "watch failed: {text}\n{}", stderr(&out));
+    assert!(text.contains("step 2/6"), "no streamed metrics in:\n{text}");
+    assert!(text.contains("step 6/6"), "no final metrics in:\n{text}");
+    assert!(text.contains("eval: knn"), "no kNN result in:\n{text}");
+    assert!(text.contains("job ") && text.contains(" succeeded"), "{text}");
+    let job = c.job(&id);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["placement"].as_array().map(Vec::len), Some(2));
+    let m = &job["last_metrics"];
+    assert_eq!(m["step"], 6);
+    assert!(m["loss"].as_f64().is_some_and(f64::is_finite));
+    assert_eq!(job["evals"][0]["kind"], "knn");
+    // Retention keeps the last 2 of the checkpoints at steps 2, 4, 6.
+    let cps = c.btctl_json(&["checkpoints", &id]).expect("checkpoints");
+    let steps: Vec<u64> = cps
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["step"].as_u64())
+        .collect();
+    assert_eq!(steps.iter().max(), Some(&6), "{cps}");
+    assert!(steps.len() <= 2, "retention kept {steps:?}");
+    let last = cps.as_array().unwrap().iter().find(|c| c["step"] == 6).unwrap();
+    assert!(std::path::Path::new(last["path"].as_str().unwrap()).is_dir());
+    // Both trainers have exited and the devices are free again.
+    wait_for("trainers to exit", MINUTE, || c.trainer_pids().is_empty().then_some(()));
+}
+
+#[test]
+fn gang_scheduling_queues_the_second_job_until_devices_free() {
+    let c = Cluster::start(2, 1);
+    let first = c.submit(TINY, &["train.max_steps=12", "name=first"]);
+    let second = c.submit(TINY, &["name=second"]);
+    // While the first job holds both devices, the second waits in the queue.
+    c.wait_state(&first, &["running"], MINUTE);
+    let s = c.job(&second);
+    assert_eq!(s["state"], "queued", "second job started while the first held the devices");
+    c.wait_state(&first, &["succeeded"], 3 * MINUTE);
+    let s = c.wait_state(&second, &["succeeded"], 3 * MINUTE);
+    assert_eq!(s["last_metrics"]["step"], 6);
+}
+
+#[test]
+fn cancel_stops_the_trainers() {
+    let c = Cluster::start(2, 1);
+    let id = c.submit(TINY, &["train.max_steps=100000", "train.epochs=1000"]);
+    c.wait_state(&id, &["running"], MINUTE);
+    wait_for("two trainers", MINUTE, || (c.trainer_pids().len() == 2).then_some(()));
+    let out = c.btctl(&["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cancelled"));
+    // Stop deadline: SIGTERM, then SIGKILL after the daemons' 5 s grace.
+    wait_for("trainers to stop", Duration::from_secs(15), || {
+        c.trainer_pids().is_empty().then_some(())
+    });
+    assert_eq!(c.job(&id)["state"], "cancelled");
+    wait_for("devices released", MINUTE, || {
+        let ws = c.btctl_json(&["workers"])?;
+        ws.as_array()?
+            .iter()
+            .all(|w| w["busy_devices"] == 0)
+            .then_some(())
+    });
+}
+
+#[test]
+fn coordinator_kill9_and_restart_keeps_jobs_and_metrics() {
+    let mut c = Cluster::start(2, 1);
+    let done = c.submit(TINY, &["name=done-before"]);
+    c.wait_state(&done, &["succeeded"], 3 * MINUTE);
+    let id = c.submit(TINY, &["train.max_steps=40", "train.log_every=1", "name=survivor"]);
+    wait_for("metrics before the crash", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= 2).then_some(())
+    });
+    c.kill_coordinator();
+    c.start_coordinator();
+    // Both jobs and their history survived; the daemons came back on their own.
+    assert_eq!(c.job(&done)["state"], "succeeded");
+    assert!(c.job(&id)["last_metrics"]["step"].as_u64().unwrap_or(0) >= 2);
+    c.wait_workers_online(2);
+    let out = c.btctl(&["watch", "--plain", &id]);
+    let text = stdout(&out);
+    assert!(text.contains("step 1/40"), "history before the crash not replayed:\n{text}");
+    assert!(text.contains("step 2/40"), "history before the crash not replayed:\n{text}");
+    let job = c.job(&id);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let replay = c.btctl(&["watch", "--plain", &done]);
+    assert!(stdout(&replay).contains("step 6/6"));
+}
+
+#[test]
+fn killed_trainer_fails_the_job_with_the_reason() {
+    let c = Cluster::start(2, 1);
+    let id = c.submit(
+        TINY,
+        &["train.max_steps=100000", "train.epochs=1000", "restart.max_restarts=0"],
+    );
+    c.wait_state(&id, &["running"], MINUTE);
+    let pids = wait_for("two trainers", MINUTE, || {
+        let p = c.trainer_pids();
+        (p.len() == 2).then_some(p)
+    });
+    // SAFETY: kill(2) on a trainer process this test's cluster started.
+    unsafe {
+        libc::kill(pids[0] as i32, libc::SIGKILL);
+    }
+    let job = c.wait_state(&id, &["failed"], MINUTE);
+    let reason = job["failure_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("signal 9"), "failure reason: {reason}");
+    let out = c.btctl(&["get", &id]);
+    assert!(stdout(&out).contains("signal 9"));
+    // The surviving rank is stopped too (told by the coordinator, or its collective times out).
+    wait_for("the other trainer to stop", MINUTE, || {
+        c.trainer_pids().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let c = Cluster::start(1, 1);
+    let cases: &[(&str, &[&str], &str)] = &[
+        (TINY, &["train.bogus=1"], "train.bogus"),
+        (TINY, &["train.batch_size=0"], "train.batch_size"),
+        (TINY, &["train.batch_size=-8"], "train.batch_size"),
+        (TINY, &["train.batch_size=\"many\""], "train.batch_size"),
+        (TINY, &["world_size=100000"], "world_size"),
+        (TINY, &["world_size=3"], "train.batch_size"),
+        ("this is [not toml", &[], "spec"),
+    ];
+    for (spec, sets, field) in cases {
+        let f = c.path("bad.toml");
+        std::fs::write(&f, spec).unwrap();
+        let mut args = vec!["submit", f.to_str().unwrap()];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let out = c.btctl(&args);
+        assert!(!out.status.success(), "{sets:?} was accepted");
+        assert!(stderr(&out).contains(field), "{sets:?}: {}", stderr(&out));
+    }
+    assert_eq!(c.btctl_json(&["list"]).unwrap().as_array().unwrap().len(), 0);
+    let out = c.btctl(&["get", "6b1f4f9e-5d8e-4a7b-9c1d-2e3f4a5b6c7d"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+    let out = c.btctl(&["get", "not-a-uuid"]);
+    assert!(stderr(&out).contains("InvalidArgument"), "{}", stderr(&out));
+    let out = c.btctl(&["cancel", "6b1f4f9e-5d8e-4a7b-9c1d-2e3f4a5b6c7d"]);
+    assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+}

@@ -1,0 +1,391 @@
+//! The training loop of one rank: data → two views → model → all-gather → global-batch loss →
+//! backward → gradient all-reduce → LARS, with metrics, checkpoints and the kNN monitor.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bt_common::JobSpec;
+use bt_proto::trainer_event::Body;
+use bt_proto::{Assignment, CheckpointInfo, EvalResult, TrainMetrics};
+use tch::{nn, Device, Tensor};
+use tracing::{info, warn};
+
+use super::{stop_requested, Reporter};
+use crate::data::{self, Loader, LoaderConfig, Source, SourceSpec, Split};
+use crate::dist::{ProcessGroup, Rendezvous};
+use crate::loss::{self, LossForm};
+use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
+use crate::optim::{Lars, LarsConfig};
+use crate::{checkpoint, eval, Error};
+
+pub enum Outcome {
+    Finished,
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error("job spec: {0}")]
+    Spec(String),
+    #[error(transparent)]
+    Worker(#[from] Error),
+}
+
+impl TrainerError {
+    /// Errors in the job itself (spec, data, checkpoint): restarting the attempt cannot help.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            TrainerError::Spec(_) => true,
+            TrainerError::Worker(e) => matches!(
+                e,
+                Error::Data { .. } | Error::Config(_) | Error::Checkpoint { .. } | Error::Eval(_)
+            ),
+        }
+    }
+}
+
+type TResult<T> = std::result::Result<T, TrainerError>;
+
+/// Data source of a job spec.
+pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
+    let d = &spec.data;
+    Ok(match d.source.as_str() {
+        "fashion-mnist" | "mnist" => SourceSpec::FashionMnist {
+            dir: PathBuf::from(&d.path),
+        },
+        "image-folder" => {
+            let root = PathBuf::from(&d.path);
+            let (train, test) = if root.join("train").is_dir() {
+                (root.join("train"), Some(root.join("val")).filter(|p| p.is_dir()))
+            } else {
+                (root, None)
+            };
+            SourceSpec::ImageFolder { train, test }
+        }
+        "synthetic" => SourceSpec::Synthetic {
+            train_len: if d.limit > 0 { d.limit as usize } else { 4096 },
+            test_len: 512,
+            image_size: d.image_size as usize,
+            num_classes: 10,
+            seed: spec.train.seed,
+            fail_every: 0,
+        },
+        other => return Err(TrainerError::Spec(format!("data.source: unknown source {other:?}"))),
+    })
+}
+
+/// Model config of a job spec.
+pub fn model_config(spec: &JobSpec) -> TResult<ModelConfig> {
+    let arch = match spec.model.backbone.as_str() {
+        "resnet18" => Arch::Resnet18,
+        "resnet34" => Arch::Resnet34,
+        "resnet50" => Arch::Resnet50,
+        other => {
+            return Err(TrainerError::Spec(format!("model.backbone: unknown backbone {other:?}")))
+        }
+    };
+    let mut cfg = ModelConfig::new(arch);
+    cfg.cifar_stem = spec.model.cifar_stem;
+    cfg.projector = spec.model.projector.clone();
+    cfg.sync_bn = spec.model.sync_bn;
+    Ok(cfg)
+}
+
+/// The first `limit` items of a source (all when 0).
+pub fn limited(src: Arc<dyn Source>, limit: u64) -> Arc<dyn Source> {
+    if limit == 0 || limit as usize >= src.len() {
+        src
+    } else {
+        Arc::new(data::Subset::new(src, limit as usize))
+    }
+}
+
+pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Outcome> {
+    let spec = JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::Spec(e.to_string()))?;
+    if a.world_size != spec.world_size || a.rank >= a.world_size {
+        return Err(TrainerError::Spec(format!(
+            "assignment rank {} of {} does not fit world_size {}",
+            a.rank, a.world_size, spec.world_size
+        )));
+    }
+    let device = if device_kind == "cuda" {
+        Device::Cuda(a.device as usize)
+    } else {
+        Device::Cpu
+    };
+    if spec.train.torch_threads > 0 {
+        tch::set_num_threads(spec.train.torch_threads as i32);
+    }
+    let rank = a.rank as usize;
+    let world = a.world_size as usize;
+    let is_rank0 = rank == 0;
+    let t = &spec.train;
+
+    // Data first: a bad data set is the job's own error and costs no collective.
+    let src_spec = source_spec(&spec)?;
+    let train_src = limited(data::open_source(&src_spec, Split::Train)?, spec.data.limit);
+    info!(source = %train_src.describe(), "training data");
+    let global_batch = t.batch_size as usize;
+    if train_src.len() < global_batch {
+        return Err(Error::Data {
+            path: PathBuf::from(&spec.data.path),
+            message: format!(
+                "{} training images is fewer than one global batch of {global_batch}",
+                train_src.len()
+            ),
+        }
+        .into());
+    }
+    let steps_per_epoch = (train_src.len() / global_batch) as u64;
+    let mut total_steps = steps_per_epoch * u64::from(t.epochs);
+    if t.max_steps > 0 {
+        total_steps = total_steps.min(t.max_steps);
+    }
+    let warmup_steps = (t.warmup_epochs * steps_per_epoch as f64).round() as u64;
+
+    // Rendezvous with the other ranks.
+    let t0 = Instant::now();
+    let group = Arc::new(ProcessGroup::new(&Rendezvous::new(
+        rank,
+        world,
+        &a.master_addr,
+        a.master_port as u16,
+        Duration::from_secs(u64::from(spec.dist.timeout_secs)),
+        device,
+    ))?);
+    info!(elapsed_ms = t0.elapsed().as_millis() as u64, "process group ready");
+
+    tch::manual_seed(t.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let mcfg = model_config(&spec)?;
+    let mut model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
+    if world > 1 && mcfg.sync_bn {
+        model.set_group(Some(group.clone()));
+    }
+    let state: Vec<Tensor> = model.state().into_iter().map(|n| n.tensor).collect();
+    let shapes: Vec<(String, Vec<i64>, tch::Kind)> = model
+        .state()
+        .iter()
+        .map(|n| (n.name.clone(), n.tensor.size(), n.tensor.kind()))
+        .collect();
+    let mut agreement = a.spec_toml.clone().into_bytes();
+    agreement.extend(crate::dist::shape_signature(&shapes));
+    group.check_agreement("job config and model shape", &agreement)?;
+    group.broadcast_params(&state, 0)?;
+
+    let params = model.parameters();
+    let lars_cfg = LarsConfig {
+        lr_weights: t.lr_weights,
+        lr_biases: t.lr_biases,
+        weight_decay: t.weight_decay,
+        loss_scale: t.loss_scale,
+        ..LarsConfig::default()
+    };
+    let mut opt = Lars::new(&params, lars_cfg, global_batch, warmup_steps, total_steps);
+
+    let mut start_step = 0u64;
+    if !a.resume_from.is_empty() {
+        let ck = checkpoint::load(Path::new(&a.resume_from), &model, &mut opt)?;
+        start_step = ck.step;
+        info!(step = start_step, path = %a.resume_from, "resumed from checkpoint");
+        rep.notice("info", format!("rank {rank} resumed from {} at step {start_step}", a.resume_from));
+    }
+
+    let loader_cfg = LoaderConfig {
+        per_rank_batch: global_batch / world,
+        rank,
+        world_size: world,
+        seed: t.seed,
+        threads: spec.data.threads as usize,
+        prefetch: spec.data.prefetch as usize,
+        augment: data::AugmentConfig {
+            crop_size: spec.data.image_size as i64,
+            min_scale: spec.data.min_scale,
+            blur: spec.data.blur,
+            ..data::AugmentConfig::default()
+        },
+    };
+    let mut loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
+    let form = match t.loss_form.as_str() {
+        "cross" => LossForm::Cross,
+        "gram" => LossForm::Gram,
+        _ => LossForm::Auto,
+    };
+    let knn_every = u64::from(spec.eval.knn_every_epochs) * steps_per_epoch;
+    let ckpt_dir = PathBuf::from(&a.checkpoint_dir);
+
+    let mut skipped_total = 0u64;
+    let mut window_imgs = 0u64;
+    let mut window_start = Instant::now();
+    let mut last_ckpt_step = start_step;
+    let mut step = start_step;
+    info!(total_steps, steps_per_epoch, start_step, "training");
+    while step < total_steps {
+        if stop_requested() {
+            if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
+                save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+            }
+            return Ok(Outcome::Stopped);
+        }
+        let step_start = Instant::now();
+        let batch = loader.next_batch()?;
+        skipped_total += batch.skipped;
+        let (va, vb) = batch.views(device)?;
+        let za = model.forward(&va, true)?;
+        let zb = model.forward(&vb, true)?;
+        let ga = group.all_gather_with_grad(&za)?;
+        let gb = group.all_gather_with_grad(&zb)?;
+        let want_stats = is_rank0 && ((step + 1) % u64::from(t.log_every) == 0 || step + 1 == total_steps);
+        let out = loss::barlow_twins_loss(&ga, &gb, t.lambda, form, want_stats)?;
+        opt.zero_grad();
+        out.loss.f_backward()?;
+        group.allreduce_grads(&opt.param_tensors(), 64 << 20)?;
+        let lr = opt.step(step)?;
+        step += 1;
+        window_imgs += global_batch as u64;
+        if want_stats {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let s = &out.stats;
+            let m = TrainMetrics {
+                step,
+                epoch: (step.saturating_sub(1) / steps_per_epoch) as u32,
+                total_steps,
+                loss: s.loss,
+                on_diag: s.on_diag,
+                off_diag: s.off_diag,
+                off_diag_scaled: s.off_diag_scaled,
+                mean_diag: s.mean_diag,
+                mean_abs_off_diag: s.mean_abs_off_diag,
+                max_abs_off_diag: s.max_abs_off_diag,
+                lr,
+                images_per_sec: window_imgs as f64 / secs,
+                skipped_images: skipped_total,
+                step_time_ms: step_start.elapsed().as_secs_f64() * 1e3,
+            };
+            info!(step, loss = s.loss, lr, images_per_sec = m.images_per_sec, "step");
+            rep.send(Body::Metrics(m));
+            window_imgs = 0;
+            window_start = Instant::now();
+        }
+        if is_rank0
+            && spec.checkpoint.every_steps > 0
+            && step % spec.checkpoint.every_steps == 0
+            && step < total_steps
+        {
+            save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+            last_ckpt_step = step;
+        }
+        if knn_every > 0 && step % knn_every == 0 && step < total_steps {
+            knn_monitor(rep, &spec, &src_spec, &model, device, step, steps_per_epoch, is_rank0, false)?;
+            group.barrier()?;
+        }
+    }
+    if is_rank0 {
+        if step > last_ckpt_step || spec.checkpoint.every_steps == 0 {
+            save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+        }
+        if spec.eval.knn_at_end {
+            knn_monitor(rep, &spec, &src_spec, &model, device, step, steps_per_epoch, true, spec.eval.baseline)?;
+        }
+    }
+    group.barrier()?;
+    Ok(Outcome::Finished)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    rep: &mut Reporter,
+    job_id: &str,
+    root: &Path,
+    spec: &JobSpec,
+    model: &BarlowTwinsModel,
+    opt: &Lars,
+    step: u64,
+    steps_per_epoch: u64,
+) -> TResult<()> {
+    let dir = root.join(format!("{step:08}"));
+    let epoch = (step / steps_per_epoch) as u32;
+    let t0 = Instant::now();
+    match checkpoint::save(&dir, model, opt, step, epoch, &spec.to_toml()) {
+        Ok(saved) => {
+            info!(step, path = %dir.display(), ms = t0.elapsed().as_millis() as u64, "checkpoint written");
+            rep.send(Body::Checkpoint(CheckpointInfo {
+                job_id: job_id.to_string(),
+                step,
+                epoch,
+                path: dir.display().to_string(),
+                created_at_ms: bt_common::now_ms(),
+                size_bytes: saved.size_bytes,
+                sha256: saved.sha256,
+            }));
+            Ok(())
+        }
+        Err(e) => {
+            // A failed checkpoint write is reported, not fatal: training goes on.
+            warn!(step, path = %dir.display(), error = %e, "checkpoint write failed");
+            rep.notice("warn", format!("checkpoint at step {step} failed: {e}"));
+            Ok(())
+        }
+    }
+}
+
+/// kNN monitor on rank 0: bank = labelled training images, queries = held-out images.
+#[allow(clippy::too_many_arguments)]
+fn knn_monitor(
+    rep: &mut Reporter,
+    spec: &JobSpec,
+    src_spec: &SourceSpec,
+    model: &BarlowTwinsModel,
+    device: Device,
+    step: u64,
+    steps_per_epoch: u64,
+    is_rank0: bool,
+    with_baseline: bool,
+) -> TResult<()> {
+    if !is_rank0 {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let e = &spec.eval;
+    let bank_src = data::open_source(src_spec, Split::Train)?;
+    let test_src = data::open_source(src_spec, Split::Test)?;
+    let (bank, test) = (
+        (0..bank_src.len().min(e.bank_size as usize)).collect::<Vec<_>>(),
+        (0..test_src.len().min(e.test_size as usize)).collect::<Vec<_>>(),
+    );
+    let size = spec.data.image_size as i64;
+    let score = |m: &BarlowTwinsModel| -> TResult<eval::KnnResult> {
+        let f = |x: &Tensor| m.backbone_forward(x, false);
+        let (bf, bl) = eval::extract_features(bank_src.as_ref(), &bank, size, 256, device, f)?;
+        let (qf, ql) = eval::extract_features(test_src.as_ref(), &test, size, 256, device, f)?;
+        let classes = bank_src.num_classes().unwrap_or(10) as i64;
+        Ok(eval::knn_accuracy(&bf, &bl, &qf, &ql, e.knn_k as i64, e.knn_temperature, classes)?)
+    };
+    let trained = tch::no_grad(|| score(model))?;
+    let baseline = if with_baseline {
+        let vs = nn::VarStore::new(device);
+        let fresh = BarlowTwinsModel::new(&vs.root(), model.config())?;
+        Some(tch::no_grad(|| score(&fresh))?)
+    } else {
+        None
+    };
+    let detail = format!(
+        "k={} T={} bank={} test={} in {:.1}s",
+        e.knn_k,
+        e.knn_temperature,
+        bank.len(),
+        test.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    info!(step, top1 = trained.top1, baseline = baseline.map(|b| b.top1), "knn monitor");
+    rep.send(Body::Eval(EvalResult {
+        step,
+        epoch: (step / steps_per_epoch) as u32,
+        kind: "knn".into(),
+        top1: trained.top1,
+        top5: trained.top5,
+        baseline_top1: baseline.map(|b| b.top1).unwrap_or(0.0),
+        detail,
+    }));
+    Ok(())
+}
