@@ -234,7 +234,12 @@ fn round_half_even(x: f64) -> f64 {
 
 /// torchvision `RandomResizedCrop.get_params`: ten tries at a random area fraction and log-uniform
 /// aspect ratio, then the central crop clamped to the ratio range.
-pub fn sample_crop<R: Rng>(cfg: &AugmentConfig, height: usize, width: usize, rng: &mut R) -> CropBox {
+pub fn sample_crop<R: Rng>(
+    cfg: &AugmentConfig,
+    height: usize,
+    width: usize,
+    rng: &mut R,
+) -> CropBox {
     let area = (height * width) as f64;
     let (lr0, lr1) = (cfg.min_ratio.ln(), cfg.max_ratio.ln());
     for _ in 0..10 {
@@ -381,7 +386,11 @@ fn coeffs(in0: f64, in_len: f64, in_size: usize, out_size: usize, filter: Filter
         }
         let ws = &mut c.w[o * ksize..o * ksize + n];
         for (dst, v) in ws.iter_mut().zip(vals.iter()) {
-            *dst = if total != 0.0 { (*v / total) as f32 } else { 0.0 };
+            *dst = if total != 0.0 {
+                (*v / total) as f32
+            } else {
+                0.0
+            };
         }
         c.start.push(xmin);
         c.len.push(n);
@@ -597,11 +606,23 @@ fn gaussian_kernels(sigmas: &[f32], ksize: usize, device: Device) -> Tensor {
 fn gaussian_blur(x: &Tensor, sigmas: &[f32], ksize: usize) -> Tensor {
     let (n, c, h, w) = x.size4().expect("4-d image batch");
     let k = gaussian_kernels(sigmas, ksize, x.device()); // [n, ks]
-    let k = k.unsqueeze(1).expand([n, c, ksize as i64], false).reshape([n * c, 1, 1, ksize as i64]);
+    let k = k
+        .unsqueeze(1)
+        .expand([n, c, ksize as i64], false)
+        .reshape([n * c, 1, 1, ksize as i64]);
     let pad = (ksize / 2) as i64;
-    let y = x.reshape([1, n * c, h, w]).reflection_pad2d([pad, pad, pad, pad]);
+    let y = x
+        .reshape([1, n * c, h, w])
+        .reflection_pad2d([pad, pad, pad, pad]);
     let y = y.conv2d(&k, None::<Tensor>, [1, 1], [0, 0], [1, 1], n * c);
-    let y = y.conv2d(&k.transpose(2, 3), None::<Tensor>, [1, 1], [0, 0], [1, 1], n * c);
+    let y = y.conv2d(
+        &k.transpose(2, 3),
+        None::<Tensor>,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        n * c,
+    );
     y.reshape([n, c, h, w])
 }
 
@@ -611,7 +632,11 @@ fn gaussian_blur(x: &Tensor, sigmas: &[f32], ksize: usize) -> Tensor {
 /// Per sample, in order: colour jitter (the four ops in the sample's own random order), grayscale,
 /// Gaussian blur, solarization, then normalization. A sample without a given op is left exactly
 /// unchanged by it.
-pub fn device_stage(cfg: &AugmentConfig, images: &Tensor, samples: &[ViewSample]) -> Result<Tensor> {
+pub fn device_stage(
+    cfg: &AugmentConfig,
+    images: &Tensor,
+    samples: &[ViewSample],
+) -> Result<Tensor> {
     let size = images.size();
     if size.len() != 4 || size[1] != 3 || size[0] != samples.len() as i64 {
         return Err(Error::Other(format!(
@@ -662,7 +687,9 @@ pub fn device_stage(cfg: &AugmentConfig, images: &Tensor, samples: &[ViewSample]
     let gray: Vec<i64> = (0..samples.len() as i64)
         .filter(|&i| samples[i as usize].grayscale)
         .collect();
-    apply_subset(&mut x, &gray, |sub, _| luma(sub).expand([-1, 3, -1, -1], false));
+    apply_subset(&mut x, &gray, |sub, _| {
+        luma(sub).expand([-1, 3, -1, -1], false)
+    });
 
     let (blur_idx, sigmas): (Vec<i64>, Vec<f32>) = samples
         .iter()
@@ -688,8 +715,12 @@ pub fn device_stage(cfg: &AugmentConfig, images: &Tensor, samples: &[ViewSample]
         inv.where_self(&sub.ge(128.0 / 255.0), sub)
     });
 
-    let mean = Tensor::from_slice(&cfg.mean).to_device(device).view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&cfg.std).to_device(device).view([1, 3, 1, 1]);
+    let mean = Tensor::from_slice(&cfg.mean)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&cfg.std)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
     Ok((x - mean) / std)
 }
 
@@ -697,8 +728,12 @@ pub fn device_stage(cfg: &AugmentConfig, images: &Tensor, samples: &[ViewSample]
 pub fn normalize(images: &Tensor, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor> {
     let device = images.device();
     let x = images.f_to_kind(Kind::Float)? / 255.0;
-    let mean = Tensor::from_slice(&mean).to_device(device).view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&std).to_device(device).view([1, 3, 1, 1]);
+    let mean = Tensor::from_slice(&mean)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&std)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
     Ok((x - mean) / std)
 }
 
@@ -734,9 +769,25 @@ mod tests {
             ..AugmentConfig::default()
         };
         let b = sample_crop(&cfg, 30, 300, &mut rng(0));
-        assert_eq!(b, CropBox { top: 0, left: 130, height: 30, width: 40 });
+        assert_eq!(
+            b,
+            CropBox {
+                top: 0,
+                left: 130,
+                height: 30,
+                width: 40
+            }
+        );
         let b = sample_crop(&cfg, 300, 30, &mut rng(0));
-        assert_eq!(b, CropBox { top: 130, left: 0, height: 40, width: 30 });
+        assert_eq!(
+            b,
+            CropBox {
+                top: 130,
+                left: 0,
+                height: 40,
+                width: 30
+            }
+        );
         assert_eq!(round_half_even(2.5), 2.0);
         assert_eq!(round_half_even(3.5), 4.0);
         assert_eq!(round_half_even(3.4), 3.0);
@@ -780,7 +831,9 @@ mod tests {
         assert!((frac(sol_b) - 0.2).abs() < 0.04);
         // Blur disabled by config.
         let small = AugmentConfig::small(32);
-        assert!(sample_view(&small, View::A, 32, 32, &mut r).blur_sigma.is_none());
+        assert!(sample_view(&small, View::A, 32, 32, &mut r)
+            .blur_sigma
+            .is_none());
     }
 
     fn ramp(h: usize, w: usize) -> Image {
@@ -796,7 +849,12 @@ mod tests {
     #[test]
     fn resample_identity_crop_and_flip() {
         let img = ramp(6, 8);
-        let bx = CropBox { top: 1, left: 2, height: 4, width: 5 };
+        let bx = CropBox {
+            top: 1,
+            left: 2,
+            height: 4,
+            width: 5,
+        };
         let mut out = vec![0u8; 3 * 4 * 5];
         resample_chw(&img, bx, 4, 5, false, Filter::Bicubic, &mut out);
         for y in 0..4 {
@@ -821,13 +879,23 @@ mod tests {
     #[test]
     fn resample_downscale_averages_and_constant_stays_constant() {
         let img = Image::from_rgb(16, 16, vec![90; 16 * 16 * 3]).unwrap();
-        let full = CropBox { top: 0, left: 0, height: 16, width: 16 };
+        let full = CropBox {
+            top: 0,
+            left: 0,
+            height: 16,
+            width: 16,
+        };
         let mut out = vec![0u8; 3 * 5 * 7];
         resample_chw(&img, full, 5, 7, false, Filter::Bicubic, &mut out);
         assert!(out.iter().all(|&v| v == 90));
         // A 2x box-downscale of a linear ramp (bilinear filter, antialiased) gives pair means.
         let img = ramp(4, 8);
-        let bx = CropBox { top: 0, left: 0, height: 4, width: 8 };
+        let bx = CropBox {
+            top: 0,
+            left: 0,
+            height: 4,
+            width: 8,
+        };
         let mut out = vec![0u8; 3 * 4 * 4];
         resample_chw(&img, bx, 4, 4, false, Filter::Bilinear, &mut out);
         // Interior pixels of a linear ramp keep linearity: (x*10) averaged around 2x+0.5.
@@ -853,7 +921,12 @@ mod tests {
 
     fn plain(crop: usize) -> ViewSample {
         ViewSample {
-            crop: CropBox { top: 0, left: 0, height: crop, width: crop },
+            crop: CropBox {
+                top: 0,
+                left: 0,
+                height: crop,
+                width: crop,
+            },
             flip: false,
             jitter: None,
             grayscale: false,

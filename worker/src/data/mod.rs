@@ -1,1 +1,33 @@
-//! (in progress)
+//! Data: image sources, the two-view Barlow Twins augmentation and the sharded, resumable loader.
+//!
+//! - [`source`]: [`Source`] implementations (IDX / Fashion-MNIST, ImageFolder, synthetic) and
+//!   [`open_source`] from a [`SourceSpec`]. Images are always 8-bit RGB (gray is replicated).
+//! - [`augment`]: per-sample random parameters and the CPU crop/resize/flip, plus the batched
+//!   device stage (colour jitter, grayscale, blur, solarize, normalize).
+//! - [`loader`]: [`Loader`] (per-rank two-view batches, deterministic in the seed, independent of
+//!   world size and thread count, resumable at any step) and [`eval_batches`].
+//!
+//! Fashion-MNIST example:
+//!
+//! ```no_run
+//! use bt_worker::data::*;
+//! # fn main() -> bt_worker::Result<()> {
+//! let spec = SourceSpec::FashionMnist { dir: "/usr/share/datasets/fashion-mnist".into() };
+//! let train = open_source(&spec, Split::Train)?;
+//! let cfg = LoaderConfig::new(256, 0, AugmentConfig::small(32));
+//! let mut loader = Loader::new(train, cfg, 0)?;
+//! let batch = loader.next_batch()?;
+//! let (a, b) = batch.views(tch::Device::cuda_if_available())?;
+//! # Ok(()) }
+//! ```
+pub mod augment;
+pub mod loader;
+pub mod source;
+
+pub use augment::{AugmentConfig, CropBox, Jitter, View, ViewSample, IMAGENET_MEAN, IMAGENET_STD};
+pub use loader::{
+    eval_batches, EvalBatch, EvalTransform, Loader, LoaderConfig, Schedule, TwoViewBatch,
+};
+pub use source::{
+    open_source, IdxSource, Image, ImageFolderSource, Source, SourceSpec, Split, SyntheticSource,
+};

@@ -557,7 +557,11 @@ impl Source for SyntheticSource {
         }
         let c = self.class_of(i);
         let ch = mix64(self.seed.wrapping_mul(31).wrapping_add(c as u64 + 1));
-        let base = [(ch & 0xff) as f32, ((ch >> 8) & 0xff) as f32, ((ch >> 16) & 0xff) as f32];
+        let base = [
+            (ch & 0xff) as f32,
+            ((ch >> 8) & 0xff) as f32,
+            ((ch >> 16) & 0xff) as f32,
+        ];
         let angle = (c as f32) * std::f32::consts::PI / self.num_classes as f32;
         let freq = 0.15 + 0.35 * ((ch >> 24) & 0xff) as f32 / 255.0;
         let item = mix64(self.seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
@@ -618,7 +622,10 @@ mod tests {
         assert_eq!(labels, vec![9, 0, 0, 3]);
         assert_eq!((test.label(0), test.label(1)), (Some(9), Some(2)));
         let img = train.get(0).unwrap();
-        assert_eq!((img.height, img.width, img.data.len()), (28, 28, 28 * 28 * 3));
+        assert_eq!(
+            (img.height, img.width, img.data.len()),
+            (28, 28, 28 * 28 * 3)
+        );
         // Gray replicated to RGB, the border is background (0) and the item is not blank.
         assert!(img.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
         assert_eq!(img.pixel(0, 0), [0, 0, 0]);
@@ -639,7 +646,11 @@ mod tests {
         let err = IdxSource::open(&p, None).err().unwrap().to_string();
         assert!(err.contains("bad IDX magic"), "{err}");
         // A truncated body is reported too.
-        fs::write(&p, [0u8, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3]).unwrap();
+        fs::write(
+            &p,
+            [0u8, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3],
+        )
+        .unwrap();
         let err = IdxSource::open(&p, None).err().unwrap().to_string();
         assert!(err.contains("holds 3"), "{err}");
     }
@@ -667,7 +678,8 @@ mod tests {
             r#"{"kind":"synthetic","train_len":10,"test_len":4,"image_size":8,"num_classes":3}"#,
         )
         .unwrap();
-        let back: SourceSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        let back: SourceSpec =
+            serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
         assert_eq!(spec, back);
         assert_eq!(open_source(&spec, Split::Train).unwrap().len(), 10);
         assert_eq!(open_source(&spec, Split::Test).unwrap().len(), 4);
@@ -689,7 +701,9 @@ mod tests {
         let classes: std::collections::HashSet<i64> =
             (0..20).map(|i| s.label(i).unwrap()).collect();
         assert!(classes.len() > 1 && classes.iter().all(|&c| (0..4).contains(&c)));
-        let f = SyntheticSource::new(20, 4, 4, 2, 0).unwrap().with_fail_every(5);
+        let f = SyntheticSource::new(20, 4, 4, 2, 0)
+            .unwrap()
+            .with_fail_every(5);
         assert!(f.get(4).is_err() && f.get(9).is_err() && f.get(5).is_ok());
     }
 
