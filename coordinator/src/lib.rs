@@ -1,1 +1,13 @@
-//! coordinator
+//! bt-coordinator: the gRPC coordinator of bt — job and worker services, the durable state store,
+//! the gang scheduler, rendezvous hand-out and metric fan-out.
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod scheduler;
+mod server;
+mod service;
+pub mod store;
+
+pub use config::CoordinatorConfig;
+pub use error::{Error, Result};
+pub use server::run;

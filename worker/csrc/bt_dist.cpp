@@ -202,18 +202,28 @@ std::vector<int64_t> reduce_dims(int64_t dim) {
 // statistics take the unbiased global variance (like torch.nn.SyncBatchNorm). Backward:
 // all-reduces sum(dy) and sum(dy * (x - mean)) per channel; weight and bias get this rank's
 // share (summing over ranks gives the global gradient).
+// Passed to the autograd function as a non-tensor argument: running statistics are buffers
+// updated in place, not inputs of the graph.
+struct RunningStats {
+  at::Tensor mean;
+  at::Tensor var;
+};
+
 struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
   static at::Tensor forward(
       torch::autograd::AutogradContext* ctx,
       const at::Tensor& input,
-      const at::Tensor& weight,
-      const at::Tensor& bias,
+      const std::optional<at::Tensor>& weight_opt,
+      const std::optional<at::Tensor>& bias_opt,
       c10::intrusive_ptr<Group> group,
-      at::Tensor running_mean,
-      at::Tensor running_var,
+      RunningStats running,
       double momentum,
       double eps) {
     Group& g = *group;
+    const at::Tensor weight = weight_opt.value_or(at::Tensor());
+    const at::Tensor bias = bias_opt.value_or(at::Tensor());
+    at::Tensor& running_mean = running.mean;
+    at::Tensor& running_var = running.var;
     TORCH_CHECK(input.dim() >= 2, "sync_batch_norm: input needs at least 2 dimensions, got ", input.sizes());
     const int64_t c = input.size(1);
     const int64_t dim = input.dim();
@@ -320,7 +330,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
       grad_bias = sum_dy_l.to(weight.defined() ? weight.scalar_type() : mean.scalar_type());
     }
     // One gradient per forward argument (non-tensor arguments get undefined ones).
-    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -476,11 +486,18 @@ char* bt_sync_batch_norm(
   return guarded([&] {
     auto group = reinterpret_cast<Handle*>(pg)->g;
     check_device(*group, *input, "sync_batch_norm");
-    at::Tensor w = weight != nullptr ? *weight : at::Tensor();
-    at::Tensor b = bias != nullptr ? *bias : at::Tensor();
-    at::Tensor rm = running_mean != nullptr ? *running_mean : at::Tensor();
-    at::Tensor rv = running_var != nullptr ? *running_var : at::Tensor();
-    at::Tensor r = SyncBatchNormFn::apply(*input, w, b, group, rm, rv, momentum, eps);
+    std::optional<at::Tensor> w;
+    if (weight != nullptr && weight->defined()) {
+      w = *weight;
+    }
+    std::optional<at::Tensor> b;
+    if (bias != nullptr && bias->defined()) {
+      b = *bias;
+    }
+    RunningStats running{
+        running_mean != nullptr ? *running_mean : at::Tensor(),
+        running_var != nullptr ? *running_var : at::Tensor()};
+    at::Tensor r = SyncBatchNormFn::apply(*input, w, b, group, running, momentum, eps);
     *out = new at::Tensor(std::move(r));
   });
 }

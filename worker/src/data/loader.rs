@@ -452,6 +452,14 @@ pub struct EvalBatch {
 }
 
 impl EvalBatch {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
     /// Normalized f32 [n, 3, crop, crop] on `device`.
     pub fn normalized(&self, device: Device) -> Result<Tensor> {
         normalize(&self.images.f_to_device(device)?, self.mean, self.std)
@@ -461,15 +469,13 @@ impl EvalBatch {
 /// Iterates over `indices` of `source` in batches of `batch` (the last one may be smaller),
 /// decoding in parallel on the global rayon pool. Unreadable items are skipped with a warning and
 /// counted; a batch in which every item failed is returned empty.
-pub fn eval_batches(
-    source: Arc<dyn Source>,
-    indices: Vec<usize>,
+pub fn eval_batches<'a>(
+    source: &'a dyn Source,
+    indices: &'a [usize],
     transform: EvalTransform,
     batch: usize,
-) -> impl Iterator<Item = Result<EvalBatch>> {
-    let batch = batch.max(1);
-    let chunks: Vec<Vec<usize>> = indices.chunks(batch).map(|c| c.to_vec()).collect();
-    chunks.into_iter().map(move |chunk| {
+) -> impl Iterator<Item = Result<EvalBatch>> + 'a {
+    indices.chunks(batch.max(1)).map(move |chunk| {
         if transform.crop == 0 || transform.resize < transform.crop {
             return Err(Error::Config(format!(
                 "eval transform: resize {} must be >= crop {} > 0",
@@ -707,7 +713,7 @@ mod tests {
         let src = fashion();
         let idx: Vec<usize> = (0..10).collect();
         let batches: Vec<EvalBatch> =
-            eval_batches(src.clone(), idx, EvalTransform::for_size(28), 4)
+            eval_batches(src.as_ref(), &idx, EvalTransform::for_size(28), 4)
                 .collect::<Result<_>>()
                 .unwrap();
         assert_eq!(batches.len(), 3);

@@ -29,5 +29,6 @@ pub use loader::{
     eval_batches, EvalBatch, EvalTransform, Loader, LoaderConfig, Schedule, TwoViewBatch,
 };
 pub use source::{
-    open_source, IdxSource, Image, ImageFolderSource, Source, SourceSpec, Split, SyntheticSource,
+    open_source, IdxSource, Image, ImageFolderSource, Source, SourceSpec, Split, Subset,
+    SyntheticSource,
 };

@@ -485,6 +485,52 @@ impl Source for ImageFolderSource {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Subset
+// ---------------------------------------------------------------------------------------------
+
+/// The first `len` items of another source (for quick runs on a cut of a dataset).
+pub struct Subset {
+    inner: Arc<dyn Source>,
+    len: usize,
+}
+
+impl Subset {
+    /// Keeps items `0..min(len, inner.len())`.
+    pub fn new(inner: Arc<dyn Source>, len: usize) -> Self {
+        let len = len.min(inner.len());
+        Subset { inner, len }
+    }
+}
+
+impl Source for Subset {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, i: usize) -> Result<Image> {
+        if i >= self.len {
+            return Err(Error::Other(format!(
+                "index {i} out of range of a {}-item subset",
+                self.len
+            )));
+        }
+        self.inner.get(i)
+    }
+
+    fn label(&self, i: usize) -> Option<i64> {
+        (i < self.len).then(|| self.inner.label(i)).flatten()
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.inner.num_classes()
+    }
+
+    fn describe(&self) -> String {
+        format!("first {} items of {}", self.len, self.inner.describe())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Synthetic
 // ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,432 @@
+//! Jobs: submission, cancellation, the state machine's transitions, scheduling passes, views.
+use std::collections::{HashMap, HashSet};
+
+use bt_common::{now_ms, JobId, JobSpec, WorkerId};
+use bt_proto::{
+    coordinator_message, job_event, Assignment, CancelAssignment, CheckpointInfo, CoordinatorMessage,
+    Job, JobState, RankPlacement, StateChange, WorkerState,
+};
+use tracing::{info, warn};
+
+use super::{emit, Core, Effects};
+use crate::error::{Error, Result};
+use crate::scheduler::{plan, FreeWorker, QueuedJob};
+use crate::store::{AttemptRecord, JobRecord, RankRecord, Tx, WorkerRecord};
+
+fn not_found(id: JobId) -> Error {
+    Error::NotFound {
+        what: "job",
+        id: id.to_string(),
+    }
+}
+
+/// Moves a job to `state`, persisting the job and a `StateChange` event in the caller's transaction.
+pub(crate) fn set_state(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job: &mut JobRecord,
+    state: JobState,
+    reason: &str,
+) -> Result<()> {
+    let from = job.state;
+    job.state = state;
+    job.updated_ms = now_ms();
+    tx.put_job(job)?;
+    let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
+    emit(
+        tx,
+        fx,
+        job.id,
+        step,
+        job_event::Kind::State(StateChange {
+            state: state as i32,
+            reason: reason.to_string(),
+            epoch: job.epoch,
+        }),
+    )?;
+    info!(job_id = %job.id, from = from.name(), to = state.name(), epoch = job.epoch, reason, "job state");
+    Ok(())
+}
+
+/// Sends a `CancelAssignment` to every worker that still has a running rank of `attempt`.
+pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &str) {
+    let mut seen = HashSet::new();
+    for r in attempt.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+        if seen.insert(r.worker_id) {
+            fx.messages.push((
+                r.worker_id,
+                CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
+                        job_id: attempt.job_id.to_string(),
+                        epoch: attempt.epoch,
+                        reason: reason.to_string(),
+                    })),
+                },
+            ));
+        }
+    }
+}
+
+/// Ends the job's current attempt as failed: the surviving ranks are cancelled, then the job is
+/// FAILED (user error, or the restart budget is spent) or goes RESTARTING → QUEUED.
+pub(crate) fn fail_attempt(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job: &mut JobRecord,
+    attempt: &mut AttemptRecord,
+    user_error: bool,
+    reason: String,
+) -> Result<()> {
+    attempt.ended_ms = Some(now_ms());
+    attempt.outcome = "failed".into();
+    attempt.reason = reason.clone();
+    cancel_ranks(fx, attempt, &format!("attempt failed: {reason}"));
+    tx.put_attempt(attempt)?;
+    fx.schedule = true;
+    if job.state.is_terminal() || job.epoch != attempt.epoch {
+        return Ok(());
+    }
+    warn!(job_id = %job.id, epoch = attempt.epoch, user_error, restarts_used = job.restarts_used,
+          max_restarts = job.max_restarts, reason = %reason, "attempt failed");
+    if user_error {
+        job.failure_reason = reason.clone();
+        set_state(tx, fx, job, JobState::Failed, &format!("user error: {reason}"))
+    } else if job.restarts_used < job.max_restarts {
+        job.failure_reason = reason.clone();
+        set_state(tx, fx, job, JobState::Restarting, &reason)?;
+        job.restarts_used += 1;
+        let why = format!(
+            "restart {} of {} after an infrastructure failure",
+            job.restarts_used, job.max_restarts
+        );
+        set_state(tx, fx, job, JobState::Queued, &why)
+    } else {
+        job.failure_reason = format!(
+            "{reason} (restart budget exhausted: {} of {} restarts used)",
+            job.restarts_used, job.max_restarts
+        );
+        let why = job.failure_reason.clone();
+        set_state(tx, fx, job, JobState::Failed, &why)
+    }
+}
+
+/// The public view of a job: record, placement of its current attempt, eval results.
+pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
+    let mut placement = Vec::new();
+    let mut rendezvous = String::new();
+    if job.epoch > 0 {
+        if let Some(a) = tx.get_attempt(job.id, job.epoch)? {
+            rendezvous = format!("{}:{}", a.master_addr, a.master_port);
+            let mut workers: HashMap<WorkerId, Option<WorkerRecord>> = HashMap::new();
+            for r in &a.ranks {
+                if !workers.contains_key(&r.worker_id) {
+                    let w = tx.get_worker(r.worker_id)?;
+                    workers.insert(r.worker_id, w);
+                }
+                let w = workers.get(&r.worker_id).and_then(|w| w.as_ref());
+                placement.push(RankPlacement {
+                    rank: r.rank,
+                    worker_id: r.worker_id.to_string(),
+                    worker_name: w.map(|w| w.name.clone()).unwrap_or_default(),
+                    host: w.map(|w| w.host.clone()).unwrap_or_default(),
+                    device: r.device,
+                });
+            }
+        }
+    }
+    let evals = tx
+        .list_events(job.id, 0, Some("eval"))?
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(job_event::Kind::Eval(ev)) => Some(ev),
+            _ => None,
+        })
+        .collect();
+    Ok(Job {
+        id: job.id.to_string(),
+        name: job.name.clone(),
+        kind: job.kind.clone(),
+        state: job.state as i32,
+        spec_toml: job.spec_toml.clone(),
+        priority: job.priority,
+        world_size: job.world_size,
+        created_at_ms: job.created_ms,
+        updated_at_ms: job.updated_ms,
+        epoch: job.epoch,
+        attempts: job.attempts,
+        restarts_used: job.restarts_used,
+        max_restarts: job.max_restarts,
+        failure_reason: job.failure_reason.clone(),
+        total_steps: job.total_steps,
+        last_metrics: job.last_metrics.clone(),
+        placement,
+        evals,
+        rendezvous,
+    })
+}
+
+pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointInfo {
+    CheckpointInfo {
+        job_id: c.job_id.to_string(),
+        step: c.step,
+        epoch: c.epoch,
+        path: c.path.clone(),
+        created_at_ms: c.created_ms,
+        size_bytes: c.size_bytes,
+        sha256: c.sha256.clone(),
+    }
+}
+
+fn kind_name(spec: &JobSpec) -> String {
+    match spec.kind {
+        bt_common::JobKind::Pretrain => "pretrain".into(),
+        bt_common::JobKind::LinearProbe => "linear_probe".into(),
+    }
+}
+
+impl Core {
+    /// Validates the spec (the authoritative check) and queues the job.
+    pub fn submit(&self, spec_toml: &str) -> Result<Job> {
+        let spec = JobSpec::from_toml_str(spec_toml).map_err(|e| Error::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        })?;
+        let now = now_ms();
+        let mut job = JobRecord {
+            id: JobId::new(),
+            name: spec.name.clone(),
+            kind: kind_name(&spec),
+            spec_toml: spec.to_toml(),
+            priority: spec.priority,
+            world_size: spec.world_size,
+            state: JobState::Queued,
+            created_ms: now,
+            updated_ms: now,
+            epoch: 0,
+            attempts: 0,
+            restarts_used: 0,
+            max_restarts: spec.restart.max_restarts,
+            failure_reason: String::new(),
+            total_steps: 0,
+            last_metrics: None,
+        };
+        self.transition(|_, _, tx, fx| {
+            set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
+            fx.schedule = true;
+            job_view(tx, &job)
+        })
+    }
+
+    pub fn get_job(&self, id: JobId) -> Result<Job> {
+        self.read(|_, tx| {
+            let job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
+            job_view(tx, &job)
+        })
+    }
+
+    /// Jobs in `states` (all when empty), newest first, at most `limit` (0: all).
+    pub fn list_jobs(&self, states: &[JobState], limit: usize) -> Result<Vec<Job>> {
+        self.read(|_, tx| {
+            let mut jobs = tx.list_jobs(states)?;
+            jobs.reverse();
+            if limit > 0 {
+                jobs.truncate(limit);
+            }
+            jobs.iter().map(|j| job_view(tx, j)).collect()
+        })
+    }
+
+    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
+        self.read(|_, tx| {
+            tx.get_job(id)?.ok_or_else(|| not_found(id))?;
+            Ok(tx
+                .list_checkpoints(id, false)?
+                .iter()
+                .map(checkpoint_info)
+                .collect())
+        })
+    }
+
+    /// Queued → CANCELLED at once; scheduled/running → its ranks are cancelled, then CANCELLED;
+    /// a terminal job is returned unchanged.
+    pub fn cancel(&self, id: JobId, reason: &str) -> Result<Job> {
+        let reason = if reason.trim().is_empty() {
+            "cancelled by user".to_string()
+        } else {
+            reason.trim().to_string()
+        };
+        self.transition(|_, _, tx, fx| {
+            let mut job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
+            if job.state.is_terminal() {
+                return job_view(tx, &job);
+            }
+            if job.epoch > 0 {
+                if let Some(mut a) = tx.get_attempt(id, job.epoch)? {
+                    if a.is_active() {
+                        a.ended_ms = Some(now_ms());
+                        a.outcome = "cancelled".into();
+                        a.reason = reason.clone();
+                        cancel_ranks(fx, &a, &reason);
+                        tx.put_attempt(&a)?;
+                    }
+                }
+            }
+            set_state(tx, fx, &mut job, JobState::Cancelled, &reason)?;
+            fx.schedule = true;
+            job_view(tx, &job)
+        })
+    }
+
+    /// One scheduling pass: places what fits and sends the assignments. Returns how many jobs
+    /// were placed.
+    pub fn schedule(&self) -> Result<usize> {
+        self.transition(|config, rt, tx, fx| {
+            let queued = tx.list_jobs(&[JobState::Queued])?;
+            if queued.is_empty() {
+                return Ok(0);
+            }
+            let workers: Vec<WorkerRecord> = tx
+                .list_workers()?
+                .into_iter()
+                .filter(|w| w.state == WorkerState::Online && rt.sessions.contains_key(&w.id))
+                .collect();
+            let mut busy: HashSet<(WorkerId, u32)> = HashSet::new();
+            for a in tx.open_attempts()? {
+                for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+                    busy.insert((r.worker_id, r.device));
+                }
+            }
+            let free: Vec<FreeWorker> = workers
+                .iter()
+                .map(|w| FreeWorker {
+                    id: w.id,
+                    name: w.name.clone(),
+                    devices: w
+                        .devices
+                        .iter()
+                        .map(|d| d.index)
+                        .filter(|d| !busy.contains(&(w.id, *d)))
+                        .collect(),
+                })
+                .collect();
+            let queue: Vec<QueuedJob> = queued
+                .iter()
+                .map(|j| QueuedJob {
+                    id: j.id,
+                    priority: j.priority,
+                    created_ms: j.created_ms,
+                    world_size: j.world_size,
+                })
+                .collect();
+            let placements = plan(&queue, &free);
+            let by_id: HashMap<WorkerId, &WorkerRecord> = workers.iter().map(|w| (w.id, w)).collect();
+            for p in &placements {
+                let Some(mut job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
+                    continue;
+                };
+                let Some(rank0) = p.ranks.first().and_then(|(w, _)| by_id.get(w)) else {
+                    continue;
+                };
+                let epoch = tx.next_epoch()?;
+                let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
+                let master_port = rank0.port_start + (epoch % span as u64) as u32;
+                let resume_from = tx
+                    .list_checkpoints(job.id, false)?
+                    .last()
+                    .map(|c| c.path.clone())
+                    .unwrap_or_default();
+                let attempt = AttemptRecord {
+                    job_id: job.id,
+                    epoch,
+                    started_ms: now_ms(),
+                    ended_ms: None,
+                    outcome: String::new(),
+                    reason: String::new(),
+                    resume_from: resume_from.clone(),
+                    master_addr: rank0.host.clone(),
+                    master_port,
+                    ranks: p
+                        .ranks
+                        .iter()
+                        .enumerate()
+                        .map(|(rank, (w, d))| RankRecord {
+                            rank: rank as u32,
+                            worker_id: *w,
+                            device: *d,
+                            started_ms: None,
+                            exited_ms: None,
+                            exit_success: None,
+                            exit_info: String::new(),
+                        })
+                        .collect(),
+                };
+                tx.put_attempt(&attempt)?;
+                job.epoch = epoch;
+                job.attempts += 1;
+                let names: Vec<String> = p
+                    .ranks
+                    .iter()
+                    .map(|(w, d)| {
+                        format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str()))
+                    })
+                    .collect();
+                let why = format!(
+                    "attempt {} placed on {}{}",
+                    job.attempts,
+                    names.join(", "),
+                    if resume_from.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", resuming from {resume_from}")
+                    }
+                );
+                set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
+                let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
+                for r in &attempt.ranks {
+                    fx.messages.push((
+                        r.worker_id,
+                        CoordinatorMessage {
+                            msg: Some(coordinator_message::Msg::Assign(Assignment {
+                                job_id: job.id.to_string(),
+                                epoch,
+                                rank: r.rank,
+                                world_size: job.world_size,
+                                device: r.device,
+                                master_addr: attempt.master_addr.clone(),
+                                master_port,
+                                spec_toml: job.spec_toml.clone(),
+                                checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
+                                resume_from: resume_from.clone(),
+                            })),
+                        },
+                    ));
+                }
+            }
+            Ok(placements.len())
+        })
+    }
+
+    /// After a (re)start: previously-online workers get `heartbeat_timeout_ms` to reconnect.
+    pub(crate) fn recover(&self) -> Result<()> {
+        let mut guard = self.lock();
+        let super::Inner { store, rt } = &mut *guard;
+        let mut tx = store.begin()?;
+        let now = now_ms();
+        let mut online = 0;
+        for w in tx.list_workers()? {
+            if w.state == WorkerState::Online {
+                rt.last_seen.insert(w.id, now);
+                online += 1;
+            }
+        }
+        let active = tx
+            .open_attempts()?
+            .iter()
+            .filter(|a| a.is_active())
+            .count();
+        let queued = tx.list_jobs(&[JobState::Queued])?.len();
+        drop(tx);
+        info!(online_workers = online, active_attempts = active, queued_jobs = queued, "state recovered");
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The coordinator's state machine. All transitions run synchronously under one lock, inside one
+//! store transaction each, on a blocking thread (`Core::call`); their side effects (events for
+//! watchers, messages down worker sessions, a scheduling pass) are applied only after the commit.
+mod jobs;
+mod reports;
+mod workers;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bt_common::{now_ms, JobId, WorkerId};
+use bt_proto::{job_event, CoordinatorMessage, JobEvent, JobState};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tonic::Status;
+
+use crate::config::CoordinatorConfig;
+use crate::error::{Error, Result};
+use crate::store::{Store, Tx};
+
+pub(crate) type Outbound = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
+
+/// A connected worker session.
+struct SessionHandle {
+    conn_id: u64,
+    tx: Outbound,
+    /// Told when the coordinator drops this session, so its reader stops.
+    kill: Arc<Notify>,
+}
+
+/// In-memory state that is not persisted: live sessions, liveness clocks and watcher fan-out.
+#[derive(Default)]
+struct Runtime {
+    sessions: HashMap<WorkerId, SessionHandle>,
+    next_conn: u64,
+    /// Last sign of life of every worker considered online (heartbeat clock).
+    last_seen: HashMap<WorkerId, i64>,
+    watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
+    /// Ranks of active attempts that were not running when their worker reconnected:
+    /// (job, epoch, rank) → deadline for their exit report.
+    vanished: HashMap<(JobId, u64, u32), i64>,
+    shutting_down: bool,
+}
+
+struct Inner {
+    store: Box<dyn Store>,
+    rt: Runtime,
+}
+
+/// Side effects of a transition, applied after its transaction committed.
+#[derive(Default)]
+pub(crate) struct Effects {
+    events: Vec<JobEvent>,
+    messages: Vec<(WorkerId, CoordinatorMessage)>,
+    /// Sessions to close: (worker, connection, error sent to the worker).
+    close: Vec<(WorkerId, Option<u64>, Status)>,
+    schedule: bool,
+}
+
+pub struct Core {
+    config: CoordinatorConfig,
+    inner: Mutex<Inner>,
+    /// Wakes the scheduling loop.
+    pub(crate) schedule_notify: Notify,
+}
+
+/// What a `WatchJob` call starts from.
+pub(crate) struct WatchStart {
+    pub replay: Vec<JobEvent>,
+    /// `None` when the job already reached a terminal state.
+    pub live: Option<broadcast::Receiver<JobEvent>>,
+}
+
+pub(crate) fn is_terminal_event(ev: &JobEvent) -> bool {
+    match &ev.kind {
+        Some(job_event::Kind::State(s)) => JobState::try_from(s.state).is_ok_and(|s| s.is_terminal()),
+        _ => false,
+    }
+}
+
+impl Core {
+    /// Opens the core over `store`. Workers that were online before a restart get
+    /// `heartbeat_timeout_ms` to reconnect before they are handled as lost.
+    pub fn new(config: CoordinatorConfig, store: Box<dyn Store>) -> Result<Arc<Self>> {
+        let core = Arc::new(Core {
+            config,
+            inner: Mutex::new(Inner {
+                store,
+                rt: Runtime::default(),
+            }),
+            schedule_notify: Notify::new(),
+        });
+        core.recover()?;
+        Ok(core)
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock must not wedge the coordinator: the store rolled back the
+        // transaction of the panicking call, so the state is consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a blocking thread (SQLite work stays off the async runtime).
+    pub async fn call<R, F>(self: &Arc<Self>, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Core) -> Result<R> + Send + 'static,
+    {
+        let core = self.clone();
+        tokio::task::spawn_blocking(move || f(&core))
+            .await
+            .map_err(|e| Error::Internal(format!("coordinator task failed: {e}")))?
+    }
+
+    /// One transition: a transaction, then its effects. Rejected once shutdown began.
+    fn transition<R>(
+        &self,
+        f: impl FnOnce(&CoordinatorConfig, &mut Runtime, &mut dyn Tx, &mut Effects) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self.lock();
+        let Inner { store, rt } = &mut *guard;
+        if rt.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let mut fx = Effects::default();
+        let mut tx = store.begin()?;
+        let r = f(&self.config, rt, &mut *tx, &mut fx)?;
+        tx.commit()?;
+        self.apply(rt, fx);
+        Ok(r)
+    }
+
+    /// A read-only view (allowed during shutdown).
+    fn read<R>(&self, f: impl FnOnce(&Runtime, &mut dyn Tx) -> Result<R>) -> Result<R> {
+        let mut guard = self.lock();
+        let Inner { store, rt } = &mut *guard;
+        let mut tx = store.begin()?;
+        let r = f(rt, &mut *tx)?;
+        drop(tx);
+        Ok(r)
+    }
+
+    fn apply(&self, rt: &mut Runtime, fx: Effects) {
+        for ev in fx.events {
+            let Ok(job_id) = ev.job_id.parse::<JobId>() else {
+                continue;
+            };
+            let terminal = is_terminal_event(&ev);
+            if let Some(tx) = rt.watchers.get(&job_id) {
+                // No receivers is not an error worth reporting.
+                let _ = tx.send(ev);
+                if terminal || tx.receiver_count() == 0 {
+                    rt.watchers.remove(&job_id);
+                }
+            }
+        }
+        for (worker_id, msg) in fx.messages {
+            match rt.sessions.get(&worker_id) {
+                Some(s) => {
+                    if s.tx.send(Ok(msg)).is_err() {
+                        tracing::warn!(worker_id = %worker_id, "session closed; message dropped");
+                    }
+                }
+                None => {
+                    tracing::debug!(worker_id = %worker_id, "no session; message dropped")
+                }
+            }
+        }
+        for (worker_id, conn, status) in fx.close {
+            let matches = rt
+                .sessions
+                .get(&worker_id)
+                .is_some_and(|s| conn.is_none_or(|c| c == s.conn_id));
+            if matches {
+                if let Some(s) = rt.sessions.remove(&worker_id) {
+                    let _ = s.tx.send(Err(status));
+                    s.kill.notify_one();
+                }
+            }
+        }
+        if fx.schedule {
+            self.schedule_notify.notify_one();
+        }
+    }
+
+    /// Stops accepting transitions, closes every worker session and watcher stream. Workers stay
+    /// ONLINE in the store: after a restart they get the reconnect grace.
+    pub fn begin_shutdown(&self) {
+        let mut guard = self.lock();
+        let rt = &mut guard.rt;
+        rt.shutting_down = true;
+        for (_, s) in rt.sessions.drain() {
+            let _ = s
+                .tx
+                .send(Err(Status::unavailable("the coordinator is shutting down")));
+            s.kill.notify_one();
+        }
+        rt.watchers.clear();
+    }
+
+    /// Subscribes to the job's live events first, then reads the persisted history, so no event
+    /// falls between the two (the caller drops live events with `seq` <= the last replayed).
+    pub(crate) fn watch(&self, job_id: JobId, from_step: u64) -> Result<WatchStart> {
+        let mut guard = self.lock();
+        let Inner { store, rt } = &mut *guard;
+        let mut tx = store.begin()?;
+        let job = tx.get_job(job_id)?.ok_or_else(|| Error::NotFound {
+            what: "job",
+            id: job_id.to_string(),
+        })?;
+        let live = if job.state.is_terminal() || rt.shutting_down {
+            None
+        } else {
+            let cap = self.config.watch_buffer.max(1);
+            Some(
+                rt.watchers
+                    .entry(job_id)
+                    .or_insert_with(|| broadcast::channel(cap).0)
+                    .subscribe(),
+            )
+        };
+        let replay = tx.list_events(job_id, from_step, None)?;
+        Ok(WatchStart { replay, live })
+    }
+}
+
+/// Appends an event to the store and queues it for the watchers.
+pub(crate) fn emit(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job_id: JobId,
+    step: u64,
+    kind: job_event::Kind,
+) -> Result<()> {
+    let mut ev = JobEvent {
+        seq: 0,
+        time_ms: now_ms(),
+        step,
+        job_id: job_id.to_string(),
+        kind: Some(kind),
+    };
+    tx.append_event(&mut ev)?;
+    fx.events.push(ev);
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! Workers: registration, sessions, liveness, and the one lost-worker handler.
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bt_common::{now_ms, JobId, WorkerId};
+use bt_proto::{
+    coordinator_message, worker_message, CancelAssignment, CoordinatorMessage, Device, Hello,
+    RegisterRequest, Worker, WorkerMessage, WorkerState, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, Notify};
+use tonic::Status;
+use tracing::{info, warn};
+
+use super::jobs::fail_attempt;
+use super::{Core, Effects, Runtime, SessionHandle};
+use crate::error::{Error, Result};
+use crate::store::{DeviceRecord, Tx, WorkerRecord};
+
+/// A session accepted by `Core::open_session`.
+pub(crate) struct OpenedSession {
+    pub worker_id: WorkerId,
+    pub worker_name: String,
+    pub conn_id: u64,
+    pub rx: mpsc::UnboundedReceiver<std::result::Result<CoordinatorMessage, Status>>,
+    pub kill: Arc<Notify>,
+}
+
+fn check_version(field: &str, v: u32) -> Result<()> {
+    if v != PROTOCOL_VERSION {
+        warn!(field, daemon_version = v, coordinator_version = PROTOCOL_VERSION, "protocol version mismatch");
+        return Err(Error::FailedPrecondition(format!(
+            "{field}: the daemon speaks protocol version {v}, this coordinator speaks {PROTOCOL_VERSION}; \
+             run matching versions of bt-worker and bt-coordinator"
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a registration; errors name the field.
+pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecord>> {
+    check_version("protocol_version", req.protocol_version)?;
+    let name = req.name.trim();
+    if name.is_empty() {
+        return Err(Error::invalid("name", "must not be empty"));
+    }
+    if name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(
+            "name",
+            "must be at most 253 characters without whitespace or control characters",
+        ));
+    }
+    let host = req.host.trim();
+    if host.is_empty() {
+        return Err(Error::invalid("host", "must not be empty (the address other nodes reach this one at)"));
+    }
+    if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid("host", "must not contain whitespace"));
+    }
+    if req.devices.is_empty() {
+        return Err(Error::invalid("devices", "at least one device is required"));
+    }
+    let mut seen = HashSet::new();
+    let mut devices = Vec::with_capacity(req.devices.len());
+    for (i, Device { index, kind, name }) in req.devices.iter().enumerate() {
+        if kind != "cpu" && kind != "cuda" {
+            return Err(Error::invalid(
+                format!("devices[{i}].kind"),
+                format!("must be \"cpu\" or \"cuda\", got {kind:?}"),
+            ));
+        }
+        if !seen.insert(*index) {
+            return Err(Error::invalid(
+                format!("devices[{i}].index"),
+                format!("device index {index} appears twice"),
+            ));
+        }
+        devices.push(DeviceRecord {
+            index: *index,
+            kind: kind.clone(),
+            name: name.clone(),
+        });
+    }
+    if req.port_range_start == 0 || req.port_range_start > 65535 {
+        return Err(Error::invalid("port_range_start", "must be in 1..=65535"));
+    }
+    if req.port_range_end <= req.port_range_start || req.port_range_end > 65536 {
+        return Err(Error::invalid(
+            "port_range_end",
+            format!(
+                "must be greater than port_range_start ({}) and at most 65536 (the range is [start, end))",
+                req.port_range_start
+            ),
+        ));
+    }
+    Ok(devices)
+}
+
+/// The one handler for a lost worker: marks it LOST, ends every active attempt with a rank on it
+/// (cancelling the surviving ranks) and requeues or fails those jobs per their restart budget.
+pub(crate) fn lose_worker(
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    worker_id: WorkerId,
+    reason: &str,
+) -> Result<()> {
+    let Some(mut w) = tx.get_worker(worker_id)? else {
+        return Ok(());
+    };
+    let now = now_ms();
+    let last_seen = rt.last_seen.remove(&worker_id).unwrap_or(w.last_seen_ms);
+    warn!(worker_id = %worker_id, worker = %w.name, reason, "worker lost");
+    w.state = WorkerState::Lost;
+    w.last_seen_ms = last_seen;
+    tx.put_worker(&w)?;
+    fx.close.push((
+        worker_id,
+        None,
+        Status::unavailable(format!("worker {} considered lost: {reason}", w.name)),
+    ));
+    for mut a in tx.open_attempts()? {
+        let mine: Vec<u32> = a
+            .ranks
+            .iter()
+            .filter(|r| r.worker_id == worker_id && r.exited_ms.is_none())
+            .map(|r| r.rank)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        for r in a.ranks.iter_mut().filter(|r| r.worker_id == worker_id && r.exited_ms.is_none()) {
+            r.exited_ms = Some(now);
+            r.exit_success = Some(false);
+            r.exit_info = format!("worker lost: {reason}");
+        }
+        rt.vanished.retain(|(j, e, _), _| !(*j == a.job_id && *e == a.epoch));
+        if !a.is_active() {
+            tx.put_attempt(&a)?;
+            continue;
+        }
+        let why = format!(
+            "worker {} lost ({reason}) while running rank{} {}",
+            w.name,
+            if mine.len() > 1 { "s" } else { "" },
+            mine.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        match tx.get_job(a.job_id)? {
+            Some(mut job) => fail_attempt(tx, fx, &mut job, &mut a, false, why)?,
+            None => {
+                a.ended_ms = Some(now);
+                a.outcome = "failed".into();
+                tx.put_attempt(&a)?;
+            }
+        }
+    }
+    fx.schedule = true;
+    Ok(())
+}
+
+fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
+    Worker {
+        id: w.id.to_string(),
+        name: w.name.clone(),
+        host: w.host.clone(),
+        devices: w
+            .devices
+            .iter()
+            .map(|d| Device {
+                index: d.index,
+                kind: d.kind.clone(),
+                name: d.name.clone(),
+            })
+            .collect(),
+        state: w.state as i32,
+        last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
+        busy_devices: busy,
+    }
+}
+
+impl Core {
+    /// Registers (or re-registers, by name) a worker daemon; returns its id.
+    pub fn register(&self, req: &RegisterRequest) -> Result<WorkerId> {
+        let devices = validate_register(req)?;
+        self.transition(|_, rt, tx, _fx| {
+            let now = now_ms();
+            let name = req.name.trim().to_string();
+            let existing = tx.get_worker_by_name(&name)?;
+            let id = existing.as_ref().map_or_else(WorkerId::new, |w| w.id);
+            let w = WorkerRecord {
+                id,
+                name: name.clone(),
+                host: req.host.trim().to_string(),
+                devices,
+                port_start: req.port_range_start,
+                port_end: req.port_range_end,
+                state: WorkerState::Online,
+                last_seen_ms: now,
+            };
+            tx.put_worker(&w)?;
+            rt.last_seen.insert(id, now);
+            info!(worker_id = %id, worker = %name, host = %w.host, devices = w.devices.len(),
+                  known = existing.is_some(), "worker registered");
+            Ok(id)
+        })
+    }
+
+    /// Accepts the first message of a session (which must be a `Hello`).
+    pub(crate) fn open_session(&self, first: Option<WorkerMessage>) -> Result<OpenedSession> {
+        let hello: Hello = match first.and_then(|m| m.msg) {
+            Some(worker_message::Msg::Hello(h)) => h,
+            Some(_) => {
+                return Err(Error::invalid("msg", "the first message of a session must be a hello"))
+            }
+            None => return Err(Error::invalid("msg", "the first message of a session must be a hello")),
+        };
+        let worker_id: WorkerId = hello
+            .worker_id
+            .parse()
+            .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
+        check_version("hello.protocol_version", hello.protocol_version)?;
+        let mut running = Vec::with_capacity(hello.running.len());
+        for (i, r) in hello.running.iter().enumerate() {
+            let job: JobId = r
+                .job_id
+                .parse()
+                .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
+            running.push((job, r.epoch, r.rank));
+        }
+        self.transition(|config, rt, tx, fx| {
+            let mut w = tx.get_worker(worker_id)?.ok_or_else(|| Error::NotFound {
+                what: "worker",
+                id: format!("{worker_id} (register first)"),
+            })?;
+            let now = now_ms();
+            rt.next_conn += 1;
+            let conn_id = rt.next_conn;
+            let (out, rx) = mpsc::unbounded_channel();
+            let kill = Arc::new(Notify::new());
+            if let Some(old) = rt.sessions.insert(
+                worker_id,
+                SessionHandle {
+                    conn_id,
+                    tx: out,
+                    kill: kill.clone(),
+                },
+            ) {
+                let _ = old
+                    .tx
+                    .send(Err(Status::aborted("replaced by a newer session of this worker")));
+                old.kill.notify_one();
+            }
+            w.state = WorkerState::Online;
+            w.last_seen_ms = now;
+            tx.put_worker(&w)?;
+            rt.last_seen.insert(worker_id, now);
+
+            // Trainers alive on the node that are not part of a current attempt are cancelled.
+            let mut cancelled = HashSet::new();
+            let mut keep = HashSet::new();
+            for (job_id, epoch, rank) in &running {
+                let current = match (tx.get_job(*job_id)?, tx.get_attempt(*job_id, *epoch)?) {
+                    (Some(j), Some(a)) => {
+                        j.epoch == *epoch
+                            && a.is_active()
+                            && a.ranks.get(*rank as usize).is_some_and(|r| {
+                                r.worker_id == worker_id && r.exited_ms.is_none()
+                            })
+                    }
+                    _ => false,
+                };
+                if current {
+                    keep.insert((*job_id, *epoch, *rank));
+                } else if cancelled.insert((*job_id, *epoch)) {
+                    info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
+                    fx.messages.push((
+                        worker_id,
+                        CoordinatorMessage {
+                            msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
+                                job_id: job_id.to_string(),
+                                epoch: *epoch,
+                                reason: "this attempt is no longer current".into(),
+                            })),
+                        },
+                    ));
+                }
+            }
+            // Ranks placed here that are not running: an active attempt gets until the deadline
+            // for their (buffered) exit reports; an ended one just frees the device.
+            let deadline = now + config.heartbeat_timeout_ms as i64;
+            for mut a in tx.open_attempts()? {
+                let mut changed = false;
+                for r in a.ranks.iter_mut() {
+                    if r.worker_id != worker_id || r.exited_ms.is_some() {
+                        continue;
+                    }
+                    if keep.contains(&(a.job_id, a.epoch, r.rank)) {
+                        continue;
+                    }
+                    if a.ended_ms.is_none() {
+                        rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
+                    } else {
+                        r.exited_ms = Some(now);
+                        r.exit_success = Some(false);
+                        r.exit_info = "not running after its worker reconnected".into();
+                        changed = true;
+                    }
+                }
+                if changed {
+                    tx.put_attempt(&a)?;
+                }
+            }
+            fx.schedule = true;
+            info!(worker_id = %worker_id, worker = %w.name, conn_id, running = running.len(), "session opened");
+            Ok(OpenedSession {
+                worker_id,
+                worker_name: w.name.clone(),
+                conn_id,
+                rx,
+                kill,
+            })
+        })
+    }
+
+    /// Handles one message of an open session. An error closes the session (and the worker is
+    /// then handled as lost by the caller).
+    pub(crate) fn handle_message(&self, worker_id: WorkerId, conn_id: u64, msg: WorkerMessage) -> Result<()> {
+        self.transition(|config, rt, tx, fx| {
+            if rt.sessions.get(&worker_id).is_none_or(|s| s.conn_id != conn_id) {
+                return Err(Error::FailedPrecondition(
+                    "this session is no longer current (the worker was lost or reconnected)".into(),
+                ));
+            }
+            rt.last_seen.insert(worker_id, now_ms());
+            match msg.msg {
+                Some(worker_message::Msg::Heartbeat(_)) => Ok(()),
+                Some(worker_message::Msg::Hello(_)) => {
+                    Err(Error::invalid("msg", "hello is only valid as the first message"))
+                }
+                Some(worker_message::Msg::Report(r)) => {
+                    super::reports::handle_report(config, rt, tx, fx, worker_id, r)
+                }
+                None => Err(Error::invalid("msg", "empty message")),
+            }
+        })
+    }
+
+    /// The session's stream ended or failed. Only the current session of the worker counts.
+    pub(crate) fn session_closed(&self, worker_id: WorkerId, conn_id: u64, reason: &str) -> Result<()> {
+        match self.transition(|_, rt, tx, fx| {
+            if rt.sessions.get(&worker_id).is_none_or(|s| s.conn_id != conn_id) {
+                return Ok(());
+            }
+            lose_worker(rt, tx, fx, worker_id, reason)
+        }) {
+            Err(Error::ShuttingDown) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Periodic liveness check: heartbeat timeouts (including workers that did not reconnect after
+    /// a coordinator restart) and ranks that vanished across a reconnect.
+    pub fn tick(&self) -> Result<()> {
+        self.transition(|config, rt, tx, fx| {
+            let now = now_ms();
+            let timeout = config.heartbeat_timeout_ms as i64;
+            let silent: Vec<(WorkerId, i64)> = rt
+                .last_seen
+                .iter()
+                .filter(|(_, seen)| now - **seen > timeout)
+                .map(|(w, s)| (*w, *s))
+                .collect();
+            for (w, seen) in silent {
+                let why = if rt.sessions.contains_key(&w) {
+                    format!("no heartbeat for {} ms", now - seen)
+                } else {
+                    format!("no session for {} ms", now - seen)
+                };
+                lose_worker(rt, tx, fx, w, &why)?;
+            }
+            let due: Vec<(JobId, u64, u32)> = rt
+                .vanished
+                .iter()
+                .filter(|(_, d)| now >= **d)
+                .map(|(k, _)| *k)
+                .collect();
+            for key @ (job_id, epoch, rank) in due {
+                rt.vanished.remove(&key);
+                let (Some(mut job), Some(mut a)) = (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?) else {
+                    continue;
+                };
+                let Some(r) = a.ranks.get_mut(rank as usize) else { continue };
+                if r.exited_ms.is_some() || !a.ended_ms.is_none() {
+                    continue;
+                }
+                let wname = tx
+                    .get_worker(r.worker_id)?
+                    .map(|w| w.name)
+                    .unwrap_or_default();
+                let r = &mut a.ranks[rank as usize];
+                r.exited_ms = Some(now);
+                r.exit_success = Some(false);
+                r.exit_info = "vanished across a reconnect".into();
+                let why = format!(
+                    "rank {rank} on worker {wname} was not running after its worker reconnected and never reported an exit"
+                );
+                fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn list_workers(&self) -> Result<Vec<Worker>> {
+        self.read(|rt, tx| {
+            let mut busy = std::collections::HashMap::<WorkerId, u32>::new();
+            for a in tx.open_attempts()? {
+                for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+                    *busy.entry(r.worker_id).or_default() += 1;
+                }
+            }
+            Ok(tx
+                .list_workers()?
+                .iter()
+                .map(|w| worker_view(rt, w, busy.get(&w.id).copied().unwrap_or(0)))
+                .collect())
+        })
+    }
+}

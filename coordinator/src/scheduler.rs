@@ -1,0 +1,152 @@
+//! Gang placement as a pure function: no I/O, tested on its own. The core's scheduling loop feeds
+//! it the queue and the free devices and applies what it returns.
+use bt_common::{JobId, WorkerId};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedJob {
+    pub id: JobId,
+    pub priority: i32,
+    pub created_ms: i64,
+    pub world_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreeWorker {
+    pub id: WorkerId,
+    /// Tie-break for a stable order.
+    pub name: String,
+    /// Free device indices.
+    pub devices: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub job_id: JobId,
+    /// `ranks[r]` is the worker and device of rank `r`.
+    pub ranks: Vec<(WorkerId, u32)>,
+}
+
+/// Places jobs in priority order (higher first, then oldest first). Gang scheduling: a job is
+/// placed only when all of its `world_size` ranks fit at once. Strict: the first job that does not
+/// fit stops the pass, so a large job is never starved by smaller ones behind it.
+///
+/// Ranks fill the workers with the most free devices first (fewer nodes per job), rank 0 on the
+/// first of them.
+pub fn plan(queue: &[QueuedJob], free: &[FreeWorker]) -> Vec<Placement> {
+    let mut jobs: Vec<&QueuedJob> = queue.iter().collect();
+    jobs.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.created_ms.cmp(&b.created_ms))
+            .then(a.id.cmp(&b.id))
+    });
+    let mut pool: Vec<(WorkerId, String, Vec<u32>)> = free
+        .iter()
+        .map(|w| {
+            let mut d = w.devices.clone();
+            d.sort_unstable();
+            d.dedup();
+            (w.id, w.name.clone(), d)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for job in jobs {
+        let available: usize = pool.iter().map(|(_, _, d)| d.len()).sum();
+        if job.world_size == 0 || job.world_size as usize > available {
+            break;
+        }
+        pool.sort_by(|a, b| b.2.len().cmp(&a.2.len()).then(a.1.cmp(&b.1)));
+        let mut ranks = Vec::with_capacity(job.world_size as usize);
+        for (wid, _, devices) in pool.iter_mut() {
+            while ranks.len() < job.world_size as usize && !devices.is_empty() {
+                ranks.push((*wid, devices.remove(0)));
+            }
+        }
+        out.push(Placement {
+            job_id: job.id,
+            ranks,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(priority: i32, created_ms: i64, world_size: u32) -> QueuedJob {
+        QueuedJob {
+            id: JobId::new(),
+            priority,
+            created_ms,
+            world_size,
+        }
+    }
+
+    fn w(name: &str, devices: &[u32]) -> FreeWorker {
+        FreeWorker {
+            id: WorkerId::new(),
+            name: name.into(),
+            devices: devices.to_vec(),
+        }
+    }
+
+    #[test]
+    fn gang_waits_for_all_devices() {
+        let job = q(0, 1, 4);
+        let free = [w("a", &[0, 1]), w("b", &[0])];
+        assert!(plan(&[job.clone()], &free).is_empty());
+        let free = [w("a", &[0, 1]), w("b", &[0, 1])];
+        let p = plan(&[job.clone()], &free);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].job_id, job.id);
+        assert_eq!(p[0].ranks.len(), 4);
+        let mut seen = p[0].ranks.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "no device is used twice");
+    }
+
+    #[test]
+    fn higher_priority_first_then_fifo() {
+        let old_low = q(0, 1, 1);
+        let new_high = q(5, 10, 1);
+        let mid_a = q(1, 3, 1);
+        let mid_b = q(1, 2, 1);
+        let free = [w("a", &[0, 1])];
+        let p = plan(&[old_low.clone(), new_high.clone(), mid_a.clone(), mid_b.clone()], &free);
+        let ids: Vec<JobId> = p.iter().map(|p| p.job_id).collect();
+        assert_eq!(ids, vec![new_high.id, mid_b.id]);
+    }
+
+    #[test]
+    fn strict_order_no_partial_placement_and_no_backfill() {
+        let big = q(1, 1, 3);
+        let small = q(0, 2, 1);
+        let free = [w("a", &[0, 1])];
+        assert!(
+            plan(&[big.clone(), small.clone()], &free).is_empty(),
+            "the small job must not jump ahead of the big one it would starve"
+        );
+        let p = plan(&[small.clone()], &free);
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn packs_onto_fewest_workers_and_consumes_devices() {
+        let a = q(0, 1, 2);
+        let b = q(0, 2, 2);
+        let c = q(0, 3, 1);
+        let free = [w("x", &[3]), w("y", &[0, 1]), w("z", &[7])];
+        let p = plan(&[a.clone(), b.clone(), c.clone()], &free);
+        assert_eq!(p.len(), 2, "c does not fit after a and b: {p:?}");
+        assert_eq!(p[0].ranks, vec![(free[1].id, 0), (free[1].id, 1)]);
+        assert_eq!(p[1].ranks, vec![(free[0].id, 3), (free[2].id, 7)]);
+    }
+
+    #[test]
+    fn empty_inputs() {
+        assert!(plan(&[], &[w("a", &[0])]).is_empty());
+        assert!(plan(&[q(0, 1, 1)], &[]).is_empty());
+    }
+}

@@ -1,0 +1,127 @@
+//! `run`: the whole coordinator on a bound listener, with health, reflection and one shutdown path.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bt_proto::job_service_server::JobServiceServer;
+use bt_proto::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+use crate::config::CoordinatorConfig;
+use crate::core::Core;
+use crate::service::{JobSvc, WorkerSvc};
+use crate::store::SqliteStore;
+
+/// How long in-flight RPCs get to finish after shutdown began.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the coordinator on `listener` until `shutdown` resolves, then drains with a deadline.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let db_path = config.db_path.clone();
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
+        .await?
+        .with_context(|| format!("opening the state database {}", config.db_path.display()))?;
+    let core = Core::new(config.clone(), Box::new(store)).context("recovering state")?;
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, db = %config.db_path.display(), checkpoint_root = %config.checkpoint_root.display(),
+          "coordinator listening");
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<JobSvc>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerSvc>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bt_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bt_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+
+    let mut background = tokio::task::JoinSet::new();
+    {
+        // The scheduling loop: woken on every relevant event, and by a periodic tick.
+        let core = core.clone();
+        let period = Duration::from_millis(config.heartbeat_interval_ms.clamp(50, 1000));
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = core.schedule_notify.notified() => {}
+                    _ = tick.tick() => {
+                        match core.call(|c| c.tick()).await {
+                            Ok(()) | Err(crate::Error::ShuttingDown) => {}
+                            Err(e) => error!(error = %e, "liveness check failed"),
+                        }
+                    }
+                }
+                match core.call(|c| c.schedule()).await {
+                    Ok(n) if n > 0 => info!(placed = n, "scheduling pass"),
+                    Ok(_) => {}
+                    Err(crate::Error::ShuttingDown) => return,
+                    Err(e) => error!(error = %e, "scheduling pass failed"),
+                }
+            }
+        });
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(JobServiceServer::new(JobSvc { core: core.clone() }))
+        .add_service(WorkerServiceServer::new(WorkerSvc { core: core.clone() }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+
+    tokio::select! {
+        r = &mut server => {
+            core.begin_shutdown();
+            background.abort_all();
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("gRPC server failed")),
+                Err(e) => Err(anyhow::Error::new(e).context("gRPC server task failed")),
+            };
+        }
+        _ = shutdown => {}
+    }
+    info!("shutting down: closing sessions and watchers, draining requests");
+    health.set_not_serving::<JobServiceServer<JobSvc>>().await;
+    health.set_not_serving::<WorkerServiceServer<WorkerSvc>>().await;
+    core.begin_shutdown();
+    background.abort_all();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(DRAIN_DEADLINE, &mut server).await {
+        Ok(Ok(Ok(()))) => info!("coordinator stopped"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+        Err(_) => {
+            warn!("drain deadline passed; stopping with requests still open");
+            server.abort();
+        }
+    }
+    drop(core);
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _assert_send(c: Arc<Core>) -> impl Send {
+    c
+}

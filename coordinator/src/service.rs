@@ -1,0 +1,221 @@
+//! The tonic services: thin adapters from RPCs to `Core` calls.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bt_common::JobId;
+use bt_proto::job_service_server::JobService;
+use bt_proto::worker_service_server::WorkerService;
+use bt_proto::{
+    job_event, CancelJobRequest, CheckpointInfo, CoordinatorMessage, GetJobRequest, Job, JobEvent,
+    JobState, ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest, ListJobsResponse,
+    ListWorkersRequest, ListWorkersResponse, Missed, RegisterRequest, RegisterResponse,
+    SubmitJobRequest, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
+};
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::core::{is_terminal_event, Core};
+use crate::error::Error;
+
+fn parse_job_id(field: &str, s: &str) -> Result<JobId, Status> {
+    s.parse::<JobId>()
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+#[derive(Clone)]
+pub(crate) struct JobSvc {
+    pub core: Arc<Core>,
+}
+
+#[tonic::async_trait]
+impl JobService for JobSvc {
+    async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let spec = req.into_inner().spec_toml;
+        let job = self.core.call(move |c| c.submit(&spec)).await?;
+        info!(job_id = %job.id, name = %job.name, world_size = job.world_size, "job submitted");
+        Ok(Response::new(job))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = parse_job_id("job_id", &req.get_ref().job_id)?;
+        Ok(Response::new(self.core.call(move |c| c.get_job(id)).await?))
+    }
+
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let mut states = Vec::with_capacity(req.states.len());
+        for (i, s) in req.states.iter().enumerate() {
+            match JobState::try_from(*s) {
+                Ok(JobState::Unspecified) | Err(_) => {
+                    return Err(Status::invalid_argument(format!("states[{i}]: unknown job state {s}")))
+                }
+                Ok(s) => states.push(s),
+            }
+        }
+        let limit = req.limit as usize;
+        let jobs = self.core.call(move |c| c.list_jobs(&states, limit)).await?;
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let job = self.core.call(move |c| c.cancel(id, &req.reason)).await?;
+        Ok(Response::new(job))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<JobEvent, Status>>;
+
+    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let from_step = req.from_step;
+        let start = self.core.call(move |c| c.watch(id, from_step)).await?;
+        // A small hand-off buffer: the per-subscriber bound is the broadcast capacity, so a slow
+        // watcher lags (and gets `Missed`) instead of holding anything up.
+        let (tx, rx) = mpsc::channel(16);
+        let follow = req.follow;
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut ended = false;
+            for ev in start.replay {
+                last = last.max(ev.seq);
+                ended |= is_terminal_event(&ev);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let (true, false, Some(mut live)) = (follow, ended, start.live) else {
+                return;
+            };
+            loop {
+                match live.recv().await {
+                    Ok(ev) => {
+                        if ev.seq <= last {
+                            continue;
+                        }
+                        last = ev.seq;
+                        let terminal = is_terminal_event(&ev);
+                        if tx.send(Ok(ev)).await.is_err() || terminal {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(count)) => {
+                        debug!(job_id = %id, count, "watcher lagged");
+                        let missed = JobEvent {
+                            seq: 0,
+                            time_ms: bt_common::now_ms(),
+                            step: 0,
+                            job_id: id.to_string(),
+                            kind: Some(job_event::Kind::Missed(Missed { count })),
+                        };
+                        if tx.send(Ok(missed)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        let workers = self.core.call(|c| c.list_workers()).await?;
+        Ok(Response::new(ListWorkersResponse { workers }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<ListCheckpointsRequest>,
+    ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        let id = parse_job_id("job_id", &req.get_ref().job_id)?;
+        let checkpoints: Vec<CheckpointInfo> = self.core.call(move |c| c.list_checkpoints(id)).await?;
+        Ok(Response::new(ListCheckpointsResponse { checkpoints }))
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct WorkerSvc {
+    pub core: Arc<Core>,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerSvc {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let peer = req.remote_addr();
+        let req = req.into_inner();
+        let worker_id = self.core.call(move |c| c.register(&req)).await.inspect_err(|e| {
+            warn!(peer = ?peer, error = %e, "registration refused");
+        })?;
+        Ok(Response::new(RegisterResponse {
+            worker_id: worker_id.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: self.core.config().heartbeat_interval_ms.min(u32::MAX as u64) as u32,
+        }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = req.remote_addr();
+        let mut inbound = req.into_inner();
+        let wait = Duration::from_millis(self.core.config().heartbeat_timeout_ms);
+        let first = match tokio::time::timeout(wait, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no hello within the heartbeat timeout")),
+            Ok(Err(s)) => return Err(Status::invalid_argument(format!("msg: {}", s.message()))),
+            Ok(Ok(None)) => return Err(Status::invalid_argument("msg: the stream ended before a hello")),
+            Ok(Ok(Some(m))) => m,
+        };
+        let opened = self
+            .core
+            .call(move |c| c.open_session(Some(first)))
+            .await
+            .inspect_err(|e| warn!(peer = ?peer, error = %e, "session refused"))?;
+        let core = self.core.clone();
+        let (worker_id, conn_id, kill) = (opened.worker_id, opened.conn_id, opened.kill.clone());
+        let name = opened.worker_name.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = kill.notified() => break None,
+                };
+                match next {
+                    Ok(Some(msg)) => {
+                        match core.call(move |c| c.handle_message(worker_id, conn_id, msg)).await {
+                            Ok(()) => {}
+                            Err(Error::ShuttingDown) => break None,
+                            Err(e) => {
+                                warn!(worker = %name, error = %e, "bad message; closing the session");
+                                break Some(format!("bad message: {e}"));
+                            }
+                        }
+                    }
+                    Ok(None) => break Some("the session stream was closed by the worker".to_string()),
+                    Err(s) => break Some(format!("session stream error: {}", s.message())),
+                }
+            };
+            if let Some(reason) = reason {
+                let r = reason.clone();
+                if let Err(e) = core.call(move |c| c.session_closed(worker_id, conn_id, &r)).await {
+                    warn!(worker = %name, error = %e, "handling a closed session failed");
+                }
+                debug!(worker = %name, reason, "session reader ended");
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(opened.rx))))
+    }
+}
+
+impl From<Error> for Box<Status> {
+    fn from(e: Error) -> Self {
+        Box::new(e.into())
+    }
+}

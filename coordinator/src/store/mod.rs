@@ -1,0 +1,134 @@
+//! Durable coordinator state behind a `Store` trait. Every state transition runs inside one
+//! transaction (`Store::begin` → `Tx` → `Tx::commit`); dropping a `Tx` without committing rolls back.
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use bt_common::{JobId, WorkerId};
+use bt_proto::{JobEvent, JobState, TrainMetrics, WorkerState};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub name: String,
+    pub kind: String,
+    pub spec_toml: String,
+    pub priority: i32,
+    pub world_size: u32,
+    pub state: JobState,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// The current (or last) attempt's fencing epoch; 0 before the first attempt.
+    pub epoch: u64,
+    pub attempts: u32,
+    pub restarts_used: u32,
+    pub max_restarts: u32,
+    pub failure_reason: String,
+    pub total_steps: u64,
+    pub last_metrics: Option<TrainMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankRecord {
+    pub rank: u32,
+    pub worker_id: WorkerId,
+    pub device: u32,
+    pub started_ms: Option<i64>,
+    pub exited_ms: Option<i64>,
+    pub exit_success: Option<bool>,
+    pub exit_info: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub job_id: JobId,
+    pub epoch: u64,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// "", "succeeded", "failed", "cancelled".
+    pub outcome: String,
+    pub reason: String,
+    pub resume_from: String,
+    pub master_addr: String,
+    pub master_port: u32,
+    pub ranks: Vec<RankRecord>,
+}
+
+impl AttemptRecord {
+    pub fn is_active(&self) -> bool {
+        self.ended_ms.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub index: u32,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    pub name: String,
+    pub host: String,
+    pub devices: Vec<DeviceRecord>,
+    pub port_start: u32,
+    pub port_end: u32,
+    pub state: WorkerState,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    pub job_id: JobId,
+    pub step: u64,
+    /// Training epoch at which the checkpoint was written.
+    pub epoch: u32,
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub created_ms: i64,
+    pub deleted: bool,
+}
+
+/// One transaction. Reads see the transaction's own writes.
+pub trait Tx {
+    /// The next value of the global fencing counter (unique across jobs, never reused).
+    fn next_epoch(&mut self) -> Result<u64>;
+    fn get_job(&mut self, id: JobId) -> Result<Option<JobRecord>>;
+    fn put_job(&mut self, job: &JobRecord) -> Result<()>;
+    /// Jobs in any of `states` (all when empty), oldest first.
+    fn list_jobs(&mut self, states: &[JobState]) -> Result<Vec<JobRecord>>;
+    fn get_attempt(&mut self, job_id: JobId, epoch: u64) -> Result<Option<AttemptRecord>>;
+    fn put_attempt(&mut self, attempt: &AttemptRecord) -> Result<()>;
+    /// Attempts that are active or still have a rank that has not exited.
+    fn open_attempts(&mut self) -> Result<Vec<AttemptRecord>>;
+    fn get_worker(&mut self, id: WorkerId) -> Result<Option<WorkerRecord>>;
+    fn get_worker_by_name(&mut self, name: &str) -> Result<Option<WorkerRecord>>;
+    fn put_worker(&mut self, worker: &WorkerRecord) -> Result<()>;
+    /// All workers, by name.
+    fn list_workers(&mut self) -> Result<Vec<WorkerRecord>>;
+    fn put_checkpoint(&mut self, ckpt: &CheckpointRecord) -> Result<()>;
+    /// Checkpoints of a job by step (ascending).
+    fn list_checkpoints(&mut self, job_id: JobId, include_deleted: bool)
+        -> Result<Vec<CheckpointRecord>>;
+    /// Persists an event and sets its `seq`.
+    fn append_event(&mut self, event: &mut JobEvent) -> Result<()>;
+    /// Events of a job by seq: state changes always, others with `step >= from_step`.
+    /// With `only_kind`, just that kind ("state", "metrics", "eval", "checkpoint", "notice").
+    fn list_events(
+        &mut self,
+        job_id: JobId,
+        from_step: u64,
+        only_kind: Option<&str>,
+    ) -> Result<Vec<JobEvent>>;
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+pub trait Store: Send {
+    fn begin(&mut self) -> Result<Box<dyn Tx + '_>>;
+}
