@@ -95,9 +95,9 @@ mod tests {
     fn gang_waits_for_all_devices() {
         let job = q(0, 1, 4);
         let free = [w("a", &[0, 1]), w("b", &[0])];
-        assert!(plan(&[job.clone()], &free).is_empty());
+        assert!(plan(std::slice::from_ref(&job), &free).is_empty());
         let free = [w("a", &[0, 1]), w("b", &[0, 1])];
-        let p = plan(&[job.clone()], &free);
+        let p = plan(std::slice::from_ref(&job), &free);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].job_id, job.id);
         assert_eq!(p[0].ranks.len(), 4);
@@ -114,7 +114,15 @@ mod tests {
         let mid_a = q(1, 3, 1);
         let mid_b = q(1, 2, 1);
         let free = [w("a", &[0, 1])];
-        let p = plan(&[old_low.clone(), new_high.clone(), mid_a.clone(), mid_b.clone()], &free);
+        let p = plan(
+            &[
+                old_low.clone(),
+                new_high.clone(),
+                mid_a.clone(),
+                mid_b.clone(),
+            ],
+            &free,
+        );
         let ids: Vec<JobId> = p.iter().map(|p| p.job_id).collect();
         assert_eq!(ids, vec![new_high.id, mid_b.id]);
     }
@@ -128,7 +136,7 @@ mod tests {
             plan(&[big.clone(), small.clone()], &free).is_empty(),
             "the small job must not jump ahead of the big one it would starve"
         );
-        let p = plan(&[small.clone()], &free);
+        let p = plan(std::slice::from_ref(&small), &free);
         assert_eq!(p.len(), 1);
     }
 

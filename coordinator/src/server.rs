@@ -24,7 +24,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    config
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid configuration")?;
     let db_path = config.db_path.clone();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
         .await?
@@ -104,7 +107,9 @@ pub async fn run(
     }
     info!("shutting down: closing sessions and watchers, draining requests");
     health.set_not_serving::<JobServiceServer<JobSvc>>().await;
-    health.set_not_serving::<WorkerServiceServer<WorkerSvc>>().await;
+    health
+        .set_not_serving::<WorkerServiceServer<WorkerSvc>>()
+        .await;
     core.begin_shutdown();
     background.abort_all();
     let _ = stop_tx.send(());

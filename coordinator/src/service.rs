@@ -45,13 +45,18 @@ impl JobService for JobSvc {
         Ok(Response::new(self.core.call(move |c| c.get_job(id)).await?))
     }
 
-    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
         let req = req.into_inner();
         let mut states = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
             match JobState::try_from(*s) {
                 Ok(JobState::Unspecified) | Err(_) => {
-                    return Err(Status::invalid_argument(format!("states[{i}]: unknown job state {s}")))
+                    return Err(Status::invalid_argument(format!(
+                        "states[{i}]: unknown job state {s}"
+                    )))
                 }
                 Ok(s) => states.push(s),
             }
@@ -70,7 +75,10 @@ impl JobService for JobSvc {
 
     type WatchJobStream = ReceiverStream<Result<JobEvent, Status>>;
 
-    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let from_step = req.from_step;
@@ -124,7 +132,10 @@ impl JobService for JobSvc {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _req: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
         let workers = self.core.call(|c| c.list_workers()).await?;
         Ok(Response::new(ListWorkersResponse { workers }))
     }
@@ -134,7 +145,8 @@ impl JobService for JobSvc {
         req: Request<ListCheckpointsRequest>,
     ) -> Result<Response<ListCheckpointsResponse>, Status> {
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
-        let checkpoints: Vec<CheckpointInfo> = self.core.call(move |c| c.list_checkpoints(id)).await?;
+        let checkpoints: Vec<CheckpointInfo> =
+            self.core.call(move |c| c.list_checkpoints(id)).await?;
         Ok(Response::new(ListCheckpointsResponse { checkpoints }))
     }
 }
@@ -148,29 +160,51 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status
 
 #[tonic::async_trait]
 impl WorkerService for WorkerSvc {
-    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let peer = req.remote_addr();
         let req = req.into_inner();
-        let worker_id = self.core.call(move |c| c.register(&req)).await.inspect_err(|e| {
-            warn!(peer = ?peer, error = %e, "registration refused");
-        })?;
+        let worker_id = self
+            .core
+            .call(move |c| c.register(&req))
+            .await
+            .inspect_err(|e| {
+                warn!(peer = ?peer, error = %e, "registration refused");
+            })?;
         Ok(Response::new(RegisterResponse {
             worker_id: worker_id.to_string(),
             protocol_version: PROTOCOL_VERSION,
-            heartbeat_interval_ms: self.core.config().heartbeat_interval_ms.min(u32::MAX as u64) as u32,
+            heartbeat_interval_ms: self
+                .core
+                .config()
+                .heartbeat_interval_ms
+                .min(u32::MAX as u64) as u32,
         }))
     }
 
     type SessionStream = SessionStream;
 
-    async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let wait = Duration::from_millis(self.core.config().heartbeat_timeout_ms);
         let first = match tokio::time::timeout(wait, inbound.message()).await {
-            Err(_) => return Err(Status::deadline_exceeded("no hello within the heartbeat timeout")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no hello within the heartbeat timeout",
+                ))
+            }
             Ok(Err(s)) => return Err(Status::invalid_argument(format!("msg: {}", s.message()))),
-            Ok(Ok(None)) => return Err(Status::invalid_argument("msg: the stream ended before a hello")),
+            Ok(Ok(None)) => {
+                return Err(Status::invalid_argument(
+                    "msg: the stream ended before a hello",
+                ))
+            }
             Ok(Ok(Some(m))) => m,
         };
         let opened = self
@@ -189,7 +223,10 @@ impl WorkerService for WorkerSvc {
                 };
                 match next {
                     Ok(Some(msg)) => {
-                        match core.call(move |c| c.handle_message(worker_id, conn_id, msg)).await {
+                        match core
+                            .call(move |c| c.handle_message(worker_id, conn_id, msg))
+                            .await
+                        {
                             Ok(()) => {}
                             Err(Error::ShuttingDown) => break None,
                             Err(e) => {
@@ -198,19 +235,26 @@ impl WorkerService for WorkerSvc {
                             }
                         }
                     }
-                    Ok(None) => break Some("the session stream was closed by the worker".to_string()),
+                    Ok(None) => {
+                        break Some("the session stream was closed by the worker".to_string())
+                    }
                     Err(s) => break Some(format!("session stream error: {}", s.message())),
                 }
             };
             if let Some(reason) = reason {
                 let r = reason.clone();
-                if let Err(e) = core.call(move |c| c.session_closed(worker_id, conn_id, &r)).await {
+                if let Err(e) = core
+                    .call(move |c| c.session_closed(worker_id, conn_id, &r))
+                    .await
+                {
                     warn!(worker = %name, error = %e, "handling a closed session failed");
                 }
                 debug!(worker = %name, reason, "session reader ended");
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(opened.rx))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            opened.rx,
+        ))))
     }
 }
 

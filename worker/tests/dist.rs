@@ -466,3 +466,68 @@ fn training_steps_do_not_depend_on_the_world_size() {
     let gap = (loss_local[0] - loss1[0]).abs();
     assert!(gap > 1e-3 * loss1[0].abs(), "local BN should change the loss: {} vs {}", loss_local[0], loss1[0]);
 }
+
+/// Waits for `child` to exit, up to `deadline`; kills it and fails if it does not.
+fn wait_with_deadline(child: &mut std::process::Child, deadline: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            panic!("process {} still running after {deadline:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_rank_process_makes_the_others_fail_within_the_timeout() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let port = free_port();
+    let timeout_s = 3u64;
+    let spawn = |rank: usize| {
+        Command::new(env!("CARGO_BIN_EXE_bt-dist-probe"))
+            .args(["--rank", &rank.to_string(), "--world", "3", "--port", &port.to_string()])
+            .args(["--timeout", &timeout_s.to_string(), "loop", "--seconds", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bt-dist-probe")
+    };
+    let mut children: Vec<_> = (0..3).map(spawn).collect();
+    // wait until every rank has joined
+    let (tx, rx) = std::sync::mpsc::channel();
+    for c in children.iter_mut() {
+        let out = c.stdout.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    for _ in 0..3 {
+        let line = rx.recv_timeout(Duration::from_secs(20));
+        if line.is_err() {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+            panic!("ranks did not all join");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    children[2].kill().expect("kill rank 2");
+    let killed_at = Instant::now();
+    for (rank, c) in children.iter_mut().enumerate().take(2) {
+        let st = wait_with_deadline(c, Duration::from_secs(timeout_s + 5));
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(st.code(), Some(3), "rank {rank} exit {st:?}: {err}");
+        assert!(err.contains("error: "), "rank {rank}: {err}");
+        eprintln!("rank {rank} failed after {:?}: {}", killed_at.elapsed(), err.lines().last().unwrap_or(""));
+    }
+    let _ = children[2].wait();
+}

@@ -6,7 +6,11 @@ use bt_coordinator::CoordinatorConfig;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "bt-coordinator", version, about = "The bt coordinator: jobs, workers, scheduling")]
+#[command(
+    name = "bt-coordinator",
+    version,
+    about = "The bt coordinator: jobs, workers, scheduling"
+)]
 struct Args {
     /// Configuration file (TOML or YAML); BT_COORDINATOR_* variables and flags override it.
     #[arg(long)]
@@ -43,8 +47,19 @@ fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     bt_common::init_tracing();
+    match real_main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("bt-coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.listen {

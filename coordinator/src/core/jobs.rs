@@ -3,8 +3,8 @@ use std::collections::{HashMap, HashSet};
 
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{
-    coordinator_message, job_event, Assignment, CancelAssignment, CheckpointInfo, CoordinatorMessage,
-    Job, JobState, RankPlacement, StateChange, WorkerState,
+    coordinator_message, job_event, Assignment, CancelAssignment, CheckpointInfo,
+    CoordinatorMessage, Job, JobState, RankPlacement, StateChange, WorkerState,
 };
 use tracing::{info, warn};
 
@@ -90,7 +90,13 @@ pub(crate) fn fail_attempt(
           max_restarts = job.max_restarts, reason = %reason, "attempt failed");
     if user_error {
         job.failure_reason = reason.clone();
-        set_state(tx, fx, job, JobState::Failed, &format!("user error: {reason}"))
+        set_state(
+            tx,
+            fx,
+            job,
+            JobState::Failed,
+            &format!("user error: {reason}"),
+        )
     } else if job.restarts_used < job.max_restarts {
         job.failure_reason = reason.clone();
         set_state(tx, fx, job, JobState::Restarting, &reason)?;
@@ -119,9 +125,8 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
             rendezvous = format!("{}:{}", a.master_addr, a.master_port);
             let mut workers: HashMap<WorkerId, Option<WorkerRecord>> = HashMap::new();
             for r in &a.ranks {
-                if !workers.contains_key(&r.worker_id) {
-                    let w = tx.get_worker(r.worker_id)?;
-                    workers.insert(r.worker_id, w);
+                if let std::collections::hash_map::Entry::Vacant(e) = workers.entry(r.worker_id) {
+                    e.insert(tx.get_worker(r.worker_id)?);
                 }
                 let w = workers.get(&r.worker_id).and_then(|w| w.as_ref());
                 placement.push(RankPlacement {
@@ -158,7 +163,7 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
         max_restarts: job.max_restarts,
         failure_reason: job.failure_reason.clone(),
         total_steps: job.total_steps,
-        last_metrics: job.last_metrics.clone(),
+        last_metrics: job.last_metrics,
         placement,
         evals,
         rendezvous,
@@ -319,7 +324,8 @@ impl Core {
                 })
                 .collect();
             let placements = plan(&queue, &free);
-            let by_id: HashMap<WorkerId, &WorkerRecord> = workers.iter().map(|w| (w.id, w)).collect();
+            let by_id: HashMap<WorkerId, &WorkerRecord> =
+                workers.iter().map(|w| (w.id, w)).collect();
             for p in &placements {
                 let Some(mut job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
                     continue;
@@ -366,9 +372,7 @@ impl Core {
                 let names: Vec<String> = p
                     .ranks
                     .iter()
-                    .map(|(w, d)| {
-                        format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str()))
-                    })
+                    .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
                     .collect();
                 let why = format!(
                     "attempt {} placed on {}{}",
@@ -419,14 +423,15 @@ impl Core {
                 online += 1;
             }
         }
-        let active = tx
-            .open_attempts()?
-            .iter()
-            .filter(|a| a.is_active())
-            .count();
+        let active = tx.open_attempts()?.iter().filter(|a| a.is_active()).count();
         let queued = tx.list_jobs(&[JobState::Queued])?.len();
         drop(tx);
-        info!(online_workers = online, active_attempts = active, queued_jobs = queued, "state recovered");
+        info!(
+            online_workers = online,
+            active_attempts = active,
+            queued_jobs = queued,
+            "state recovered"
+        );
         Ok(())
     }
 }

@@ -72,7 +72,9 @@ pub(crate) struct WatchStart {
 
 pub(crate) fn is_terminal_event(ev: &JobEvent) -> bool {
     match &ev.kind {
-        Some(job_event::Kind::State(s)) => JobState::try_from(s.state).is_ok_and(|s| s.is_terminal()),
+        Some(job_event::Kind::State(s)) => {
+            JobState::try_from(s.state).is_ok_and(|s| s.is_terminal())
+        }
         _ => false,
     }
 }
@@ -193,9 +195,8 @@ impl Core {
         let rt = &mut guard.rt;
         rt.shutting_down = true;
         for (_, s) in rt.sessions.drain() {
-            let _ = s
-                .tx
-                .send(Err(Status::unavailable("the coordinator is shutting down")));
+            let _ =
+                s.tx.send(Err(Status::unavailable("the coordinator is shutting down")));
             s.kill.notify_one();
         }
         rt.watchers.clear();

@@ -3,8 +3,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{
-    coordinator_message, job_event, trainer_report, CoordinatorMessage, DeleteCheckpoints, JobState,
-    TrainerExit, TrainerReport,
+    coordinator_message, job_event, trainer_report, CoordinatorMessage, DeleteCheckpoints,
+    JobState, TrainerExit, TrainerReport,
 };
 use tracing::{debug, info, warn};
 
@@ -83,7 +83,10 @@ pub(crate) fn handle_report(
                 debug!(job_id = %job_id, epoch, rank, "duplicate exit report ignored");
                 return Ok(());
             }
-            let worker_name = tx.get_worker(worker_id)?.map(|w| w.name).unwrap_or_default();
+            let worker_name = tx
+                .get_worker(worker_id)?
+                .map(|w| w.name)
+                .unwrap_or_default();
             let slot = &mut attempt.ranks[rank as usize];
             slot.exited_ms = Some(now_ms());
             slot.exit_success = Some(e.success);
@@ -128,7 +131,9 @@ pub(crate) fn handle_report(
                 tx.put_attempt(&attempt)?;
                 info!(job_id = %job_id, epoch, rank, pid = s.pid, "trainer started");
             }
-            if job.state == JobState::Scheduled && attempt.ranks.iter().all(|r| r.started_ms.is_some()) {
+            if job.state == JobState::Scheduled
+                && attempt.ranks.iter().all(|r| r.started_ms.is_some())
+            {
                 let why = format!("all {} ranks started", job.world_size);
                 set_state(tx, fx, &mut job, JobState::Running, &why)?;
             }
@@ -140,7 +145,7 @@ pub(crate) fn handle_report(
                 return Ok(());
             }
             job.total_steps = m.total_steps.max(job.total_steps);
-            job.last_metrics = Some(m.clone());
+            job.last_metrics = Some(m);
             job.updated_ms = now_ms();
             tx.put_job(&job)?;
             emit(tx, fx, job_id, m.step, job_event::Kind::Metrics(m))
@@ -173,12 +178,22 @@ pub(crate) fn handle_report(
                 path: c.path.clone(),
                 size_bytes: c.size_bytes,
                 sha256: c.sha256.clone(),
-                created_ms: if c.created_at_ms > 0 { c.created_at_ms } else { now_ms() },
+                created_ms: if c.created_at_ms > 0 {
+                    c.created_at_ms
+                } else {
+                    now_ms()
+                },
                 deleted: false,
             };
             tx.put_checkpoint(&rec)?;
             info!(job_id = %job_id, step = c.step, path = %c.path, "checkpoint committed");
-            emit(tx, fx, job_id, c.step, job_event::Kind::Checkpoint(checkpoint_info(&rec)))?;
+            emit(
+                tx,
+                fx,
+                job_id,
+                c.step,
+                job_event::Kind::Checkpoint(checkpoint_info(&rec)),
+            )?;
             apply_retention(config, tx, fx, &job, &attempt, worker_id)
         }
     }
@@ -186,7 +201,12 @@ pub(crate) fn handle_report(
 
 /// Which checkpoints (by index in `ckpts`, sorted by step) retention keeps: the last `keep_last`
 /// (0: all), the newest of every `keep_every_epochs` window, and the one the attempt resumed from.
-pub(crate) fn retained(ckpts: &[CheckpointRecord], keep_last: u32, keep_every_epochs: u32, resume_from: &str) -> HashSet<usize> {
+pub(crate) fn retained(
+    ckpts: &[CheckpointRecord],
+    keep_last: u32,
+    keep_every_epochs: u32,
+    resume_from: &str,
+) -> HashSet<usize> {
     let mut keep = HashSet::new();
     if keep_last == 0 {
         return (0..ckpts.len()).collect();
@@ -196,7 +216,7 @@ pub(crate) fn retained(ckpts: &[CheckpointRecord], keep_last: u32, keep_every_ep
     if keep_every_epochs > 0 {
         let mut newest: BTreeMap<u32, usize> = BTreeMap::new();
         for (i, c) in ckpts.iter().enumerate() {
-            newest.insert(c.epoch / keep_every_epochs, i);
+            newest.insert(c.epoch.checked_div(keep_every_epochs).unwrap_or(0), i);
         }
         keep.extend(newest.values().copied());
     }
@@ -224,7 +244,12 @@ fn apply_retention(
         }
     };
     let ckpts = tx.list_checkpoints(job.id, false)?;
-    let keep = retained(&ckpts, spec.checkpoint.keep_last, spec.checkpoint.keep_every_epochs, &attempt.resume_from);
+    let keep = retained(
+        &ckpts,
+        spec.checkpoint.keep_last,
+        spec.checkpoint.keep_every_epochs,
+        &attempt.resume_from,
+    );
     let mut paths = Vec::new();
     for (i, c) in ckpts.iter().enumerate() {
         if keep.contains(&i) {
@@ -240,7 +265,9 @@ fn apply_retention(
         fx.messages.push((
             worker_id,
             CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::DeleteCheckpoints(DeleteCheckpoints { paths })),
+                msg: Some(coordinator_message::Msg::DeleteCheckpoints(
+                    DeleteCheckpoints { paths },
+                )),
             },
         ));
     }

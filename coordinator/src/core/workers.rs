@@ -27,7 +27,12 @@ pub(crate) struct OpenedSession {
 
 fn check_version(field: &str, v: u32) -> Result<()> {
     if v != PROTOCOL_VERSION {
-        warn!(field, daemon_version = v, coordinator_version = PROTOCOL_VERSION, "protocol version mismatch");
+        warn!(
+            field,
+            daemon_version = v,
+            coordinator_version = PROTOCOL_VERSION,
+            "protocol version mismatch"
+        );
         return Err(Error::FailedPrecondition(format!(
             "{field}: the daemon speaks protocol version {v}, this coordinator speaks {PROTOCOL_VERSION}; \
              run matching versions of bt-worker and bt-coordinator"
@@ -51,7 +56,10 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     }
     let host = req.host.trim();
     if host.is_empty() {
-        return Err(Error::invalid("host", "must not be empty (the address other nodes reach this one at)"));
+        return Err(Error::invalid(
+            "host",
+            "must not be empty (the address other nodes reach this one at)",
+        ));
     }
     if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(Error::invalid("host", "must not contain whitespace"));
@@ -128,12 +136,17 @@ pub(crate) fn lose_worker(
         if mine.is_empty() {
             continue;
         }
-        for r in a.ranks.iter_mut().filter(|r| r.worker_id == worker_id && r.exited_ms.is_none()) {
+        for r in a
+            .ranks
+            .iter_mut()
+            .filter(|r| r.worker_id == worker_id && r.exited_ms.is_none())
+        {
             r.exited_ms = Some(now);
             r.exit_success = Some(false);
             r.exit_info = format!("worker lost: {reason}");
         }
-        rt.vanished.retain(|(j, e, _), _| !(*j == a.job_id && *e == a.epoch));
+        rt.vanished
+            .retain(|(j, e, _), _| !(*j == a.job_id && *e == a.epoch));
         if !a.is_active() {
             tx.put_attempt(&a)?;
             continue;
@@ -142,7 +155,10 @@ pub(crate) fn lose_worker(
             "worker {} lost ({reason}) while running rank{} {}",
             w.name,
             if mine.len() > 1 { "s" } else { "" },
-            mine.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+            mine.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         match tx.get_job(a.job_id)? {
             Some(mut job) => fail_attempt(tx, fx, &mut job, &mut a, false, why)?,
@@ -209,9 +225,17 @@ impl Core {
         let hello: Hello = match first.and_then(|m| m.msg) {
             Some(worker_message::Msg::Hello(h)) => h,
             Some(_) => {
-                return Err(Error::invalid("msg", "the first message of a session must be a hello"))
+                return Err(Error::invalid(
+                    "msg",
+                    "the first message of a session must be a hello",
+                ))
             }
-            None => return Err(Error::invalid("msg", "the first message of a session must be a hello")),
+            None => {
+                return Err(Error::invalid(
+                    "msg",
+                    "the first message of a session must be a hello",
+                ))
+            }
         };
         let worker_id: WorkerId = hello
             .worker_id
@@ -323,9 +347,37 @@ impl Core {
 
     /// Handles one message of an open session. An error closes the session (and the worker is
     /// then handled as lost by the caller).
-    pub(crate) fn handle_message(&self, worker_id: WorkerId, conn_id: u64, msg: WorkerMessage) -> Result<()> {
+    pub(crate) fn handle_message(
+        &self,
+        worker_id: WorkerId,
+        conn_id: u64,
+        msg: WorkerMessage,
+    ) -> Result<()> {
+        if let Some(worker_message::Msg::Heartbeat(_)) = msg.msg {
+            // The common case needs no transaction: only the liveness clock moves.
+            let mut guard = self.lock();
+            let rt = &mut guard.rt;
+            if rt.shutting_down {
+                return Err(Error::ShuttingDown);
+            }
+            if rt
+                .sessions
+                .get(&worker_id)
+                .is_none_or(|s| s.conn_id != conn_id)
+            {
+                return Err(Error::FailedPrecondition(
+                    "this session is no longer current (the worker was lost or reconnected)".into(),
+                ));
+            }
+            rt.last_seen.insert(worker_id, now_ms());
+            return Ok(());
+        }
         self.transition(|config, rt, tx, fx| {
-            if rt.sessions.get(&worker_id).is_none_or(|s| s.conn_id != conn_id) {
+            if rt
+                .sessions
+                .get(&worker_id)
+                .is_none_or(|s| s.conn_id != conn_id)
+            {
                 return Err(Error::FailedPrecondition(
                     "this session is no longer current (the worker was lost or reconnected)".into(),
                 ));
@@ -333,9 +385,10 @@ impl Core {
             rt.last_seen.insert(worker_id, now_ms());
             match msg.msg {
                 Some(worker_message::Msg::Heartbeat(_)) => Ok(()),
-                Some(worker_message::Msg::Hello(_)) => {
-                    Err(Error::invalid("msg", "hello is only valid as the first message"))
-                }
+                Some(worker_message::Msg::Hello(_)) => Err(Error::invalid(
+                    "msg",
+                    "hello is only valid as the first message",
+                )),
                 Some(worker_message::Msg::Report(r)) => {
                     super::reports::handle_report(config, rt, tx, fx, worker_id, r)
                 }
@@ -345,9 +398,18 @@ impl Core {
     }
 
     /// The session's stream ended or failed. Only the current session of the worker counts.
-    pub(crate) fn session_closed(&self, worker_id: WorkerId, conn_id: u64, reason: &str) -> Result<()> {
+    pub(crate) fn session_closed(
+        &self,
+        worker_id: WorkerId,
+        conn_id: u64,
+        reason: &str,
+    ) -> Result<()> {
         match self.transition(|_, rt, tx, fx| {
-            if rt.sessions.get(&worker_id).is_none_or(|s| s.conn_id != conn_id) {
+            if rt
+                .sessions
+                .get(&worker_id)
+                .is_none_or(|s| s.conn_id != conn_id)
+            {
                 return Ok(());
             }
             lose_worker(rt, tx, fx, worker_id, reason)
@@ -389,7 +451,7 @@ impl Core {
                     continue;
                 };
                 let Some(r) = a.ranks.get_mut(rank as usize) else { continue };
-                if r.exited_ms.is_some() || !a.ended_ms.is_none() {
+                if r.exited_ms.is_some() || a.ended_ms.is_some() {
                     continue;
                 }
                 let wname = tx

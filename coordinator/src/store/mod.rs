@@ -114,8 +114,11 @@ pub trait Tx {
     fn list_workers(&mut self) -> Result<Vec<WorkerRecord>>;
     fn put_checkpoint(&mut self, ckpt: &CheckpointRecord) -> Result<()>;
     /// Checkpoints of a job by step (ascending).
-    fn list_checkpoints(&mut self, job_id: JobId, include_deleted: bool)
-        -> Result<Vec<CheckpointRecord>>;
+    fn list_checkpoints(
+        &mut self,
+        job_id: JobId,
+        include_deleted: bool,
+    ) -> Result<Vec<CheckpointRecord>>;
     /// Persists an event and sets its `seq`.
     fn append_event(&mut self, event: &mut JobEvent) -> Result<()>;
     /// Events of a job by seq: state changes always, others with `step >= from_step`.

@@ -279,21 +279,27 @@ impl SqliteTx<'_> {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
-            .map(|(rank, w, device, started_ms, exited_ms, exit_success, exit_info)| {
-                Ok(RankRecord {
-                    rank,
-                    worker_id: parse_worker_id(&w)?,
-                    device,
-                    started_ms,
-                    exited_ms,
-                    exit_success,
-                    exit_info,
-                })
-            })
+            .map(
+                |(rank, w, device, started_ms, exited_ms, exit_success, exit_info)| {
+                    Ok(RankRecord {
+                        rank,
+                        worker_id: parse_worker_id(&w)?,
+                        device,
+                        started_ms,
+                        exited_ms,
+                        exit_success,
+                        exit_info,
+                    })
+                },
+            )
             .collect()
     }
 
-    fn attempts_where(&self, cond: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<AttemptRecord>> {
+    fn attempts_where(
+        &self,
+        cond: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<AttemptRecord>> {
         let sql = format!(
             "SELECT job_id, epoch, started_ms, ended_ms, outcome, reason, resume_from, master_addr, \
              master_port FROM attempts a WHERE {cond} ORDER BY epoch"
@@ -315,7 +321,18 @@ impl SqliteTx<'_> {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(rows.len());
-        for (job, epoch, started_ms, ended_ms, outcome, reason, resume_from, master_addr, master_port) in rows {
+        for (
+            job,
+            epoch,
+            started_ms,
+            ended_ms,
+            outcome,
+            reason,
+            resume_from,
+            master_addr,
+            master_port,
+        ) in rows
+        {
             let ranks = self.ranks_of(&job, epoch)?;
             out.push(AttemptRecord {
                 job_id: parse_job_id(&job)?,
@@ -340,7 +357,9 @@ impl Tx for SqliteTx<'_> {
             .execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'", [])?;
         let v: i64 = self
             .tx
-            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })?;
         Ok(v as u64)
     }
 
@@ -555,7 +574,13 @@ impl Tx for SqliteTx<'_> {
         let payload = ev.encode_to_vec();
         self.tx.execute(
             "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![ev.job_id, ev.step as i64, event_kind(ev), ev.time_ms, payload],
+            params![
+                ev.job_id,
+                ev.step as i64,
+                event_kind(ev),
+                ev.time_ms,
+                payload
+            ],
         )?;
         ev.seq = self.tx.last_insert_rowid() as u64;
         Ok(())
@@ -573,7 +598,11 @@ impl Tx for SqliteTx<'_> {
         )?;
         let rows = st
             .query_map(
-                params![job_id.to_string(), from_step.min(i64::MAX as u64) as i64, only_kind],
+                params![
+                    job_id.to_string(),
+                    from_step.min(i64::MAX as u64) as i64,
+                    only_kind
+                ],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;

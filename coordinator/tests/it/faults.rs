@@ -12,18 +12,37 @@ use tonic::Code;
 use crate::harness::*;
 
 async fn worker_state(c: &Coord, name: &str) -> i32 {
-    let ws = c.jobs().await.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers;
-    ws.iter().find(|w| w.name == name).map(|w| w.state).unwrap_or(-1)
+    let ws = c
+        .jobs()
+        .await
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    ws.iter()
+        .find(|w| w.name == name)
+        .map(|w| w.state)
+        .unwrap_or(-1)
 }
 
 #[tokio::test]
 async fn session_needs_a_hello_from_a_known_worker() {
     let c = Coord::start().await;
     let mut w = c.workers().await;
-    let id = w.register(register_request("n", 1)).await.unwrap().into_inner().worker_id;
+    let id = w
+        .register(register_request("n", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
     // Not a hello first.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat { time_ms: 1 })) }).await.unwrap();
+    tx.send(WorkerMessage {
+        msg: Some(worker_message::Msg::Heartbeat(Heartbeat { time_ms: 1 })),
+    })
+    .await
+    .unwrap();
     let e = w.session(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // Unknown worker.
@@ -42,7 +61,11 @@ async fn session_needs_a_hello_from_a_known_worker() {
     // Wrong version in the hello.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(WorkerMessage {
-        msg: Some(worker_message::Msg::Hello(Hello { worker_id: id, protocol_version: 77, running: vec![] })),
+        msg: Some(worker_message::Msg::Hello(Hello {
+            worker_id: id,
+            protocol_version: 77,
+            running: vec![],
+        })),
     })
     .await
     .unwrap();
@@ -59,8 +82,13 @@ async fn lost_worker_requeues_then_fails_when_the_budget_is_spent() {
     d.started(&a).await;
     c.wait_state(&job.id, JobState::Running).await;
     d.drop_stream();
-    let j = c.wait_job(&job.id, "requeue", |j| j.restarts_used == 1).await;
-    assert!(j.state == JobState::Queued as i32 || j.state == JobState::Scheduled as i32, "{j:?}");
+    let j = c
+        .wait_job(&job.id, "requeue", |j| j.restarts_used == 1)
+        .await;
+    assert!(
+        j.state == JobState::Queued as i32 || j.state == JobState::Scheduled as i32,
+        "{j:?}"
+    );
     assert!(j.failure_reason.contains("node-a"), "{}", j.failure_reason);
     assert_eq!(worker_state(&c, "node-a").await, WorkerState::Lost as i32);
 
@@ -89,25 +117,37 @@ async fn trainer_failure_cancels_the_gang_and_user_errors_do_not_restart() {
     let x = a_node.next_assignment().await;
     let y = b_node.next_assignment().await;
     // Name the daemons by the rank they run.
-    let (r0, mut rank0_daemon, r1, mut rank1_daemon) =
-        if x.rank == 0 { (x, a_node, y, b_node) } else { (y, b_node, x, a_node) };
+    let (r0, mut rank0_daemon, r1, mut rank1_daemon) = if x.rank == 0 {
+        (x, a_node, y, b_node)
+    } else {
+        (y, b_node, x, a_node)
+    };
     rank0_daemon.started(&r0).await;
     rank1_daemon.started(&r1).await;
     c.wait_state(&job.id, JobState::Running).await;
     // Rank 1 crashes (infrastructure): rank 0 is cancelled, the job is requeued.
     rank1_daemon
-        .report(&r1, trainer_report::Body::Exit(TrainerExit {
-            success: false,
-            code: -1,
-            signal: 9,
-            reason: "oom".into(),
-            last_log_lines: vec!["step 3".into(), "killed".into()],
-            ..Default::default()
-        }))
+        .report(
+            &r1,
+            trainer_report::Body::Exit(TrainerExit {
+                success: false,
+                code: -1,
+                signal: 9,
+                reason: "oom".into(),
+                last_log_lines: vec!["step 3".into(), "killed".into()],
+                ..Default::default()
+            }),
+        )
         .await;
-    let j = c.wait_job(&job.id, "restart", |j| j.restarts_used == 1).await;
+    let j = c
+        .wait_job(&job.id, "restart", |j| j.restarts_used == 1)
+        .await;
     assert!(j.failure_reason.contains("rank 1"), "{}", j.failure_reason);
-    assert!(j.failure_reason.contains("signal 9"), "{}", j.failure_reason);
+    assert!(
+        j.failure_reason.contains("signal 9"),
+        "{}",
+        j.failure_reason
+    );
     assert!(j.failure_reason.contains("killed"), "{}", j.failure_reason);
     match rank0_daemon.next().await {
         coordinator_message::Msg::Cancel(cn) => assert_eq!(cn.epoch, r0.epoch),
@@ -115,25 +155,43 @@ async fn trainer_failure_cancels_the_gang_and_user_errors_do_not_restart() {
     }
     // The cancelled rank exits; the next attempt needs both devices.
     rank0_daemon
-        .report(&r0, trainer_report::Body::Exit(TrainerExit { success: false, code: 143, ..Default::default() }))
+        .report(
+            &r0,
+            trainer_report::Body::Exit(TrainerExit {
+                success: false,
+                code: 143,
+                ..Default::default()
+            }),
+        )
         .await;
     let p = rank0_daemon.next_assignment().await;
     let q = rank1_daemon.next_assignment().await;
     assert_eq!(p.epoch, q.epoch);
     assert!(p.epoch > r0.epoch);
     // A user error fails the job without a restart.
-    let (u, ud) = if p.rank == 0 { (&p, &rank0_daemon) } else { (&q, &rank1_daemon) };
-    ud.report(u, trainer_report::Body::Exit(TrainerExit {
-        success: false,
-        code: 2,
-        user_error: true,
-        reason: "data.path does not exist".into(),
-        ..Default::default()
-    }))
+    let (u, ud) = if p.rank == 0 {
+        (&p, &rank0_daemon)
+    } else {
+        (&q, &rank1_daemon)
+    };
+    ud.report(
+        u,
+        trainer_report::Body::Exit(TrainerExit {
+            success: false,
+            code: 2,
+            user_error: true,
+            reason: "data.path does not exist".into(),
+            ..Default::default()
+        }),
+    )
     .await;
     let j = c.wait_state(&job.id, JobState::Failed).await;
     assert_eq!(j.restarts_used, 1);
-    assert!(j.failure_reason.contains("data.path does not exist"), "{}", j.failure_reason);
+    assert!(
+        j.failure_reason.contains("data.path does not exist"),
+        "{}",
+        j.failure_reason
+    );
 }
 
 /// A message type whose field 3 is a varint where `WorkerMessage` expects a `TrainerReport`:
@@ -155,13 +213,26 @@ async fn garbage_on_a_session_closes_only_that_session() {
     good.started(&a).await;
 
     let mut w = c.workers().await;
-    let id = w.register(register_request("evil", 1)).await.unwrap().into_inner().worker_id;
-    let channel = tonic::transport::Channel::from_shared(c.url()).unwrap().connect().await.unwrap();
+    let id = w
+        .register(register_request("evil", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let channel = tonic::transport::Channel::from_shared(c.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel::<Garbage>(4);
     tx.send(Garbage {
-        hello: Some(Hello { worker_id: id.clone(), protocol_version: PROTOCOL_VERSION, running: vec![] }),
+        hello: Some(Hello {
+            worker_id: id.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            running: vec![],
+        }),
         bad: None,
     })
     .await
@@ -173,21 +244,45 @@ async fn garbage_on_a_session_closes_only_that_session() {
         .await
         .unwrap()
         .into_inner();
-    eventually("evil online", || async { worker_state(&c, "evil").await == WorkerState::Online as i32 }).await;
-    tx.send(Garbage { hello: None, bad: Some(7) }).await.unwrap();
+    eventually("evil online", || async {
+        worker_state(&c, "evil").await == WorkerState::Online as i32
+    })
+    .await;
+    tx.send(Garbage {
+        hello: None,
+        bad: Some(7),
+    })
+    .await
+    .unwrap();
     let end = tokio::time::timeout(WAIT, down.message()).await.unwrap();
     assert!(end.is_err(), "the session must end with an error: {end:?}");
-    eventually("evil lost", || async { worker_state(&c, "evil").await == WorkerState::Lost as i32 }).await;
+    eventually("evil lost", || async {
+        worker_state(&c, "evil").await == WorkerState::Lost as i32
+    })
+    .await;
 
     // Everyone else is still served.
     good.exit_ok(&a).await;
     c.wait_state(&job.id, JobState::Succeeded).await;
     let mut jobs = c.jobs().await;
-    jobs.get_job(GetJobRequest { job_id: job.id.clone() }).await.unwrap();
+    jobs.get_job(GetJobRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .unwrap();
     // A structurally bad report (not a UUID) also closes the session.
     let bad = FakeDaemon::connect(&c, "sloppy", 1).await;
-    bad.report_as("not-a-uuid", 1, 0, trainer_report::Body::Started(Default::default())).await;
-    eventually("sloppy lost", || async { worker_state(&c, "sloppy").await == WorkerState::Lost as i32 }).await;
+    bad.report_as(
+        "not-a-uuid",
+        1,
+        0,
+        trainer_report::Body::Started(Default::default()),
+    )
+    .await;
+    eventually("sloppy lost", || async {
+        worker_state(&c, "sloppy").await == WorkerState::Lost as i32
+    })
+    .await;
     drop(bad);
     let _: Option<WorkerServiceClient<tonic::transport::Channel>> = None;
 }
@@ -201,7 +296,11 @@ async fn silent_worker_is_lost_after_the_heartbeat_timeout() {
     d.started(&a).await;
     // No heartbeats: lost, and with no restart budget the job fails.
     let j = c.wait_state(&job.id, JobState::Failed).await;
-    assert!(j.failure_reason.contains("heartbeat"), "{}", j.failure_reason);
+    assert!(
+        j.failure_reason.contains("heartbeat"),
+        "{}",
+        j.failure_reason
+    );
     assert_eq!(worker_state(&c, "quiet").await, WorkerState::Lost as i32);
 }
 
@@ -229,23 +328,35 @@ async fn after_a_coordinator_restart_workers_reconnect_or_are_lost() {
     // node-a reconnects with its trainer alive (plus a leftover trainer of an old attempt, which
     // is cancelled); node-b never comes back.
     let running = vec![
-        RunningTrainer { job_id: assigned[0].job_id.clone(), epoch: assigned[0].epoch, rank: 0 },
-        RunningTrainer { job_id: assigned[0].job_id.clone(), epoch: assigned[0].epoch - 100, rank: 0 },
+        RunningTrainer {
+            job_id: assigned[0].job_id.clone(),
+            epoch: assigned[0].epoch,
+            rank: 0,
+        },
+        RunningTrainer {
+            job_id: assigned[0].job_id.clone(),
+            epoch: assigned[0].epoch + 100,
+            rank: 0,
+        },
     ];
     let mut a_node = FakeDaemon::connect_running(&c, "node-a", 1, running).await;
     match a_node.next().await {
-        coordinator_message::Msg::Cancel(x) => assert_eq!(x.epoch, assigned[0].epoch - 100),
+        coordinator_message::Msg::Cancel(x) => assert_eq!(x.epoch, assigned[0].epoch + 100),
         other => panic!("expected a cancel of the stale trainer, got {other:?}"),
     }
     let keep_alive = async {
         loop {
-            a_node.send(worker_message::Msg::Heartbeat(Heartbeat { time_ms: 0 })).await;
+            a_node
+                .send(worker_message::Msg::Heartbeat(Heartbeat { time_ms: 0 }))
+                .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
     let check = async {
         let b_job = &assigned[1].job_id;
-        let j = c.wait_job(b_job, "requeue of node-b's job", |j| j.restarts_used == 1).await;
+        let j = c
+            .wait_job(b_job, "requeue of node-b's job", |j| j.restarts_used == 1)
+            .await;
         assert!(j.failure_reason.contains("node-b"), "{}", j.failure_reason);
         assert_eq!(worker_state(&c, "node-b").await, WorkerState::Lost as i32);
         // node-a's job kept running through the restart.

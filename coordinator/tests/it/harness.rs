@@ -1,7 +1,6 @@
 //! Test harness: a coordinator in-process and a scripted worker daemon.
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bt_coordinator::CoordinatorConfig;
@@ -21,7 +20,6 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Coord {
     pub addr: SocketAddr,
-    pub dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _tmp: Option<tempfile::TempDir>,
@@ -63,7 +61,6 @@ impl Coord {
         }));
         Coord {
             addr,
-            dir: dir.to_path_buf(),
             stop: Some(stop),
             handle: Some(handle),
             _tmp: None,
@@ -138,7 +135,8 @@ impl Coord {
     }
 
     pub async fn wait_state(&self, id: &str, state: JobState) -> Job {
-        self.wait_job(id, state.name(), |j| j.state == state as i32).await
+        self.wait_job(id, state.name(), |j| j.state == state as i32)
+            .await
     }
 }
 
@@ -151,7 +149,9 @@ impl Drop for Coord {
 }
 
 pub fn spec(world_size: u32, max_restarts: u32) -> String {
-    format!("name = \"test\"\nworld_size = {world_size}\n[restart]\nmax_restarts = {max_restarts}\n")
+    format!(
+        "name = \"test\"\nworld_size = {world_size}\n[restart]\nmax_restarts = {max_restarts}\n"
+    )
 }
 
 pub fn register_request(name: &str, devices: u32) -> RegisterRequest {
@@ -174,7 +174,6 @@ pub fn register_request(name: &str, devices: u32) -> RegisterRequest {
 /// A scripted worker daemon: one registered worker with an open session.
 pub struct FakeDaemon {
     pub id: String,
-    pub name: String,
     up: Option<mpsc::Sender<WorkerMessage>>,
     pub down: Streaming<CoordinatorMessage>,
 }
@@ -184,7 +183,12 @@ impl FakeDaemon {
         Self::connect_running(c, name, devices, vec![]).await
     }
 
-    pub async fn connect_running(c: &Coord, name: &str, devices: u32, running: Vec<RunningTrainer>) -> FakeDaemon {
+    pub async fn connect_running(
+        c: &Coord,
+        name: &str,
+        devices: u32,
+        running: Vec<RunningTrainer>,
+    ) -> FakeDaemon {
         let mut w = c.workers().await;
         let id = w
             .register(register_request(name, devices))
@@ -202,10 +206,13 @@ impl FakeDaemon {
         })
         .await
         .unwrap();
-        let down = w.session(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let down = w
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
         FakeDaemon {
             id,
-            name: name.into(),
             up: Some(up),
             down,
         }
@@ -235,7 +242,8 @@ impl FakeDaemon {
     }
 
     pub async fn started(&self, a: &Assignment) {
-        self.report(a, trainer_report::Body::Started(TrainerStarted { pid: 42 })).await
+        self.report(a, trainer_report::Body::Started(TrainerStarted { pid: 42 }))
+            .await
     }
 
     pub async fn exit_ok(&self, a: &Assignment) {

@@ -3,4 +3,6 @@
 mod faults;
 mod harness;
 mod lifecycle;
+mod ops;
+mod process;
 mod watch;

@@ -1,7 +1,9 @@
 //! WatchJob: replay, follow, and a slow watcher that falls behind.
 use std::time::Duration;
 
-use bt_proto::{job_event, trainer_report, JobEvent, JobState, Notice, TrainMetrics, WatchJobRequest};
+use bt_proto::{
+    job_event, trainer_report, JobEvent, JobState, Notice, TrainMetrics, WatchJobRequest,
+};
 use tonic::Streaming;
 
 use crate::harness::*;
@@ -9,7 +11,10 @@ use crate::harness::*;
 async fn collect(mut s: Streaming<JobEvent>) -> Vec<JobEvent> {
     let mut out = vec![];
     loop {
-        match tokio::time::timeout(WAIT, s.message()).await.expect("watch stream stalled") {
+        match tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("watch stream stalled")
+        {
             Ok(Some(e)) => out.push(e),
             Ok(None) => return out,
             Err(e) => panic!("watch stream failed: {e}"),
@@ -43,14 +48,28 @@ async fn replay_then_follow_until_the_job_ends() {
     let a = d.next_assignment().await;
     d.started(&a).await;
     for step in 1..=5 {
-        d.report(&a, trainer_report::Body::Metrics(TrainMetrics { step, ..Default::default() })).await;
+        d.report(
+            &a,
+            trainer_report::Body::Metrics(TrainMetrics {
+                step,
+                ..Default::default()
+            }),
+        )
+        .await;
     }
-    c.wait_job(&job.id, "metrics", |j| j.last_metrics.as_ref().is_some_and(|m| m.step == 5)).await;
+    c.wait_job(&job.id, "metrics", |j| {
+        j.last_metrics.as_ref().is_some_and(|m| m.step == 5)
+    })
+    .await;
 
     // Replay only, from step 3: all state changes, metrics 3..=5, then the stream ends.
     let mut jobs = c.jobs().await;
     let s = jobs
-        .watch_job(WatchJobRequest { job_id: job.id.clone(), from_step: 3, follow: false })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 3,
+            follow: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -58,30 +77,56 @@ async fn replay_then_follow_until_the_job_ends() {
     assert_eq!(metric_steps(&evs), vec![3, 4, 5]);
     assert_eq!(
         states(&evs),
-        vec![JobState::Queued as i32, JobState::Scheduled as i32, JobState::Running as i32]
+        vec![
+            JobState::Queued as i32,
+            JobState::Scheduled as i32,
+            JobState::Running as i32
+        ]
     );
     let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "events in order: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "events in order: {seqs:?}"
+    );
 
     // Follow: the replay, then live events, ending after the terminal state.
     let s = jobs
-        .watch_job(WatchJobRequest { job_id: job.id.clone(), from_step: 0, follow: true })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 0,
+            follow: true,
+        })
         .await
         .unwrap()
         .into_inner();
     let reader = tokio::spawn(collect(s));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for step in 6..=8 {
-        d.report(&a, trainer_report::Body::Metrics(TrainMetrics { step, ..Default::default() })).await;
+        d.report(
+            &a,
+            trainer_report::Body::Metrics(TrainMetrics {
+                step,
+                ..Default::default()
+            }),
+        )
+        .await;
     }
     d.exit_ok(&a).await;
     let evs = reader.await.unwrap();
-    assert_eq!(metric_steps(&evs), (1..=8).collect::<Vec<_>>(), "no duplicates, no gaps");
+    assert_eq!(
+        metric_steps(&evs),
+        (1..=8).collect::<Vec<_>>(),
+        "no duplicates, no gaps"
+    );
     assert_eq!(*states(&evs).last().unwrap(), JobState::Succeeded as i32);
 
     // Watching a finished job with follow ends after the replay.
     let s = jobs
-        .watch_job(WatchJobRequest { job_id: job.id.clone(), from_step: 0, follow: true })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 0,
+            follow: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -100,7 +145,11 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
     let mut jobs = c.jobs().await;
     // Subscribed, but not reading.
     let mut slow = jobs
-        .watch_job(WatchJobRequest { job_id: job.id.clone(), from_step: 0, follow: true })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 0,
+            follow: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -108,17 +157,36 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
     let big = "x".repeat(16 * 1024);
     let n = 600u64;
     for i in 0..n {
-        d.report(&a, trainer_report::Body::Notice(Notice { level: "info".into(), message: format!("{i} {big}") }))
-            .await;
-        d.report(&a, trainer_report::Body::Metrics(TrainMetrics { step: i + 1, ..Default::default() })).await;
+        d.report(
+            &a,
+            trainer_report::Body::Notice(Notice {
+                level: "info".into(),
+                message: format!("{i} {big}"),
+            }),
+        )
+        .await;
+        d.report(
+            &a,
+            trainer_report::Body::Metrics(TrainMetrics {
+                step: i + 1,
+                ..Default::default()
+            }),
+        )
+        .await;
     }
     // Training is not held up by the watcher: every report was processed.
-    c.wait_job(&job.id, "all metrics", |j| j.last_metrics.as_ref().is_some_and(|m| m.step == n)).await;
+    c.wait_job(&job.id, "all metrics", |j| {
+        j.last_metrics.as_ref().is_some_and(|m| m.step == n)
+    })
+    .await;
     d.exit_ok(&a).await;
     c.wait_state(&job.id, JobState::Succeeded).await;
     let mut evs = vec![];
     loop {
-        match tokio::time::timeout(WAIT, slow.message()).await.expect("stalled") {
+        match tokio::time::timeout(WAIT, slow.message())
+            .await
+            .expect("stalled")
+        {
             Ok(Some(e)) => evs.push(e),
             Ok(None) => break,
             Err(e) => panic!("watch failed: {e}"),
@@ -131,11 +199,23 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
             _ => None,
         })
         .sum();
-    assert!(missed > 0, "the slow watcher must be told it missed events ({} received)", evs.len());
-    assert_eq!(*states(&evs).last().unwrap(), JobState::Succeeded as i32, "it still sees the end");
+    assert!(
+        missed > 0,
+        "the slow watcher must be told it missed events ({} received)",
+        evs.len()
+    );
+    assert_eq!(
+        *states(&evs).last().unwrap(),
+        JobState::Succeeded as i32,
+        "it still sees the end"
+    );
     // The full history is still there for a replay.
     let s = jobs
-        .watch_job(WatchJobRequest { job_id: job.id.clone(), from_step: 0, follow: false })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 0,
+            follow: false,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -1,1 +1,132 @@
-fn main() {}
+//! `bt-bench`: benchmark figures for the training pipeline.
+//!
+//! - `bt-bench data`: the data pipeline (two augmented views per image), images/s and images/s
+//!   per core, against torchvision + PIL doing the same augmentations.
+//!
+//! Subcommands are independent sections; add new ones (for example `step`: model / loss / optimizer
+//! step timings) to [`Cmd`] and dispatch them in [`main`].
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use bt_worker::data::bench::{run_data_bench, BenchRow, DataBenchConfig};
+
+#[derive(Parser)]
+#[command(name = "bt-bench", version, about = "bt benchmark figures")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Data pipeline: loader and augmentation throughput vs torchvision + PIL.
+    Data(DataArgs),
+    // ---- further sections (e.g. `Step(StepArgs)`: model/loss/step timings) go here ----
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Directory with the Fashion-MNIST IDX files.
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    fashion_dir: PathBuf,
+    /// Comma-separated thread counts (default: 1 and all cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Batch for the 28/32-pixel cases.
+    #[arg(long, default_value_t = 256)]
+    batch_small: usize,
+    /// Batch for the 224-pixel JPEG case.
+    #[arg(long, default_value_t = 32)]
+    batch_large: usize,
+    /// Timed steps per figure (after one warm-up step).
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// JPEGs to generate for the 224 case.
+    #[arg(long, default_value_t = 256)]
+    jpeg_count: usize,
+    /// Size of the generated JPEGs, WIDTHxHEIGHT.
+    #[arg(long, default_value = "400x300")]
+    jpeg_size: String,
+    /// Keep/reuse the generated JPEGs here (default: a temporary folder).
+    #[arg(long)]
+    jpeg_dir: Option<PathBuf>,
+    /// Python with torch + torchvision for the reference pipeline.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Skip the torchvision reference.
+    #[arg(long)]
+    no_reference: bool,
+    /// Device for the device-stage figure: cpu, cuda, cuda:N (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn parse_device(s: Option<&str>) -> anyhow::Result<tch::Device> {
+    Ok(match s {
+        None => tch::Device::cuda_if_available(),
+        Some("cpu") => tch::Device::Cpu,
+        Some("cuda") => tch::Device::Cuda(0),
+        Some(d) => match d.strip_prefix("cuda:") {
+            Some(i) => tch::Device::Cuda(i.parse().context("--device cuda:N")?),
+            None => anyhow::bail!("--device {d}: expected cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+fn print_row(r: &BenchRow) {
+    let fmt = |v: Option<f64>| {
+        v.map(|v| format!("{v:>10.0}"))
+            .unwrap_or_else(|| format!("{:>10}", "-"))
+    };
+    println!(
+        "{:<32} {:<28} {:>7} {} {} {}",
+        r.case,
+        r.stage,
+        r.threads,
+        fmt(r.images_per_s),
+        fmt(r.per_core()),
+        r.note
+    );
+}
+
+fn data(a: DataArgs) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut threads = a.threads.clone();
+    if threads.is_empty() {
+        threads = if cores > 1 { vec![1, cores] } else { vec![1] };
+    }
+    let (w, h) = a
+        .jpeg_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .context("--jpeg-size: expected WIDTHxHEIGHT, e.g. 400x300")?;
+    let cfg = DataBenchConfig {
+        fashion_dir: a.fashion_dir,
+        threads,
+        batch_small: a.batch_small,
+        batch_large: a.batch_large,
+        steps: a.steps.max(1),
+        jpeg_count: a.jpeg_count.max(a.batch_large),
+        jpeg_size: (w, h),
+        jpeg_dir: a.jpeg_dir,
+        python: (!a.no_reference).then_some(a.python),
+        device: parse_device(a.device.as_deref())?,
+    };
+    println!("# bt-bench data: {cores} cores; figures are source images/s (two views each)");
+    println!(
+        "{:<32} {:<28} {:>7} {:>10} {:>10} note",
+        "case", "stage", "threads", "img/s", "img/s/core"
+    );
+    run_data_bench(&cfg, print_row).context("data benchmark")?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Data(a) => data(a),
+    }
+}

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 pub mod augment;
+pub mod bench;
 pub mod loader;
 pub mod source;
 

@@ -3,6 +3,7 @@
 //!
 //! Every rank must issue the same collectives in the same order. A peer that dies or stops
 //! participating makes the others fail with [`Error::Dist`] within the rendezvous timeout.
+pub mod bench;
 mod ffi;
 
 use std::ffi::CString;

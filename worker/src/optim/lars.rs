@@ -14,7 +14,7 @@
 //! tuned with that factor. Set `loss_scale = 1/W_official` (1/32 for the paper) to reproduce the
 //! official effective step; the default 1 uses the true gradient.
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::model::NamedTensor;
 use crate::{Error, Result};
@@ -222,7 +222,7 @@ impl Lars {
 mod tests {
     use super::*;
     use crate::model::TensorRole;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn named(name: &str, t: Tensor) -> NamedTensor {
         NamedTensor {

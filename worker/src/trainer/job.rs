@@ -31,6 +31,12 @@ pub enum TrainerError {
     Worker(#[from] Error),
 }
 
+impl From<tch::TchError> for TrainerError {
+    fn from(e: tch::TchError) -> Self {
+        TrainerError::Worker(Error::Torch(e))
+    }
+}
+
 impl TrainerError {
     /// Errors in the job itself (spec, data, checkpoint): restarting the attempt cannot help.
     pub fn is_user_error(&self) -> bool {
@@ -145,14 +151,17 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
 
     // Rendezvous with the other ranks.
     let t0 = Instant::now();
-    let group = Arc::new(ProcessGroup::new(&Rendezvous::new(
+    let mut rv = Rendezvous::new(
         rank,
         world,
         &a.master_addr,
         a.master_port as u16,
         Duration::from_secs(u64::from(spec.dist.timeout_secs)),
-        device,
-    ))?);
+    );
+    if let Device::Cuda(i) = device {
+        rv.backend = crate::dist::Backend::Nccl { device_index: i };
+    }
+    let group = Arc::new(ProcessGroup::new(&rv)?);
     info!(elapsed_ms = t0.elapsed().as_millis() as u64, "process group ready");
 
     tch::manual_seed(t.seed as i64);
@@ -199,11 +208,12 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         threads: spec.data.threads as usize,
         prefetch: spec.data.prefetch as usize,
         augment: data::AugmentConfig {
-            crop_size: spec.data.image_size as i64,
+            crop_size: spec.data.image_size as usize,
             min_scale: spec.data.min_scale,
             blur: spec.data.blur,
             ..data::AugmentConfig::default()
         },
+        drop_last: true,
     };
     let mut loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
     let form = match t.loss_form.as_str() {
@@ -353,7 +363,7 @@ fn knn_monitor(
         (0..bank_src.len().min(e.bank_size as usize)).collect::<Vec<_>>(),
         (0..test_src.len().min(e.test_size as usize)).collect::<Vec<_>>(),
     );
-    let size = spec.data.image_size as i64;
+    let size = spec.data.image_size as usize;
     let score = |m: &BarlowTwinsModel| -> TResult<eval::KnnResult> {
         let f = |x: &Tensor| m.backbone_forward(x, false);
         let (bf, bl) = eval::extract_features(bank_src.as_ref(), &bank, size, 256, device, f)?;
