@@ -38,7 +38,10 @@ fn main() {
 
     let root = match env::var("LIBTORCH_INCLUDE") {
         Ok(dir) => PathBuf::from(dir),
-        Err(_) => lib.parent().expect("libtorch lib dir has a parent").to_path_buf(),
+        Err(_) => lib
+            .parent()
+            .expect("libtorch lib dir has a parent")
+            .to_path_buf(),
     };
     let include = root.join("include");
     let header = include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp");

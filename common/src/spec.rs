@@ -453,6 +453,9 @@ impl JobSpec {
                 format!("the kNN bank ({}) must hold at least k = {} images", e.bank_size, e.knn_k),
             );
         }
+        if self.kind == JobKind::LinearProbe && self.world_size != 1 {
+            return err("world_size", "a linear probe runs on one device: world_size must be 1".into());
+        }
         if self.kind == JobKind::LinearProbe && e.checkpoint.trim().is_empty() {
             return err("eval.checkpoint", "a linear probe needs the checkpoint to evaluate".into());
         }

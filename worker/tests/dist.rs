@@ -39,7 +39,10 @@ where
         .collect();
     handles
         .into_iter()
-        .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("rank panicked"))))
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("rank panicked")))
+        })
         .collect()
 }
 
@@ -66,10 +69,18 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> {
-    ensure!(a.size() == b.size(), "{what}: shapes {:?} vs {:?}", a.size(), b.size());
+    ensure!(
+        a.size() == b.size(),
+        "{what}: shapes {:?} vs {:?}",
+        a.size(),
+        b.size()
+    );
     let scale = b.abs().max().double_value(&[]).max(1.0);
     let d = max_diff(a, b);
-    ensure!(d <= tol * scale, "{what}: max difference {d} > {tol} (scale {scale})");
+    ensure!(
+        d <= tol * scale,
+        "{what}: max difference {d} > {tol} (scale {scale})"
+    );
     Ok(())
 }
 
@@ -83,7 +94,10 @@ fn check_collectives(world: usize) {
         let t = Tensor::full([5], r + 1.0, (Kind::Float, Device::Cpu));
         pg.all_reduce_sum(&t)?;
         let expect = w * (w + 1.0) / 2.0;
-        ensure!(t.eq(expect).all().int64_value(&[]) == 1, "all_reduce: {t:?}");
+        ensure!(
+            t.eq(expect).all().int64_value(&[]) == 1,
+            "all_reduce: {t:?}"
+        );
         let base = data(&[4, 6], r);
         let view = base.transpose(0, 1); // non-contiguous
         let sum_ref = {
@@ -98,23 +112,39 @@ fn check_collectives(world: usize) {
         let ints = Tensor::from_slice(&[pg.rank() as i64, 1]);
         pg.all_reduce_sum(&ints)?;
         let got: Vec<i64> = Vec::<i64>::try_from(&ints)?;
-        ensure!(got == vec![(0..world as i64).sum(), world as i64], "int all_reduce {got:?}");
+        ensure!(
+            got == vec![(0..world as i64).sum(), world as i64],
+            "int all_reduce {got:?}"
+        );
 
         // all_gather: rank q contributes rows filled with q
         let mine = Tensor::full([2, 3], r, (Kind::Float, Device::Cpu));
         let all = pg.all_gather(&mine)?;
-        ensure!(all.size() == vec![2 * world as i64, 3], "all_gather shape {:?}", all.size());
+        ensure!(
+            all.size() == vec![2 * world as i64, 3],
+            "all_gather shape {:?}",
+            all.size()
+        );
         for q in 0..world as i64 {
             let rows = all.narrow(0, 2 * q, 2);
-            ensure!(rows.eq(q as f64).all().int64_value(&[]) == 1, "all_gather slice {q}");
+            ensure!(
+                rows.eq(q as f64).all().int64_value(&[]) == 1,
+                "all_gather slice {q}"
+            );
         }
 
         // broadcast from the last rank
         let root = world - 1;
         let b = Tensor::full([7], r * 10.0, (Kind::Float, Device::Cpu));
         pg.broadcast(&b, root)?;
-        ensure!(b.eq(root as f64 * 10.0).all().int64_value(&[]) == 1, "broadcast {b:?}");
-        ensure!(pg.broadcast(&b, world).is_err(), "broadcast from a rank outside the group");
+        ensure!(
+            b.eq(root as f64 * 10.0).all().int64_value(&[]) == 1,
+            "broadcast {b:?}"
+        );
+        ensure!(
+            pg.broadcast(&b, world).is_err(),
+            "broadcast from a rank outside the group"
+        );
 
         pg.barrier()?;
         Ok(())
@@ -142,7 +172,10 @@ fn world_of_one_needs_no_rendezvous() -> Result<()> {
     ensure!(pg.all_gather(&t)?.size() == vec![2]);
     pg.barrier()?;
     pg.check_agreement("config", b"x")?;
-    ensure!(ProcessGroup::new(&rendezvous(2, 2, 1, TIMEOUT)).is_err(), "rank >= world");
+    ensure!(
+        ProcessGroup::new(&rendezvous(2, 2, 1, TIMEOUT)).is_err(),
+        "rank >= world"
+    );
     Ok(())
 }
 
@@ -176,10 +209,16 @@ fn check_gather_with_grad(world: usize) {
         let loss = toy_loss(&global);
         loss.backward();
         pg.allreduce_grads(std::slice::from_ref(&w), 1 << 20)?;
-        Ok((loss.double_value(&[]), Vec::<f32>::try_from(&w.grad().view(-1))?))
+        Ok((
+            loss.double_value(&[]),
+            Vec::<f32>::try_from(&w.grad().view(-1))?,
+        ))
     });
     for (rank, (loss, grad)) in all_ok(out).into_iter().enumerate() {
-        assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0), "rank {rank} loss");
+        assert!(
+            (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0),
+            "rank {rank} loss"
+        );
         let g = Tensor::from_slice(&grad);
         let g_ref = Tensor::from_slice(&grad_ref);
         assert_close(&format!("rank {rank} summed gradient"), &g, &g_ref, 1e-5).unwrap();
@@ -211,7 +250,10 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
     let b = shape[0] / world as i64;
     let x_all = data(shape, 0.2) * 3.0 + 1.5;
     let r_all = data(shape, 2.9);
-    let x = x_all.narrow(0, rank as i64 * b, b).copy().set_requires_grad(true);
+    let x = x_all
+        .narrow(0, rank as i64 * b, b)
+        .copy()
+        .set_requires_grad(true);
     let r = r_all.narrow(0, rank as i64 * b, b);
     let w = (data(&[c], 0.5) + 1.0).set_requires_grad(true);
     let bias = data(&[c], 4.0).set_requires_grad(true);
@@ -219,7 +261,16 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
     let rv = data(&[c], 8.0).abs() + 0.5;
     let y = match pg {
         Some(g) => sync_batch_norm(g, &x, Some(&w), Some(&bias), &rm, &rv, 0.1, 1e-5)?,
-        None => x.f_batch_norm(Some(&w), Some(&bias), Some(&rm), Some(&rv), true, 0.1, 1e-5, false)?,
+        None => x.f_batch_norm(
+            Some(&w),
+            Some(&bias),
+            Some(&rm),
+            Some(&rv),
+            true,
+            0.1,
+            1e-5,
+            false,
+        )?,
     };
     // a loss that weights outputs unevenly, so every gradient term matters
     let loss = (&y * &r).sum(Kind::Float) + y.pow_tensor_scalar(2).sum(Kind::Float) * 0.1;
@@ -229,7 +280,14 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
         g.all_reduce_sum(&dw)?;
         g.all_reduce_sum(&db)?;
     }
-    Ok(BnResult { y: y.detach(), dx: x.grad(), dw, db, rm, rv })
+    Ok(BnResult {
+        y: y.detach(),
+        dx: x.grad(),
+        dw,
+        db,
+        rm,
+        rv,
+    })
 }
 
 fn check_sync_bn(shape: &'static [i64]) {
@@ -243,10 +301,34 @@ fn check_sync_bn(shape: &'static [i64]) {
     assert_close("output", &cat(0), &reference.y, 1e-5).unwrap();
     assert_close("input gradient", &cat(1), &reference.dx, 1e-5).unwrap();
     for (rank, t) in ranks.iter().enumerate() {
-        assert_close(&format!("rank {rank} weight gradient"), &t[2], &reference.dw, 1e-5).unwrap();
-        assert_close(&format!("rank {rank} bias gradient"), &t[3], &reference.db, 1e-5).unwrap();
-        assert_close(&format!("rank {rank} running mean"), &t[4], &reference.rm, 1e-5).unwrap();
-        assert_close(&format!("rank {rank} running var"), &t[5], &reference.rv, 1e-5).unwrap();
+        assert_close(
+            &format!("rank {rank} weight gradient"),
+            &t[2],
+            &reference.dw,
+            1e-5,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rank {rank} bias gradient"),
+            &t[3],
+            &reference.db,
+            1e-5,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rank {rank} running mean"),
+            &t[4],
+            &reference.rm,
+            1e-5,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rank {rank} running var"),
+            &t[5],
+            &reference.rv,
+            1e-5,
+        )
+        .unwrap();
     }
 }
 
@@ -264,7 +346,11 @@ fn sync_batch_norm_1d_matches_batch_norm_over_the_global_batch() {
 fn check_agreement_names_the_disagreeing_values() {
     let out = run_ranks(3, TIMEOUT, |pg| {
         pg.check_agreement("config", b"same everywhere")?;
-        let mine = if pg.rank() == 2 { "resnet50" } else { "resnet18" };
+        let mine = if pg.rank() == 2 {
+            "resnet50"
+        } else {
+            "resnet18"
+        };
         let err = pg
             .check_agreement("model", mine.as_bytes())
             .err()
@@ -275,7 +361,10 @@ fn check_agreement_names_the_disagreeing_values() {
     });
     for (rank, msg) in all_ok(out).into_iter().enumerate() {
         assert!(msg.contains("model differs"), "rank {rank}: {msg}");
-        assert!(msg.contains("resnet50") && msg.contains("resnet18"), "rank {rank}: {msg}");
+        assert!(
+            msg.contains("resnet50") && msg.contains("resnet18"),
+            "rank {rank}: {msg}"
+        );
     }
 }
 
@@ -288,7 +377,10 @@ fn a_rank_that_never_joins_is_a_timeout_error() {
         let err = ProcessGroup::new(&rendezvous(rank, 2, port, timeout)).err();
         let took = start.elapsed();
         let err = err.unwrap_or_else(|| panic!("rank {rank} alone must not form a group"));
-        assert!(took < timeout + Duration::from_secs(5), "rank {rank} took {took:?}: {err}");
+        assert!(
+            took < timeout + Duration::from_secs(5),
+            "rank {rank} took {took:?}: {err}"
+        );
         eprintln!("rank {rank} alone: {err} after {took:?}");
     }
 }
@@ -309,7 +401,10 @@ fn a_peer_that_stops_participating_is_a_timeout_error() {
     let out = all_ok(out);
     let (err, took) = out[0].clone().expect("rank 0 result");
     let err = err.expect("all_reduce without the peer must fail");
-    assert!(took < timeout + Duration::from_secs(3), "took {took:?}: {err}");
+    assert!(
+        took < timeout + Duration::from_secs(3),
+        "took {took:?}: {err}"
+    );
     eprintln!("hung peer: {err} after {took:?}");
 }
 
@@ -328,7 +423,9 @@ fn a_peer_that_dies_is_an_error_also_inside_backward() {
         std::thread::sleep(Duration::from_millis(300));
         let start = Instant::now();
         let err = y.sum(Kind::Float).f_backward().err().map(|e| e.to_string());
-        let err2 = pg.all_reduce_sum(&Tensor::ones([2], (Kind::Float, Device::Cpu))).err();
+        let err2 = pg
+            .all_reduce_sum(&Tensor::ones([2], (Kind::Float, Device::Cpu)))
+            .err();
         Ok(Some((err, err2.map(|e| e.to_string()), start.elapsed())))
     });
     let out = all_ok(out);
@@ -348,9 +445,16 @@ fn a_store_port_in_use_is_a_clean_error() {
         .err()
         .expect("rank 0 cannot host the store on a busy port");
     let msg = err.to_string();
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     assert!(msg.contains(&port.to_string()), "{msg}");
-    assert!(!msg.contains("Exception raised from"), "backtrace leaked: {msg}");
+    assert!(
+        !msg.contains("Exception raised from"),
+        "backtrace leaked: {msg}"
+    );
     eprintln!("port in use: {msg}");
 }
 
@@ -363,15 +467,17 @@ struct TinyNet {
 
 impl TinyNet {
     fn new() -> Self {
-        let p = |shape: &[i64], salt: f64, scale: f64| (data(shape, salt) * scale).set_requires_grad(true);
+        let p = |shape: &[i64], salt: f64, scale: f64| {
+            (data(shape, salt) * scale).set_requires_grad(true)
+        };
         let params = vec![
-            p(&[6, 3, 3, 3], 0.1, 0.4),            // conv
+            p(&[6, 3, 3, 3], 0.1, 0.4),                            // conv
             (data(&[6], 0.2) * 0.1 + 1.0).set_requires_grad(true), // bn2d weight
-            p(&[6], 0.3, 0.1),                     // bn2d bias
-            p(&[8, 6], 0.4, 0.5),                  // linear 1
+            p(&[6], 0.3, 0.1),                                     // bn2d bias
+            p(&[8, 6], 0.4, 0.5),                                  // linear 1
             (data(&[8], 0.5) * 0.1 + 1.0).set_requires_grad(true), // bn1d weight
-            p(&[8], 0.6, 0.1),                     // bn1d bias
-            p(&[5, 8], 0.7, 0.5),                  // linear 2
+            p(&[8], 0.6, 0.1),                                     // bn1d bias
+            p(&[5, 8], 0.7, 0.5),                                  // linear 2
         ];
         let running = vec![
             Tensor::zeros([6], (Kind::Float, Device::Cpu)),
@@ -393,7 +499,10 @@ impl TinyNet {
 
     fn forward(&self, x: &Tensor, g: Option<&ProcessGroup>) -> Result<Tensor> {
         let h = x.conv2d(&self.params[0], None::<Tensor>, [1], [1], [1], 1);
-        let h = self.bn(&h, 1, 0, g)?.relu().mean_dim([2, 3].as_slice(), false, Kind::Float);
+        let h = self
+            .bn(&h, 1, 0, g)?
+            .relu()
+            .mean_dim([2, 3].as_slice(), false, Kind::Float);
         let h = h.linear(&self.params[3], None::<Tensor>);
         let h = self.bn(&h, 4, 2, g)?.relu();
         Ok(h.linear(&self.params[6], None::<Tensor>))
@@ -403,7 +512,12 @@ impl TinyNet {
 /// `steps` SGD steps of the tiny net on the global batch of `n` images split over the group's
 /// ranks; returns the loss of every step and the final parameters and running statistics.
 /// `sync_bn` false normalises with local statistics only (what SyncBN exists to avoid).
-fn train_tiny(pg: &ProcessGroup, n: i64, steps: usize, sync_bn: bool) -> Result<(Vec<f64>, Vec<Tensor>)> {
+fn train_tiny(
+    pg: &ProcessGroup,
+    n: i64,
+    steps: usize,
+    sync_bn: bool,
+) -> Result<(Vec<f64>, Vec<Tensor>)> {
     let net = TinyNet::new();
     let b = n / pg.world_size() as i64;
     let group = sync_bn.then_some(pg);
@@ -417,11 +531,16 @@ fn train_tiny(pg: &ProcessGroup, n: i64, steps: usize, sync_bn: bool) -> Result<
         let zb = pg.all_gather_with_grad(&net.forward(&view_b, group)?)?;
         // Barlow Twins: standardize over the global batch, cross-correlation, invariance +
         // redundancy reduction
-        let std = |z: &Tensor| (z - z.mean_dim(0, true, Kind::Float)) / (z.std_dim(0, false, true) + 1e-5);
+        let std = |z: &Tensor| {
+            (z - z.mean_dim(0, true, Kind::Float)) / (z.std_dim(0, false, true) + 1e-5)
+        };
         let c = std(&za).transpose(0, 1).matmul(&std(&zb)) / n as f64;
         let diag = c.diagonal(0, 0, 1);
-        let on = (diag.ones_like() - &diag).pow_tensor_scalar(2).sum(Kind::Float);
-        let off = c.pow_tensor_scalar(2).sum(Kind::Float) - diag.pow_tensor_scalar(2).sum(Kind::Float);
+        let on = (diag.ones_like() - &diag)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Float);
+        let off =
+            c.pow_tensor_scalar(2).sum(Kind::Float) - diag.pow_tensor_scalar(2).sum(Kind::Float);
         let loss = on + off * 0.05;
         losses.push(loss.double_value(&[]));
         for p in &net.params {
@@ -441,9 +560,14 @@ fn train_tiny(pg: &ProcessGroup, n: i64, steps: usize, sync_bn: bool) -> Result<
 }
 
 fn run_tiny(world: usize, sync_bn: bool) -> (Vec<f64>, Vec<Tensor>) {
-    let mut out = all_ok(run_ranks(world, TIMEOUT, move |pg| train_tiny(&pg, 16, 4, sync_bn)));
+    let mut out = all_ok(run_ranks(world, TIMEOUT, move |pg| {
+        train_tiny(&pg, 16, 4, sync_bn)
+    }));
     for (rank, (losses, _)) in out.iter().enumerate() {
-        assert_eq!(losses, &out[0].0, "rank {rank} computed a different loss than rank 0");
+        assert_eq!(
+            losses, &out[0].0,
+            "rank {rank} computed a different loss than rank 0"
+        );
     }
     out.swap_remove(0)
 }
@@ -454,7 +578,10 @@ fn training_steps_do_not_depend_on_the_world_size() {
     for world in [2, 4] {
         let (loss, state) = run_tiny(world, true);
         for (s, (a, b)) in loss.iter().zip(&loss1).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-3), "W={world} step {s}: loss {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "W={world} step {s}: loss {a} vs {b}"
+            );
         }
         for (i, (a, b)) in state.iter().zip(&state1).enumerate() {
             assert_close(&format!("W={world} tensor {i}"), a, b, 1e-4).unwrap();
@@ -464,11 +591,19 @@ fn training_steps_do_not_depend_on_the_world_size() {
     let (loss_local, _) = run_tiny(2, false);
     eprintln!("losses W=1: {loss1:?}; W=2 with local BN: {loss_local:?}");
     let gap = (loss_local[0] - loss1[0]).abs();
-    assert!(gap > 1e-3 * loss1[0].abs(), "local BN should change the loss: {} vs {}", loss_local[0], loss1[0]);
+    assert!(
+        gap > 1e-3 * loss1[0].abs(),
+        "local BN should change the loss: {} vs {}",
+        loss_local[0],
+        loss1[0]
+    );
 }
 
 /// Waits for `child` to exit, up to `deadline`; kills it and fails if it does not.
-fn wait_with_deadline(child: &mut std::process::Child, deadline: Duration) -> std::process::ExitStatus {
+fn wait_with_deadline(
+    child: &mut std::process::Child,
+    deadline: Duration,
+) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(st) = child.try_wait().expect("try_wait") {
@@ -490,8 +625,21 @@ fn a_killed_rank_process_makes_the_others_fail_within_the_timeout() {
     let timeout_s = 3u64;
     let spawn = |rank: usize| {
         Command::new(env!("CARGO_BIN_EXE_bt-dist-probe"))
-            .args(["--rank", &rank.to_string(), "--world", "3", "--port", &port.to_string()])
-            .args(["--timeout", &timeout_s.to_string(), "loop", "--seconds", "60"])
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--world",
+                "3",
+                "--port",
+                &port.to_string(),
+            ])
+            .args([
+                "--timeout",
+                &timeout_s.to_string(),
+                "loop",
+                "--seconds",
+                "60",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -527,7 +675,11 @@ fn a_killed_rank_process_makes_the_others_fail_within_the_timeout() {
         c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         assert_eq!(st.code(), Some(3), "rank {rank} exit {st:?}: {err}");
         assert!(err.contains("error: "), "rank {rank}: {err}");
-        eprintln!("rank {rank} failed after {:?}: {}", killed_at.elapsed(), err.lines().last().unwrap_or(""));
+        eprintln!(
+            "rank {rank} failed after {:?}: {}",
+            killed_at.elapsed(),
+            err.lines().last().unwrap_or("")
+        );
     }
     let _ = children[2].wait();
 }

@@ -59,12 +59,15 @@ fn write_named(tensors: &[NamedTensor], path: &Path) {
     bt_worker::model::write_safetensors(tensors, path).unwrap();
 }
 
-/// Largest |got − want| relative to max(1, max|want|), with a message naming the tensor.
+/// Largest |got − want| relative to the reference's own scale max|want| (so small tensors such
+/// as LARS updates are checked as strictly as large ones); all-zero references compare
+/// absolutely.
 fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f64) {
     assert_eq!(got.size(), want.size(), "{name}: shape");
     let g = got.to_kind(Kind::Double);
     let w = want.to_kind(Kind::Double);
-    let scale = w.abs().max().double_value(&[]).max(1.0);
+    let scale = w.abs().max().double_value(&[]);
+    let scale = if scale > 0.0 { scale } else { 1.0 };
     let err = (&g - &w).abs().max().double_value(&[]) / scale;
     if std::env::var_os("BT_REFERENCE_VERBOSE").is_some() {
         eprintln!("{name}: max relative error {err:e} (tolerance {tol:e})");
@@ -106,9 +109,10 @@ fn model(cfg: &ModelConfig, kind: Kind) -> (nn::VarStore, BarlowTwinsModel) {
 
 /// (a) ResNet-18 backbone vs torchvision with the same weights, eval and train mode, both stems.
 /// fp32 on both sides, the production precision. Tolerance 1e-4 relative to the output scale:
-/// both compute the same ops in fp32 (rounding ~1e-7 per op) but in different orders and
-/// kernels (oneDNN conv algorithms differ by call path), and train-mode BN over a 4-image batch
-/// divides by small standard deviations, which amplifies rounding differences ~10-100×.
+/// both call the same ATen kernels (on this CPU the results come out bit-identical), but kernel
+/// selection may differ by call path or machine (oneDNN conv algorithms), fp32 rounding is
+/// ~1e-7 per op, and train-mode BN over a 4-image batch divides by small standard deviations,
+/// which amplifies rounding differences ~10-100×. A wiring mistake changes outputs by O(1).
 #[test]
 fn backbone_matches_torchvision() {
     for (cifar_stem, hw) in [(true, 16), (false, 64)] {
@@ -197,9 +201,10 @@ fn loss_and_gradients_match_reference() {
 /// (c) One full training step: ResNet-18 (CIFAR stem) + projector [32, 16], two views of 4
 /// images, train-mode forward, loss (Gram form on our side: N < D), backward, LARS with both
 /// learning rates, non-zero starting momentum and loss_scale 0.5, at a step after warm-up. Run
-/// in f64 on both sides so that differences come from the implementations, not rounding;
-/// tolerance 1e-8 relative (LARS's trust ratio and small-batch BN backward amplify f64 rounding
-/// ~1e6× at worst; an implementation difference shows up at ≥1e-4).
+/// in f64 on both sides so that differences come from the implementations, not rounding.
+/// Tolerance 1e-8 relative to each reference tensor's own scale (observed ≤ 1e-14; LARS's trust
+/// ratio and small-batch BN backward could amplify f64 rounding ~1e6× at worst, while any
+/// formula difference, e.g. a wrong learning rate, decay or trust ratio, shows up at ≥ 1e-4).
 #[test]
 fn training_step_matches_reference() {
     tch::manual_seed(5);
@@ -210,8 +215,11 @@ fn training_step_matches_reference() {
     };
     let (_vs, m) = model(&cfg, Kind::Double);
     randomize_bn(&m.state());
+    // A large weight decay makes the decay term visible in the updates (the default 1e-6 would
+    // change them by ~1e-6 relative, too close to the tolerance to prove the term is there).
     let lars_cfg = LarsConfig {
         loss_scale: 0.5,
+        weight_decay: 0.05,
         ..LarsConfig::default()
     };
     let (global_batch, warmup, total, step) = (4usize, 2u64, 10u64, 3u64);
@@ -269,12 +277,36 @@ fn training_step_matches_reference() {
         &want["loss"],
         1e-10,
     );
+    // Parameters: compare the updates (after − before), relative to the reference update's size,
+    // so that a wrong learning rate, decay or trust ratio cannot hide below the weights' scale.
+    // Buffers (BN running statistics, updated twice by the two forwards): compare the values.
+    let before: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("weights.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let mut compared = 0;
     for t in m.state() {
         let w = want
             .get(&t.name)
             .unwrap_or_else(|| panic!("reference has no {}", t.name));
-        assert_close(&t.name, &t.tensor, w, 1e-8);
+        if t.role == TensorRole::Parameter {
+            let b = &before[&t.name];
+            let ref_delta = w - b;
+            assert!(
+                ref_delta.abs().max().double_value(&[]) > 0.0,
+                "{}: the reference step did not move it",
+                t.name
+            );
+            assert_close(
+                &format!("update {}", t.name),
+                &(&t.tensor - b),
+                &ref_delta,
+                1e-8,
+            );
+        } else {
+            assert_close(&t.name, &t.tensor, w, 1e-10);
+        }
         compared += 1;
     }
     for t in opt.momentum_buffers() {
@@ -288,10 +320,4 @@ fn training_step_matches_reference() {
     }
     // Every tensor the reference returned (besides the loss) was compared.
     assert_eq!(compared, want.len() - 1);
-    // The step moved the weights (a no-op optimizer would fail the comparison only if the
-    // reference moved them, so check it too).
-    let w0 = Tensor::read_safetensors(dir.path().join("weights.safetensors")).unwrap();
-    let (_, before) = w0.iter().find(|(n, _)| n == "projector.0.weight").unwrap();
-    let after = &want["projector.0.weight"];
-    assert!((before - after).abs().max().double_value(&[]) > 1e-6);
 }

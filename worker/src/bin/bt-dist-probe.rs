@@ -72,23 +72,37 @@ fn run(args: Args) -> Result<()> {
         Duration::from_secs_f64(args.timeout),
     );
     if args.nccl {
-        rv.backend = Backend::Nccl { device_index: args.rank };
+        rv.backend = Backend::Nccl {
+            device_index: args.rank,
+        };
     }
     let t = Instant::now();
     let pg = ProcessGroup::new(&rv).context("joining the process group")?;
     let join_ms = t.elapsed().as_secs_f64() * 1e3;
     match args.cmd {
-        Cmd::Bench { bucket_mb, grad_mb, reps } => {
+        Cmd::Bench {
+            bucket_mb,
+            grad_mb,
+            reps,
+        } => {
             let rows = bench::run(&pg, &bucket_mb, grad_mb, 64, 8192, reps)?;
             if pg.rank() == 0 {
-                println!("rust-c10d W={} rendezvous: {join_ms:.1} ms", pg.world_size());
+                println!(
+                    "rust-c10d W={} rendezvous: {join_ms:.1} ms",
+                    pg.world_size()
+                );
                 for r in rows {
                     let bw = if r.bytes > 0 && r.name.starts_with("all") {
                         format!(" ({:.2} GB/s)", r.gb_per_s())
                     } else {
                         String::new()
                     };
-                    println!("rust-c10d W={} {}: {:.2} ms{bw}", pg.world_size(), r.name, r.median_ms);
+                    println!(
+                        "rust-c10d W={} {}: {:.2} ms{bw}",
+                        pg.world_size(),
+                        r.name,
+                        r.median_ms
+                    );
                 }
             }
         }

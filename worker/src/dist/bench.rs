@@ -51,7 +51,11 @@ pub fn run(
         let n = (mb << 20) as i64 / 4;
         let t = Tensor::ones([n], (Kind::Float, dev));
         let ms = median_ms(reps, || pg.all_reduce_sum(&t))?;
-        out.push(Timing { name: format!("all_reduce {mb} MB"), bytes: (n * 4) as usize, median_ms: ms });
+        out.push(Timing {
+            name: format!("all_reduce {mb} MB"),
+            bytes: (n * 4) as usize,
+            median_ms: ms,
+        });
     }
     if grad_mb > 0 {
         // ~ResNet-shaped parameter list: many small tensors and a few large ones
@@ -69,7 +73,10 @@ pub fn run(
         sizes.clear();
         let ms = median_ms(reps, || pg.allreduce_grads(&params, 25 << 20))?;
         out.push(Timing {
-            name: format!("allreduce_grads {grad_mb} MB in {} tensors, 25 MB buckets", params.len()),
+            name: format!(
+                "allreduce_grads {grad_mb} MB in {} tensors, 25 MB buckets",
+                params.len()
+            ),
             bytes: (used * 4) as usize,
             median_ms: ms,
         });
@@ -82,6 +89,10 @@ pub fn run(
         median_ms: ms,
     });
     let ms = median_ms(reps * 10, || pg.barrier())?;
-    out.push(Timing { name: "barrier".into(), bytes: 0, median_ms: ms });
+    out.push(Timing {
+        name: "barrier".into(),
+        bytes: 0,
+        median_ms: ms,
+    });
     Ok(out)
 }

@@ -28,8 +28,11 @@ extern "C" {
     pub fn bt_pg_free(pg: *mut BtPg);
     pub fn bt_pg_all_reduce_sum(pg: *mut BtPg, t: *mut C_tensor) -> *mut c_char;
     pub fn bt_pg_broadcast(pg: *mut BtPg, t: *mut C_tensor, root: c_int) -> *mut c_char;
-    pub fn bt_pg_all_gather(pg: *mut BtPg, t: *mut C_tensor, out: *mut *mut C_tensor)
-        -> *mut c_char;
+    pub fn bt_pg_all_gather(
+        pg: *mut BtPg,
+        t: *mut C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     pub fn bt_pg_barrier(pg: *mut BtPg) -> *mut c_char;
     pub fn bt_pg_allreduce_grads(
         pg: *mut BtPg,
@@ -64,7 +67,9 @@ pub fn take_error(err: *mut c_char, what: &str) -> Result<()> {
         return Ok(());
     }
     // SAFETY: a non-null return is a NUL-terminated string malloc'd by the shim, owned by us.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { bt_dist_free_error(err) };
     Err(Error::Dist(format!("{what}: {msg}")))
 }

@@ -50,7 +50,7 @@ impl TrainerError {
     }
 }
 
-type TResult<T> = std::result::Result<T, TrainerError>;
+pub(crate) type TResult<T> = std::result::Result<T, TrainerError>;
 
 /// Data source of a job spec.
 pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
@@ -108,12 +108,6 @@ pub fn limited(src: Arc<dyn Source>, limit: u64) -> Arc<dyn Source> {
 
 pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Outcome> {
     let spec = JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::Spec(e.to_string()))?;
-    if a.world_size != spec.world_size || a.rank >= a.world_size {
-        return Err(TrainerError::Spec(format!(
-            "assignment rank {} of {} does not fit world_size {}",
-            a.rank, a.world_size, spec.world_size
-        )));
-    }
     let device = if device_kind == "cuda" {
         Device::Cuda(a.device as usize)
     } else {
@@ -121,6 +115,15 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     };
     if spec.train.torch_threads > 0 {
         tch::set_num_threads(spec.train.torch_threads as i32);
+    }
+    if spec.kind == bt_common::JobKind::LinearProbe {
+        return super::probe::run(&spec, device, rep);
+    }
+    if a.world_size != spec.world_size || a.rank >= a.world_size {
+        return Err(TrainerError::Spec(format!(
+            "assignment rank {} of {} does not fit world_size {}",
+            a.rank, a.world_size, spec.world_size
+        )));
     }
     let rank = a.rank as usize;
     let world = a.world_size as usize;
