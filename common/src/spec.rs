@@ -363,7 +363,7 @@ impl JobSpec {
         if t.batch_size == 0 {
             return err("train.batch_size", "must be greater than 0".into());
         }
-        if t.batch_size % self.world_size != 0 {
+        if !t.batch_size.is_multiple_of(self.world_size) {
             return err(
                 "train.batch_size",
                 format!(

@@ -1,6 +1,5 @@
 //! `run`: the whole coordinator on a bound listener, with health, reflection and one shutdown path.
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bt_proto::job_service_server::JobServiceServer;
@@ -124,9 +123,4 @@ pub async fn run(
     }
     drop(core);
     Ok(())
-}
-
-#[allow(dead_code)]
-fn _assert_send(c: Arc<Core>) -> impl Send {
-    c
 }

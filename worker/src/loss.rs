@@ -11,8 +11,9 @@
 //! - [`LossForm::Cross`] builds the D × D matrix C: O(N·D²) work, D² memory.
 //! - [`LossForm::Gram`] uses Σ_ij C_ij² = Σ_nm (AAᵀ)_nm (BBᵀ)_nm / N², through two N × N Gram
 //!   matrices: O(N²·D), never materializing C. C_ii = Σ_n A_ni B_ni / N.
-//! [`LossForm::Auto`] picks Gram when N < D (the cheaper one).
-//! In both forms the off-diagonal sum is (Σ_ij C_ij²) − Σ_i C_ii².
+//!
+//! [`LossForm::Auto`] picks Gram when N < D (the cheaper one). In both forms the off-diagonal
+//! sum is (Σ_ij C_ij²) − Σ_i C_ii².
 //!
 //! The inputs are the global batch (gathered across ranks with gradient by the caller). The loss
 //! is computed in fp32 at least (half/bfloat16 inputs are cast up; f64 stays f64).
@@ -229,13 +230,12 @@ pub fn barlow_twins_loss_with(
             off.f_detach()?,
             diag.f_mean(diag.kind())?,
         ];
-        let mut abs_c = None;
         if opts.c_stats || opts.picture {
             let c = match c {
                 Some(c) => c.f_detach()?,
                 None => a.f_tr()?.f_mm(&b)?.f_div_scalar(nf)?,
             };
-            let mut ac = c.f_abs()?;
+            let mut ac = c.f_abs()?; // a new tensor: safe to edit in place
             if opts.picture {
                 let k = PICTURE_SIDE.min(d);
                 let p = ac
@@ -255,7 +255,6 @@ pub fn barlow_twins_loss_with(
                 scalars.push(ac.f_sum(ac.kind())?.f_div_scalar(pairs)?);
                 scalars.push(ac.f_max()?);
             }
-            abs_c = Some(());
         }
         let v = Vec::<f64>::try_from(
             &Tensor::f_stack(&scalars, 0)?
@@ -272,7 +271,7 @@ pub fn barlow_twins_loss_with(
             0.0
         };
         stats.mean_diag = v[3];
-        if abs_c.is_some() && opts.c_stats {
+        if opts.c_stats {
             stats.mean_abs_off_diag = v[4];
             stats.max_abs_off_diag = v[5];
         }

@@ -87,9 +87,9 @@ fn randomize_bn(state: &[NamedTensor]) {
             let n = &t.name;
             if t.role == TensorRole::Parameter && t.tensor.dim() == 1 && n.ends_with(".weight") {
                 let _ = d.uniform_(0.5, 1.5);
-            } else if t.role == TensorRole::Parameter && n.ends_with(".bias") {
-                let _ = d.normal_(0.0, 0.1);
-            } else if n.ends_with("running_mean") {
+            } else if (t.role == TensorRole::Parameter && n.ends_with(".bias"))
+                || n.ends_with("running_mean")
+            {
                 let _ = d.normal_(0.0, 0.1);
             } else if n.ends_with("running_var") {
                 let _ = d.uniform_(0.5, 1.5);
@@ -202,7 +202,7 @@ fn loss_and_gradients_match_reference() {
 /// images, train-mode forward, loss (Gram form on our side: N < D), backward, LARS with both
 /// learning rates, non-zero starting momentum and loss_scale 0.5, at a step after warm-up. Run
 /// in f64 on both sides so that differences come from the implementations, not rounding.
-/// Tolerance 1e-8 relative to each reference tensor's own scale (observed ≤ 1e-14; LARS's trust
+/// Tolerance 1e-8 relative to each reference tensor's own scale (observed ≤ 4e-13; LARS's trust
 /// ratio and small-batch BN backward could amplify f64 rounding ~1e6× at worst, while any
 /// formula difference, e.g. a wrong learning rate, decay or trust ratio, shows up at ≥ 1e-4).
 #[test]

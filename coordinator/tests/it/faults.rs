@@ -1,7 +1,6 @@
 //! Faults: lost workers, failing trainers, garbage on the wire, coordinator restarts.
 use std::time::Duration;
 
-use bt_proto::worker_service_client::WorkerServiceClient;
 use bt_proto::{
     coordinator_message, trainer_report, worker_message, GetJobRequest, Heartbeat, Hello, JobState,
     ListWorkersRequest, RunningTrainer, TrainerExit, WorkerMessage, WorkerState, PROTOCOL_VERSION,
@@ -284,7 +283,6 @@ async fn garbage_on_a_session_closes_only_that_session() {
     })
     .await;
     drop(bad);
-    let _: Option<WorkerServiceClient<tonic::transport::Channel>> = None;
 }
 
 #[tokio::test]

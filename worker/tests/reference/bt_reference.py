@@ -104,7 +104,7 @@ def lars_step(named_params, momentum, a):
             continue
         g = p.grad * a["loss_scale"]
         if p.ndim != 1:
-            dp = g + 0.0 * p
+            dp = g + a["weight_decay"] * p
             pn, un = torch.norm(p), torch.norm(dp)
             q = a["eta"] * pn / un if (pn > 0 and un > 0) else 1.0
             dp = dp * q
