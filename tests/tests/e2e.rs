@@ -124,7 +124,13 @@ fn coordinator_kill9_and_restart_keeps_jobs_and_metrics() {
     let mut c = Cluster::start(2, 1);
     let done = c.submit(TINY, &["name=done-before"]);
     c.wait_state(&done, &["succeeded"], 3 * MINUTE);
-    let id = c.submit(TINY, &["train.max_steps=40", "train.log_every=1", "name=survivor"]);
+    let id = c.submit(TINY, &[
+            "train.max_steps=40",
+            "train.epochs=3",
+            "train.log_every=1",
+            "checkpoint.every_steps=10",
+            "name=survivor",
+        ]);
     wait_for("metrics before the crash", 2 * MINUTE, || {
         let j = c.btctl_json(&["get", &id])?;
         (j["last_metrics"]["step"].as_u64()? >= 2).then_some(())
