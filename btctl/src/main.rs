@@ -42,6 +42,18 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Submit a linear-probe job for a committed checkpoint (frozen backbone, linear classifier);
+    /// prints the job id.
+    Eval {
+        /// The checkpoint directory (as listed by `btctl checkpoints`).
+        checkpoint: String,
+        /// Override a spec field, e.g. --set eval.probe_epochs=20 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Follow the probe's progress after submitting.
+        #[arg(long)]
+        watch: bool,
+    },
     /// List jobs.
     List {
         #[arg(short, long, value_enum, default_value = "text")]
@@ -149,6 +161,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 return watch::watch(&mut c, &job.id, 0, false).await;
             }
         }
+        Cmd::Eval {
+            checkpoint,
+            set,
+            watch,
+        } => {
+            let base = format!(
+                "kind = \"linear_probe\"\nname = \"probe\"\n[eval]\ncheckpoint = {}\n",
+                toml_string(&checkpoint)
+            );
+            let spec = bt_common::JobSpec::from_toml_with_overrides(&base, &set)
+                .map_err(|e| anyhow::anyhow!("invalid probe spec: {e}"))?;
+            let mut c = connect(&cli.coordinator).await?;
+            let job = c
+                .submit_job(SubmitJobRequest {
+                    spec_toml: spec.to_toml(),
+                })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            println!("{}", job.id);
+            if watch {
+                return watch::watch(&mut c, &job.id, 0, false).await;
+            }
+        }
         Cmd::List { output } => {
             let mut c = connect(&cli.coordinator).await?;
             let jobs = c
@@ -207,6 +243,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A TOML basic string holding `s`.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Exit code of `watch` for a job's final state.

@@ -107,6 +107,13 @@ pub fn train_probe(
     kind: &str,
 ) -> TResult<ProbeResult> {
     let device = xtr.device();
+    // Standardize each feature with the training set's statistics (an affine-free batch norm in
+    // front of the linear layer, frozen): the raw scale of a frozen backbone's features varies by
+    // orders of magnitude between checkpoints, and a fixed learning rate should suit them all.
+    let mean = xtr.mean_dim(0, true, Kind::Float);
+    let std = xtr.std_dim(0, false, true).clamp_min(1e-6);
+    let xtr = &((xtr - &mean) / &std);
+    let xte = &((xte - &mean) / &std);
     let n = xtr.size()[0];
     let d = xtr.size()[1];
     let epochs = spec.eval.probe_epochs.max(1) as usize;
