@@ -12,10 +12,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "btctl", version, about = "Submit and follow Barlow Twins pretraining jobs")]
+#[command(
+    name = "btctl",
+    version,
+    about = "Submit and follow Barlow Twins pretraining jobs"
+)]
 struct Cli {
     /// Coordinator address (host:port or http://host:port).
-    #[arg(long, global = true, env = "BT_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "BT_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     coordinator: String,
     #[command(subcommand)]
     cmd: Cmd,

@@ -61,7 +61,10 @@ pub fn print_jobs(jobs: &[Job], as_json: bool) {
     );
     for j in jobs {
         let (step, loss) = match &j.last_metrics {
-            Some(m) => (format!("{}/{}", m.step, m.total_steps), format!("{:.2}", m.loss)),
+            Some(m) => (
+                format!("{}/{}", m.step, m.total_steps),
+                format!("{:.2}", m.loss),
+            ),
             None => ("-".into(), "-".into()),
         };
         println!(
@@ -87,7 +90,10 @@ fn truncate(s: &str, n: usize) -> String {
 
 pub fn print_job(j: &Job, as_json: bool) {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&job_json(j)).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&job_json(j)).unwrap_or_default()
+        );
         return;
     }
     println!("id:        {}", j.id);
@@ -126,7 +132,10 @@ pub fn print_job(j: &Job, as_json: bool) {
         println!("eval:      {}", eval_line(e));
     }
     if !j.failure_reason.is_empty() {
-        println!("failure:   {}", j.failure_reason.replace('\n', "\n           "));
+        println!(
+            "failure:   {}",
+            j.failure_reason.replace('\n', "\n           ")
+        );
     }
 }
 
@@ -204,7 +213,10 @@ pub fn print_checkpoints(cps: &[CheckpointInfo], as_json: bool) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    println!("{:>8} {:>6} {:>10}  {:<12} PATH", "STEP", "EPOCH", "SIZE", "CREATED");
+    println!(
+        "{:>8} {:>6} {:>10}  {:<12} PATH",
+        "STEP", "EPOCH", "SIZE", "CREATED"
+    );
     for c in cps {
         println!(
             "{:>8} {:>6} {:>9.1}M  {:<12} {}",

@@ -323,17 +323,22 @@ impl JobSpec {
     /// Parses TOML text, applies `key=value` overrides (dotted keys, TOML values; bare words are
     /// strings), then validates.
     pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self, SpecError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| SpecError::new("spec", format!("not valid TOML: {}", e.message())))?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            SpecError::new("spec", format!("not valid TOML: {}", e.message()))
+        })?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let spec: JobSpec = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() { "spec".to_string() } else { path };
-            SpecError::new(field, e.into_inner().to_string().trim().to_string())
-        })?;
+        let spec: JobSpec =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." || path.is_empty() {
+                    "spec".to_string()
+                } else {
+                    path
+                };
+                SpecError::new(field, e.into_inner().to_string().trim().to_string())
+            })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -356,7 +361,10 @@ impl JobSpec {
         if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
             return err(
                 "world_size",
-                format!("must be between 1 and {MAX_WORLD_SIZE}, got {}", self.world_size),
+                format!(
+                    "must be between 1 and {MAX_WORLD_SIZE}, got {}",
+                    self.world_size
+                ),
             );
         }
         let t = &self.train;
@@ -373,7 +381,10 @@ impl JobSpec {
             );
         }
         if self.kind == JobKind::Pretrain && t.batch_size / self.world_size < 2 {
-            return err("train.batch_size", "each rank needs at least 2 samples (batch norm)".into());
+            return err(
+                "train.batch_size",
+                "each rank needs at least 2 samples (batch norm)".into(),
+            );
         }
         if t.epochs == 0 {
             return err("train.epochs", "must be greater than 0".into());
@@ -400,26 +411,41 @@ impl JobSpec {
             return err("train.log_every", "must be greater than 0".into());
         }
         if !["auto", "cross", "gram"].contains(&t.loss_form.as_str()) {
-            return err("train.loss_form", format!("must be auto, cross or gram, got {:?}", t.loss_form));
+            return err(
+                "train.loss_form",
+                format!("must be auto, cross or gram, got {:?}", t.loss_form),
+            );
         }
         let d = &self.data;
         if !["fashion-mnist", "mnist", "image-folder", "synthetic"].contains(&d.source.as_str()) {
             return err(
                 "data.source",
-                format!("must be fashion-mnist, mnist, image-folder or synthetic, got {:?}", d.source),
+                format!(
+                    "must be fashion-mnist, mnist, image-folder or synthetic, got {:?}",
+                    d.source
+                ),
             );
         }
         if d.source != "synthetic" && d.path.trim().is_empty() {
             return err("data.path", "must name the data set directory".into());
         }
         if !(8..=1024).contains(&d.image_size) {
-            return err("data.image_size", format!("must be between 8 and 1024, got {}", d.image_size));
+            return err(
+                "data.image_size",
+                format!("must be between 8 and 1024, got {}", d.image_size),
+            );
         }
         if !(d.min_scale > 0.0 && d.min_scale <= 1.0) {
-            return err("data.min_scale", format!("must be in (0, 1], got {}", d.min_scale));
+            return err(
+                "data.min_scale",
+                format!("must be in (0, 1], got {}", d.min_scale),
+            );
         }
         if d.threads == 0 || d.threads > 256 {
-            return err("data.threads", format!("must be between 1 and 256, got {}", d.threads));
+            return err(
+                "data.threads",
+                format!("must be between 1 and 256, got {}", d.threads),
+            );
         }
         if d.prefetch == 0 {
             return err("data.prefetch", "must be greater than 0".into());
@@ -428,14 +454,20 @@ impl JobSpec {
         if !["resnet18", "resnet34", "resnet50"].contains(&m.backbone.as_str()) {
             return err(
                 "model.backbone",
-                format!("must be resnet18, resnet34 or resnet50, got {:?}", m.backbone),
+                format!(
+                    "must be resnet18, resnet34 or resnet50, got {:?}",
+                    m.backbone
+                ),
             );
         }
         if m.projector.is_empty() {
             return err("model.projector", "needs at least one layer width".into());
         }
         if let Some(w) = m.projector.iter().find(|w| **w <= 0 || **w > 65536) {
-            return err("model.projector", format!("widths must be between 1 and 65536, got {w}"));
+            return err(
+                "model.projector",
+                format!("widths must be between 1 and 65536, got {w}"),
+            );
         }
         if self.dist.timeout_secs == 0 {
             return err("dist.timeout_secs", "must be greater than 0".into());
@@ -450,14 +482,23 @@ impl JobSpec {
         if (e.knn_every_epochs > 0 || e.knn_at_end) && e.bank_size < e.knn_k {
             return err(
                 "eval.bank_size",
-                format!("the kNN bank ({}) must hold at least k = {} images", e.bank_size, e.knn_k),
+                format!(
+                    "the kNN bank ({}) must hold at least k = {} images",
+                    e.bank_size, e.knn_k
+                ),
             );
         }
         if self.kind == JobKind::LinearProbe && self.world_size != 1 {
-            return err("world_size", "a linear probe runs on one device: world_size must be 1".into());
+            return err(
+                "world_size",
+                "a linear probe runs on one device: world_size must be 1".into(),
+            );
         }
         if self.kind == JobKind::LinearProbe && e.checkpoint.trim().is_empty() {
-            return err("eval.checkpoint", "a linear probe needs the checkpoint to evaluate".into());
+            return err(
+                "eval.checkpoint",
+                "a linear probe needs the checkpoint to evaluate".into(),
+            );
         }
         Ok(())
     }
@@ -471,10 +512,15 @@ fn apply_override(table: &mut toml::Table, kv: &str) -> Result<(), SpecError> {
     let key = key.trim();
     let raw = raw.trim();
     if key.is_empty() || key.split('.').any(str::is_empty) {
-        return Err(SpecError::new(kv, "an override needs a dotted key, like train.batch_size=64"));
+        return Err(SpecError::new(
+            kv,
+            "an override needs a dotted key, like train.batch_size=64",
+        ));
     }
     let value = match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -484,7 +530,10 @@ fn apply_override(table: &mut toml::Table, kv: &str) -> Result<(), SpecError> {
             .entry(p.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         cur = entry.as_table_mut().ok_or_else(|| {
-            SpecError::new(parts[..=i].join("."), "is not a table, so it has no sub-keys")
+            SpecError::new(
+                parts[..=i].join("."),
+                "is not a table, so it has no sub-keys",
+            )
         })?;
     }
     cur.insert(parts[parts.len() - 1].to_string(), value);
@@ -513,14 +562,20 @@ mod tests {
     fn errors_name_the_field() {
         assert_eq!(field_of("[train]\nbatch_size = 0"), "train.batch_size");
         assert_eq!(field_of("[train]\nbatch_size = -4"), "train.batch_size");
-        assert_eq!(field_of("[train]\nbatch_size = \"big\""), "train.batch_size");
+        assert_eq!(
+            field_of("[train]\nbatch_size = \"big\""),
+            "train.batch_size"
+        );
         assert_eq!(field_of("[train]\nbogus = 1"), "train.bogus");
         assert!(JobSpec::from_toml_str("[train]\nbogus = 1")
             .unwrap_err()
             .message
             .contains("bogus"));
         assert_eq!(field_of("world_size = 100000"), "world_size");
-        assert_eq!(field_of("world_size = 3\n[train]\nbatch_size = 64"), "train.batch_size");
+        assert_eq!(
+            field_of("world_size = 3\n[train]\nbatch_size = 64"),
+            "train.batch_size"
+        );
         assert_eq!(field_of("[model]\nbackbone = \"vit\""), "model.backbone");
         assert_eq!(field_of("nonsense = ["), "spec");
     }

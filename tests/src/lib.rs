@@ -9,12 +9,14 @@ use serde_json::Value;
 
 /// Where the binaries are: `BT_BIN_DIR`, else the workspace's `target/debug`.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("BT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root")
-            .join("target/debug")
-    });
+    let dir = std::env::var_os("BT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .join("target/debug")
+        });
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -133,11 +135,15 @@ impl Cluster {
             .arg(self.heartbeat_timeout_ms.to_string());
         let p = spawn("coordinator", &mut cmd, self.path("coordinator.log"));
         self.coordinator = Some(p);
-        let addr = wait_for("the coordinator's address file", Duration::from_secs(30), || {
-            std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|s| !s.trim().is_empty())
-        });
+        let addr = wait_for(
+            "the coordinator's address file",
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(&addr_file)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+            },
+        );
         self.addr = addr.trim().to_string();
     }
 
@@ -238,16 +244,12 @@ impl Cluster {
     }
 
     pub fn wait_state(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
-        wait_for(
-            &format!("job {id} to reach {states:?}"),
-            timeout,
-            || {
-                let j = self.btctl_json(&["get", id])?;
-                states
-                    .contains(&j["state"].as_str().unwrap_or(""))
-                    .then_some(j)
-            },
-        )
+        wait_for(&format!("job {id} to reach {states:?}"), timeout, || {
+            let j = self.btctl_json(&["get", id])?;
+            states
+                .contains(&j["state"].as_str().unwrap_or(""))
+                .then_some(j)
+        })
     }
 
     /// Pids of trainer processes (children of the daemons).
@@ -294,16 +296,22 @@ impl Cluster {
         for i in 0..self.workers.len() {
             logs.push(self.path(&format!("worker-{i}.log")));
             if let Ok(rd) = std::fs::read_dir(self.path(&format!("worker-{i}"))) {
-                logs.extend(rd.flatten().map(|e| e.path()).filter(|p| {
-                    p.extension().is_some_and(|x| x == "log")
-                }));
+                logs.extend(
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "log")),
+                );
             }
         }
         for l in logs {
             if let Ok(text) = std::fs::read_to_string(&l) {
                 let lines: Vec<&str> = text.lines().collect();
                 let from = lines.len().saturating_sub(80);
-                eprintln!("===== {} (last {} lines) =====", l.display(), lines.len() - from);
+                eprintln!(
+                    "===== {} (last {} lines) =====",
+                    l.display(),
+                    lines.len() - from
+                );
                 for line in &lines[from..] {
                     eprintln!("{line}");
                 }
@@ -315,7 +323,11 @@ impl Cluster {
 fn rand_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Drop for Cluster {
@@ -340,7 +352,11 @@ impl Drop for Cluster {
                         std::thread::sleep(Duration::from_millis(50))
                     }
                     _ => {
-                        eprintln!("{} did not stop on SIGTERM; killing (log {})", p.name, p.log.display());
+                        eprintln!(
+                            "{} did not stop on SIGTERM; killing (log {})",
+                            p.name,
+                            p.log.display()
+                        );
                         let _ = p.child.kill();
                         let _ = p.child.wait();
                         break;

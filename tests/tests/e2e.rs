@@ -54,11 +54,18 @@ fn two_rank_job_streams_metrics_and_succeeds() {
     let id = c.submit(TINY, &[]);
     let out = c.btctl(&["watch", "--plain", &id]);
     let text = stdout(&out);
-    assert!(out.status.success(), "watch failed: {text}\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "watch failed: {text}\n{}",
+        stderr(&out)
+    );
     assert!(text.contains("step 2/6"), "no streamed metrics in:\n{text}");
     assert!(text.contains("step 6/6"), "no final metrics in:\n{text}");
     assert!(text.contains("eval: knn"), "no kNN result in:\n{text}");
-    assert!(text.contains("job ") && text.contains(" succeeded"), "{text}");
+    assert!(
+        text.contains("job ") && text.contains(" succeeded"),
+        "{text}"
+    );
     let job = c.job(&id);
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["placement"].as_array().map(Vec::len), Some(2));
@@ -76,10 +83,17 @@ fn two_rank_job_streams_metrics_and_succeeds() {
         .collect();
     assert_eq!(steps.iter().max(), Some(&6), "{cps}");
     assert!(steps.len() <= 2, "retention kept {steps:?}");
-    let last = cps.as_array().unwrap().iter().find(|c| c["step"] == 6).unwrap();
+    let last = cps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["step"] == 6)
+        .unwrap();
     assert!(std::path::Path::new(last["path"].as_str().unwrap()).is_dir());
     // Both trainers have exited and the devices are free again.
-    wait_for("trainers to exit", MINUTE, || c.trainer_pids().is_empty().then_some(()));
+    wait_for("trainers to exit", MINUTE, || {
+        c.trainer_pids().is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -90,7 +104,10 @@ fn gang_scheduling_queues_the_second_job_until_devices_free() {
     // While the first job holds both devices, the second waits in the queue.
     c.wait_state(&first, &["running"], MINUTE);
     let s = c.job(&second);
-    assert_eq!(s["state"], "queued", "second job started while the first held the devices");
+    assert_eq!(
+        s["state"], "queued",
+        "second job started while the first held the devices"
+    );
     c.wait_state(&first, &["succeeded"], 3 * MINUTE);
     let s = c.wait_state(&second, &["succeeded"], 3 * MINUTE);
     assert_eq!(s["last_metrics"]["step"], 6);
@@ -101,7 +118,9 @@ fn cancel_stops_the_trainers() {
     let c = Cluster::start(2, 1);
     let id = c.submit(TINY, &["train.max_steps=100000", "train.epochs=1000"]);
     c.wait_state(&id, &["running"], MINUTE);
-    wait_for("two trainers", MINUTE, || (c.trainer_pids().len() == 2).then_some(()));
+    wait_for("two trainers", MINUTE, || {
+        (c.trainer_pids().len() == 2).then_some(())
+    });
     let out = c.btctl(&["cancel", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("cancelled"));
@@ -124,13 +143,16 @@ fn coordinator_kill9_and_restart_keeps_jobs_and_metrics() {
     let mut c = Cluster::start(2, 1);
     let done = c.submit(TINY, &["name=done-before"]);
     c.wait_state(&done, &["succeeded"], 3 * MINUTE);
-    let id = c.submit(TINY, &[
+    let id = c.submit(
+        TINY,
+        &[
             "train.max_steps=40",
             "train.epochs=3",
             "train.log_every=1",
             "checkpoint.every_steps=10",
             "name=survivor",
-        ]);
+        ],
+    );
     wait_for("metrics before the crash", 2 * MINUTE, || {
         let j = c.btctl_json(&["get", &id])?;
         (j["last_metrics"]["step"].as_u64()? >= 2).then_some(())
@@ -143,8 +165,14 @@ fn coordinator_kill9_and_restart_keeps_jobs_and_metrics() {
     c.wait_workers_online(2);
     let out = c.btctl(&["watch", "--plain", &id]);
     let text = stdout(&out);
-    assert!(text.contains("step 1/40"), "history before the crash not replayed:\n{text}");
-    assert!(text.contains("step 2/40"), "history before the crash not replayed:\n{text}");
+    assert!(
+        text.contains("step 1/40"),
+        "history before the crash not replayed:\n{text}"
+    );
+    assert!(
+        text.contains("step 2/40"),
+        "history before the crash not replayed:\n{text}"
+    );
     let job = c.job(&id);
     assert_eq!(job["state"], "succeeded", "{job}");
     let replay = c.btctl(&["watch", "--plain", &done]);
@@ -156,7 +184,11 @@ fn killed_trainer_fails_the_job_with_the_reason() {
     let c = Cluster::start(2, 1);
     let id = c.submit(
         TINY,
-        &["train.max_steps=100000", "train.epochs=1000", "restart.max_restarts=0"],
+        &[
+            "train.max_steps=100000",
+            "train.epochs=1000",
+            "restart.max_restarts=0",
+        ],
     );
     c.wait_state(&id, &["running"], MINUTE);
     let pids = wait_for("two trainers", MINUTE, || {
@@ -201,7 +233,10 @@ fn bad_input_gets_clear_errors() {
         assert!(!out.status.success(), "{sets:?} was accepted");
         assert!(stderr(&out).contains(field), "{sets:?}: {}", stderr(&out));
     }
-    assert_eq!(c.btctl_json(&["list"]).unwrap().as_array().unwrap().len(), 0);
+    assert_eq!(
+        c.btctl_json(&["list"]).unwrap().as_array().unwrap().len(),
+        0
+    );
     let out = c.btctl(&["get", "6b1f4f9e-5d8e-4a7b-9c1d-2e3f4a5b6c7d"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));

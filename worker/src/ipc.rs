@@ -32,7 +32,10 @@ pub async fn read_event(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Opt
         }
         shift += 7;
         if shift > 63 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad length prefix"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bad length prefix",
+            ));
         }
     }
     if len > MAX_EVENT {

@@ -69,18 +69,32 @@ fn train_loss(e: &EvalResult) -> f64 {
 #[test]
 fn probe_learns_and_reports_baseline() {
     let dir = tempfile::tempdir().unwrap();
-    run(&assignment(PRETRAIN.into(), dir.path()), "cpu", &mut Reporter::collecting())
-        .expect("pretrain");
+    run(
+        &assignment(PRETRAIN.into(), dir.path()),
+        "cpu",
+        &mut Reporter::collecting(),
+    )
+    .expect("pretrain");
     let ck = dir.path().join("00000002");
     let mut rep = Reporter::collecting();
-    run(&assignment(probe_spec(ck.to_str().unwrap()), dir.path()), "cpu", &mut rep)
-        .expect("probe");
+    run(
+        &assignment(probe_spec(ck.to_str().unwrap()), dir.path()),
+        "cpu",
+        &mut rep,
+    )
+    .expect("probe");
     let ev = evals(&rep);
-    let epochs: Vec<&EvalResult> = ev.iter().filter(|e| e.kind == "linear_probe_epoch").collect();
+    let epochs: Vec<&EvalResult> = ev
+        .iter()
+        .filter(|e| e.kind == "linear_probe_epoch")
+        .collect();
     assert_eq!(epochs.len(), 10);
     let (first, last) = (train_loss(epochs[0]), train_loss(epochs[9]));
     assert!(last < first, "probe loss did not fall: {first} -> {last}");
-    let summary = ev.iter().find(|e| e.kind == "linear_probe").expect("summary");
+    let summary = ev
+        .iter()
+        .find(|e| e.kind == "linear_probe")
+        .expect("summary");
     // 10 classes: chance is 10%.
     assert!(summary.top1 > 0.3, "top-1 {}", summary.top1);
     assert!(summary.top5 >= summary.top1);

@@ -67,7 +67,12 @@ fn resumed_run_matches_uninterrupted_run() {
     assert!(ck.join("meta.json").exists(), "no checkpoint at step 3");
     let dir2 = tempfile::tempdir().unwrap();
     let mut resumed = Reporter::collecting();
-    run(&assignment(dir2.path(), ck.to_str().unwrap()), "cpu", &mut resumed).expect("resumed run");
+    run(
+        &assignment(dir2.path(), ck.to_str().unwrap()),
+        "cpu",
+        &mut resumed,
+    )
+    .expect("resumed run");
     let resumed = losses(&resumed);
     assert_eq!(resumed.first().map(|l| l.0), Some(4));
     for (r, f) in resumed.iter().zip(&full[3..]) {

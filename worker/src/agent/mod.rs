@@ -128,7 +128,11 @@ fn endpoint(addr: &str) -> String {
 #[derive(Debug)]
 pub(crate) enum Local {
     Report(TrainerReport),
-    Exited { job_id: String, epoch: u64, rank: u32 },
+    Exited {
+        job_id: String,
+        epoch: u64,
+        rank: u32,
+    },
 }
 
 struct Daemon {
@@ -147,9 +151,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let devices = detect_devices(cfg.cpu_slots);
-    anyhow::ensure!(!devices.is_empty(), "this node offers no device (cpu_slots = 0 and no CUDA device)");
     anyhow::ensure!(
-        cfg.port_range_start > 0 && cfg.port_range_start < cfg.port_range_end && cfg.port_range_end <= 65536,
+        !devices.is_empty(),
+        "this node offers no device (cpu_slots = 0 and no CUDA device)"
+    );
+    anyhow::ensure!(
+        cfg.port_range_start > 0
+            && cfg.port_range_start < cfg.port_range_end
+            && cfg.port_range_end <= 65536,
         "port_range_start..port_range_end must be a non-empty range of ports"
     );
     std::fs::create_dir_all(&cfg.work_dir)
@@ -285,26 +294,26 @@ impl Daemon {
     fn local(&mut self, ev: Local, up: Option<&mpsc::Sender<WorkerMessage>>) {
         match ev {
             Local::Report(r) => {
-                if let Some(tx) = up {
-                    match tx.try_send(WorkerMessage {
-                        msg: Some(Up::Report(r)),
-                    }) {
-                        Ok(()) => return,
-                        Err(e) => {
-                            let WorkerMessage {
-                                msg: Some(Up::Report(r)),
-                            } = e.into_inner()
-                            else {
-                                return;
-                            };
-                            self.buffer(r);
-                        }
-                    }
-                } else {
+                let Some(tx) = up else {
                     self.buffer(r);
+                    return;
+                };
+                if let Err(e) = tx.try_send(WorkerMessage {
+                    msg: Some(Up::Report(r)),
+                }) {
+                    if let WorkerMessage {
+                        msg: Some(Up::Report(r)),
+                    } = e.into_inner()
+                    {
+                        self.buffer(r);
+                    }
                 }
             }
-            Local::Exited { job_id, epoch, rank } => {
+            Local::Exited {
+                job_id,
+                epoch,
+                rank,
+            } => {
                 self.trainers.remove(&(job_id, epoch, rank));
             }
         }
@@ -349,7 +358,9 @@ impl Daemon {
                     tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
                         Ok(()) => info!(path = %path.display(), "deleted checkpoint"),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => warn!(path = %path.display(), error = %e, "cannot delete checkpoint"),
+                        Err(e) => {
+                            warn!(path = %path.display(), error = %e, "cannot delete checkpoint")
+                        }
                     });
                 }
             }
@@ -363,7 +374,10 @@ impl Daemon {
             return;
         }
         if !self.devices.iter().any(|d| d.index == a.device) {
-            warn!(device = a.device, "assignment names a device this node does not have");
+            warn!(
+                device = a.device,
+                "assignment names a device this node does not have"
+            );
             let _ = self.local_tx.send(Local::Report(TrainerReport {
                 job_id: a.job_id.clone(),
                 epoch: a.epoch,

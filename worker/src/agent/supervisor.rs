@@ -36,7 +36,10 @@ impl TrainerHandle {
         let pid = self.pid;
         let mut done = self.done.clone();
         tokio::spawn(async move {
-            if tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_err() {
+            if tokio::time::timeout(grace, done.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
                 warn!(pid, "trainer ignored SIGTERM; killing it");
                 signal(pid, libc::SIGKILL);
             }
@@ -62,10 +65,7 @@ pub(crate) fn spawn(
     device_kind: &str,
     tx: mpsc::UnboundedSender<Local>,
 ) -> anyhow::Result<TrainerHandle> {
-    let log_path = work_dir.join(format!(
-        "{}-e{}-r{}.log",
-        a.job_id, a.epoch, a.rank
-    ));
+    let log_path = work_dir.join(format!("{}-e{}-r{}.log", a.job_id, a.epoch, a.rank));
     let mut child = Command::new(bin)
         .arg("train")
         .arg("--device-kind")
@@ -167,7 +167,9 @@ pub(crate) fn spawn(
                     let last_err = last
                         .iter()
                         .rev()
-                        .find(|l| l.contains("error") || l.contains("ERROR") || l.contains("panicked"))
+                        .find(|l| {
+                            l.contains("error") || l.contains("ERROR") || l.contains("panicked")
+                        })
                         .cloned()
                         .unwrap_or_default();
                     format!("trainer exited with code {code}: {last_err}")

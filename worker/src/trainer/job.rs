@@ -62,7 +62,10 @@ pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
         "image-folder" => {
             let root = PathBuf::from(&d.path);
             let (train, test) = if root.join("train").is_dir() {
-                (root.join("train"), Some(root.join("val")).filter(|p| p.is_dir()))
+                (
+                    root.join("train"),
+                    Some(root.join("val")).filter(|p| p.is_dir()),
+                )
             } else {
                 (root, None)
             };
@@ -76,7 +79,11 @@ pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
             seed: spec.train.seed,
             fail_every: 0,
         },
-        other => return Err(TrainerError::Spec(format!("data.source: unknown source {other:?}"))),
+        other => {
+            return Err(TrainerError::Spec(format!(
+                "data.source: unknown source {other:?}"
+            )))
+        }
     })
 }
 
@@ -87,7 +94,9 @@ pub fn model_config(spec: &JobSpec) -> TResult<ModelConfig> {
         "resnet34" => Arch::Resnet34,
         "resnet50" => Arch::Resnet50,
         other => {
-            return Err(TrainerError::Spec(format!("model.backbone: unknown backbone {other:?}")))
+            return Err(TrainerError::Spec(format!(
+                "model.backbone: unknown backbone {other:?}"
+            )))
         }
     };
     let mut cfg = ModelConfig::new(arch);
@@ -107,7 +116,8 @@ pub fn limited(src: Arc<dyn Source>, limit: u64) -> Arc<dyn Source> {
 }
 
 pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Outcome> {
-    let spec = JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::Spec(e.to_string()))?;
+    let spec =
+        JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::Spec(e.to_string()))?;
     let device = if device_kind == "cuda" {
         Device::Cuda(a.device as usize)
     } else {
@@ -165,7 +175,10 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         rv.backend = crate::dist::Backend::Nccl { device_index: i };
     }
     let group = Arc::new(ProcessGroup::new(&rv)?);
-    info!(elapsed_ms = t0.elapsed().as_millis() as u64, "process group ready");
+    info!(
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "process group ready"
+    );
 
     tch::manual_seed(t.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -200,7 +213,13 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         let ck = checkpoint::load(Path::new(&a.resume_from), &model, &mut opt)?;
         start_step = ck.step;
         info!(step = start_step, path = %a.resume_from, "resumed from checkpoint");
-        rep.notice("info", format!("rank {rank} resumed from {} at step {start_step}", a.resume_from));
+        rep.notice(
+            "info",
+            format!(
+                "rank {rank} resumed from {} at step {start_step}",
+                a.resume_from
+            ),
+        );
     }
 
     let loader_cfg = LoaderConfig {
@@ -236,7 +255,16 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     while step < total_steps {
         if stop_requested() {
             if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
-                save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+                save_checkpoint(
+                    rep,
+                    &a.job_id,
+                    &ckpt_dir,
+                    &spec,
+                    &model,
+                    &opt,
+                    step,
+                    steps_per_epoch,
+                )?;
             }
             return Ok(Outcome::Stopped);
         }
@@ -248,7 +276,8 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         let zb = model.forward(&vb, true)?;
         let ga = group.all_gather_with_grad(&za)?;
         let gb = group.all_gather_with_grad(&zb)?;
-        let want_stats = is_rank0 && ((step + 1) % u64::from(t.log_every) == 0 || step + 1 == total_steps);
+        let want_stats = is_rank0
+            && ((step + 1).is_multiple_of(u64::from(t.log_every)) || step + 1 == total_steps);
         let out = loss::barlow_twins_loss(&ga, &gb, t.lambda, form, want_stats)?;
         opt.zero_grad();
         out.loss.f_backward()?;
@@ -275,30 +304,74 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
                 skipped_images: skipped_total,
                 step_time_ms: step_start.elapsed().as_secs_f64() * 1e3,
             };
-            info!(step, loss = s.loss, lr, images_per_sec = m.images_per_sec, "step");
+            info!(
+                step,
+                loss = s.loss,
+                lr,
+                images_per_sec = m.images_per_sec,
+                "step"
+            );
             rep.send(Body::Metrics(m));
             window_imgs = 0;
             window_start = Instant::now();
         }
         if is_rank0
             && spec.checkpoint.every_steps > 0
-            && step % spec.checkpoint.every_steps == 0
+            && step.is_multiple_of(spec.checkpoint.every_steps)
             && step < total_steps
         {
-            save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+            save_checkpoint(
+                rep,
+                &a.job_id,
+                &ckpt_dir,
+                &spec,
+                &model,
+                &opt,
+                step,
+                steps_per_epoch,
+            )?;
             last_ckpt_step = step;
         }
-        if knn_every > 0 && step % knn_every == 0 && step < total_steps {
-            knn_monitor(rep, &spec, &src_spec, &model, device, step, steps_per_epoch, is_rank0, false)?;
+        if knn_every > 0 && step.is_multiple_of(knn_every) && step < total_steps {
+            knn_monitor(
+                rep,
+                &spec,
+                &src_spec,
+                &model,
+                device,
+                step,
+                steps_per_epoch,
+                is_rank0,
+                false,
+            )?;
             group.barrier()?;
         }
     }
     if is_rank0 {
         if step > last_ckpt_step || spec.checkpoint.every_steps == 0 {
-            save_checkpoint(rep, &a.job_id, &ckpt_dir, &spec, &model, &opt, step, steps_per_epoch)?;
+            save_checkpoint(
+                rep,
+                &a.job_id,
+                &ckpt_dir,
+                &spec,
+                &model,
+                &opt,
+                step,
+                steps_per_epoch,
+            )?;
         }
         if spec.eval.knn_at_end {
-            knn_monitor(rep, &spec, &src_spec, &model, device, step, steps_per_epoch, true, spec.eval.baseline)?;
+            knn_monitor(
+                rep,
+                &spec,
+                &src_spec,
+                &model,
+                device,
+                step,
+                steps_per_epoch,
+                true,
+                spec.eval.baseline,
+            )?;
         }
     }
     group.barrier()?;
@@ -372,7 +445,15 @@ fn knn_monitor(
         let (bf, bl) = eval::extract_features(bank_src.as_ref(), &bank, size, 256, device, f)?;
         let (qf, ql) = eval::extract_features(test_src.as_ref(), &test, size, 256, device, f)?;
         let classes = bank_src.num_classes().unwrap_or(10) as i64;
-        Ok(eval::knn_accuracy(&bf, &bl, &qf, &ql, e.knn_k as i64, e.knn_temperature, classes)?)
+        Ok(eval::knn_accuracy(
+            &bf,
+            &bl,
+            &qf,
+            &ql,
+            e.knn_k as i64,
+            e.knn_temperature,
+            classes,
+        )?)
     };
     let trained = tch::no_grad(|| score(model))?;
     let baseline = if with_baseline {
@@ -390,7 +471,12 @@ fn knn_monitor(
         test.len(),
         t0.elapsed().as_secs_f64()
     );
-    info!(step, top1 = trained.top1, baseline = baseline.map(|b| b.top1), "knn monitor");
+    info!(
+        step,
+        top1 = trained.top1,
+        baseline = baseline.map(|b| b.top1),
+        "knn monitor"
+    );
     rep.send(Body::Eval(EvalResult {
         step,
         epoch: (step / steps_per_epoch) as u32,

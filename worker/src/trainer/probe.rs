@@ -48,8 +48,10 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
 
     let features = |model: &BarlowTwinsModel| -> TResult<(Tensor, Tensor, Tensor, Tensor)> {
         let f = |x: &Tensor| model.backbone_forward(x, false);
-        let (xtr, ytr) = eval::extract_features(train_src.as_ref(), &train_idx, image_size, 256, device, f)?;
-        let (xte, yte) = eval::extract_features(test_src.as_ref(), &test_idx, image_size, 256, device, f)?;
+        let (xtr, ytr) =
+            eval::extract_features(train_src.as_ref(), &train_idx, image_size, 256, device, f)?;
+        let (xte, yte) =
+            eval::extract_features(test_src.as_ref(), &test_idx, image_size, 256, device, f)?;
         Ok((xtr, ytr, xte, yte))
     };
     let t0 = Instant::now();
@@ -57,16 +59,38 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
     let model = BarlowTwinsModel::new(&vs.root(), &meta.model_config)?;
     checkpoint::load_model(ck, &model)?;
     let (xtr, ytr, xte, yte) = features(&model)?;
-    info!(secs = t0.elapsed().as_secs_f64(), dim = xtr.size()[1], "features cached");
+    info!(
+        secs = t0.elapsed().as_secs_f64(),
+        dim = xtr.size()[1],
+        "features cached"
+    );
     let trained = train_probe(
-        rep, &xtr, &ytr, &xte, &yte, classes, spec, meta.step, "linear_probe",
+        rep,
+        &xtr,
+        &ytr,
+        &xte,
+        &yte,
+        classes,
+        spec,
+        meta.step,
+        "linear_probe",
     )?;
     let baseline = if spec.eval.baseline {
         tch::manual_seed(spec.train.seed as i64 + 1);
         let vs0 = nn::VarStore::new(device);
         let fresh = BarlowTwinsModel::new(&vs0.root(), &meta.model_config)?;
         let (btr, bytr, bte, byte) = features(&fresh)?;
-        Some(train_probe(rep, &btr, &bytr, &bte, &byte, classes, spec, meta.step, "linear_probe_baseline")?)
+        Some(train_probe(
+            rep,
+            &btr,
+            &bytr,
+            &bte,
+            &byte,
+            classes,
+            spec,
+            meta.step,
+            "linear_probe_baseline",
+        )?)
     } else {
         None
     };
@@ -204,7 +228,8 @@ mod tests {
         let centers = Tensor::randn([classes, 16], (Kind::Float, Device::Cpu)) * 3.0;
         let make = |n: i64| {
             let y = Tensor::randint(classes, [n], (Kind::Int64, Device::Cpu));
-            let x = centers.index_select(0, &y) + Tensor::randn([n, 16], (Kind::Float, Device::Cpu));
+            let x =
+                centers.index_select(0, &y) + Tensor::randn([n, 16], (Kind::Float, Device::Cpu));
             (x, y)
         };
         let (xtr, ytr) = make(512);
@@ -215,7 +240,11 @@ mod tests {
         let r = train_probe(&mut rep, &xtr, &ytr, &xte, &yte, classes, &spec, 0, "t").unwrap();
         assert!(r.best_top1 > 0.9, "top-1 {}", r.best_top1);
         assert_eq!(rep.collected.len(), 5);
-        let (t1, t5) = accuracy(&Tensor::from_slice2(&[[1.0f32, 0.0, 0.5], [0.0, 1.0, 0.2]]), &Tensor::from_slice(&[2i64, 1])).unwrap();
+        let (t1, t5) = accuracy(
+            &Tensor::from_slice2(&[[1.0f32, 0.0, 0.5], [0.0, 1.0, 0.2]]),
+            &Tensor::from_slice(&[2i64, 1]),
+        )
+        .unwrap();
         assert_eq!((t1, t5), (0.5, 1.0));
     }
 }
