@@ -20,5 +20,9 @@ test: setup
 	$(ENV) cargo build --workspace --bins
 	$(ENV) scripts/run-tests.sh
 
-bench: build
-	$(ENV) cargo run --release -p bt-worker --bin bt-bench -- all
+# Benchmark figures (release build: the first run compiles everything once more).
+bench: setup
+	$(ENV) cargo build --release -p bt-worker --bins
+	$(ENV) target/release/bt-bench data
+	$(ENV) target/release/bt-bench step
+	$(ENV) PROBE=target/release/bt-dist-probe bench/dist_bench.sh

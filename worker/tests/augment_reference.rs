@@ -7,10 +7,9 @@
 //! passes only if `BT_SKIP_PYTHON_REFERENCE=1` is set; otherwise it fails.
 //!
 //! Tolerances:
-//! - resize: PIL resamples in fixed point (22-bit coefficients) and rounds to u8 between the
-//!   horizontal and the vertical pass; bt keeps the intermediate in f32 and rounds once. The two
-//!   agree to ±1 level; we allow a difference of 2 on at most 0.1% of values (rounding
-//!   of the intermediate can compound with overshoot near clipped edges).
+//! - resize: both round and clip the intermediate (after the horizontal pass) to 8 bits, but PIL
+//!   accumulates in fixed point (22-bit coefficients) and bt in f32, so a value sitting at x.5 can
+//!   round either way: ±1 level, never more.
 //! - colour stage: same float32 formulas in a different order of operations (bt's separable blur
 //!   vs torchvision's 2-D kernel, closed-form HSV→RGB); after normalization (÷0.225) float32
 //!   rounding stays far below 1e-4, while one 8-bit level is 0.017.
@@ -168,7 +167,6 @@ fn augmentation_matches_pil_and_torchvision() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     eprintln!("reference: {r}");
-    assert!(r["resize_max"].as_i64().unwrap() <= 2, "{r}");
-    assert!(r["resize_frac_gt1"].as_f64().unwrap() <= 1e-3, "{r}");
+    assert!(r["resize_max"].as_i64().unwrap() <= 1, "{r}");
     assert!(r["color_max"].as_f64().unwrap() < 1e-4, "{r}");
 }

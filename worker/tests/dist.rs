@@ -442,8 +442,7 @@ fn a_store_port_in_use_is_a_clean_error() {
     let port = busy.local_addr().unwrap().port();
     let start = Instant::now();
     let err = ProcessGroup::new(&rendezvous(0, 2, port, Duration::from_secs(10)))
-        .err()
-        .expect("rank 0 cannot host the store on a busy port");
+        .expect_err("rank 0 cannot host the store on a busy port");
     let msg = err.to_string();
     assert!(
         start.elapsed() < Duration::from_secs(5),

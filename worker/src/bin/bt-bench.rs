@@ -3,8 +3,8 @@
 //! - `bt-bench data`: the data pipeline (two augmented views per image), images/s and images/s
 //!   per core, against torchvision + PIL doing the same augmentations.
 //!
-//! Subcommands are independent sections; add new ones (for example `step`: model / loss / optimizer
-//! step timings) to [`Cmd`] and dispatch them in [`main`].
+//! - `bt-bench step`: one rank's training step: the model's forward + backward alone, the loss in
+//!   both forms, the LARS step, and the whole step fed by the loader, with its breakdown.
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -23,7 +23,68 @@ struct Cli {
 enum Cmd {
     /// Data pipeline: loader and augmentation throughput vs torchvision + PIL.
     Data(DataArgs),
-    // ---- further sections (e.g. `Step(StepArgs)`: model/loss/step timings) go here ----
+    /// One rank's training step: model fwd+bwd alone, loss forms, LARS, whole step with breakdown.
+    Step(StepArgs),
+}
+
+#[derive(clap::Args)]
+struct StepArgs {
+    /// resnet18, resnet34 or resnet50.
+    #[arg(long, default_value = "resnet18")]
+    backbone: String,
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cifar_stem: bool,
+    #[arg(long, value_delimiter = ',', default_value = "2048,2048")]
+    projector: Vec<i64>,
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+    /// Images per view per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    loader_threads: usize,
+    /// torch intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    torch_threads: i32,
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    fashion_dir: PathBuf,
+    /// N and D of the loss comparison.
+    #[arg(long, default_value_t = 256)]
+    loss_n: i64,
+    #[arg(long, default_value_t = 8192)]
+    loss_d: i64,
+    /// cpu, cuda or cuda:N (default: cuda if available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn step(a: StepArgs) -> anyhow::Result<()> {
+    use bt_worker::model::Arch;
+    let arch = match a.backbone.as_str() {
+        "resnet18" => Arch::Resnet18,
+        "resnet34" => Arch::Resnet34,
+        "resnet50" => Arch::Resnet50,
+        o => anyhow::bail!("--backbone {o}: expected resnet18, resnet34 or resnet50"),
+    };
+    if a.torch_threads > 0 {
+        tch::set_num_threads(a.torch_threads);
+    }
+    let cfg = bt_worker::trainer::bench::StepBenchConfig {
+        arch,
+        cifar_stem: a.cifar_stem,
+        projector: a.projector,
+        image_size: a.image_size,
+        batch: a.batch,
+        steps: a.steps.max(1),
+        loader_threads: a.loader_threads,
+        fashion_dir: a.fashion_dir,
+        loss_n: a.loss_n,
+        loss_d: a.loss_d,
+        device: parse_device(a.device.as_deref())?,
+    };
+    bt_worker::trainer::bench::run_step_bench(&cfg).context("step benchmark")
 }
 
 #[derive(clap::Args)]
@@ -128,5 +189,6 @@ fn data(a: DataArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Data(a) => data(a),
+        Cmd::Step(a) => step(a),
     }
 }

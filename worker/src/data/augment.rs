@@ -167,7 +167,7 @@ impl AugmentConfig {
         }
         if self.blur {
             let k = self.blur_kernel_size();
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 return bad(format!("blur_kernel: {k} must be odd"));
             }
             if k / 2 >= self.crop_size {
@@ -352,9 +352,11 @@ impl Filter {
     }
 }
 
-/// Per-output-pixel source window and normalized weights along one axis (PIL `precompute_coeffs`):
-/// output pixel `o` covers source interval starting at `in0 + o·scale`; when downscaling the filter
-/// is stretched by `scale` (antialiasing).
+/// Per-output-pixel source window and normalized weights along one axis (PIL `precompute_coeffs`)
+/// for resizing the crop `[in0, in0 + in_len)` to `out_size`: output pixel `o` is centred at
+/// `(o + 0.5)·scale` in crop coordinates; when downscaling the filter is stretched by `scale`
+/// (antialiasing). As with torchvision's crop-then-resize, the window never reads outside the crop
+/// (it is truncated and renormalized at the crop's edges); `start` is in image coordinates.
 struct Coeffs {
     start: Vec<usize>,
     len: Vec<usize>,
@@ -362,8 +364,8 @@ struct Coeffs {
     w: Vec<f32>,
 }
 
-fn coeffs(in0: f64, in_len: f64, in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let scale = in_len / out_size as f64;
+fn coeffs(in0: usize, in_len: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let scale = in_len as f64 / out_size as f64;
     let fscale = scale.max(1.0);
     let support = filter.support() * fscale;
     let ksize = support.ceil() as usize * 2 + 1;
@@ -375,9 +377,9 @@ fn coeffs(in0: f64, in_len: f64, in_size: usize, out_size: usize, filter: Filter
     };
     let mut vals = vec![0f64; ksize];
     for o in 0..out_size {
-        let center = in0 + (o as f64 + 0.5) * scale;
+        let center = (o as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5).trunc() as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5).trunc() as i64).min(in_size as i64) as usize;
+        let xmax = ((center + support + 0.5).trunc() as i64).min(in_len as i64) as usize;
         let n = xmax.saturating_sub(xmin).min(ksize);
         let mut total = 0.0;
         for (k, v) in vals.iter_mut().take(n).enumerate() {
@@ -392,7 +394,7 @@ fn coeffs(in0: f64, in_len: f64, in_size: usize, out_size: usize, filter: Filter
                 0.0
             };
         }
-        c.start.push(xmin);
+        c.start.push(in0 + xmin);
         c.len.push(n);
     }
     c
@@ -400,8 +402,8 @@ fn coeffs(in0: f64, in_len: f64, in_size: usize, out_size: usize, filter: Filter
 
 /// Crops `bx` out of `img`, resizes it to `out_h × out_w` with `filter` (antialiased, like PIL's
 /// `Image.resize`), optionally mirrors it horizontally, and writes u8 **CHW** into `out`
-/// (`3 * out_h * out_w` bytes). Horizontal pass first into a float buffer, then vertical; rounded
-/// to nearest and clamped once at the end.
+/// (`3 * out_h * out_w` bytes). Horizontal pass first, rounded and clipped to 8 bits as PIL does,
+/// then the vertical pass, rounded and clipped again.
 pub fn resample_chw(
     img: &Image,
     bx: CropBox,
@@ -413,8 +415,8 @@ pub fn resample_chw(
 ) {
     debug_assert_eq!(out.len(), 3 * out_h * out_w);
     debug_assert!(bx.top + bx.height <= img.height && bx.left + bx.width <= img.width);
-    let cx = coeffs(bx.left as f64, bx.width as f64, img.width, out_w, filter);
-    let cy = coeffs(bx.top as f64, bx.height as f64, img.height, out_h, filter);
+    let cx = coeffs(bx.left, bx.width, out_w, filter);
+    let cy = coeffs(bx.top, bx.height, out_h, filter);
     // Source rows needed by the vertical pass.
     let y0 = cy.start.iter().copied().min().unwrap_or(0);
     let y1 = cy
@@ -440,9 +442,11 @@ pub fn resample_chw(
                 b += w * src[p + 1] as f32;
                 c += w * src[p + 2] as f32;
             }
-            dst[x * 3] = a;
-            dst[x * 3 + 1] = b;
-            dst[x * 3 + 2] = c;
+            // Like PIL (and torch's uint8 path), the intermediate is an 8-bit image: rounding and
+            // clipping here keeps bicubic overshoot from reaching the vertical pass.
+            dst[x * 3] = a.round().clamp(0.0, 255.0);
+            dst[x * 3 + 1] = b.round().clamp(0.0, 255.0);
+            dst[x * 3 + 2] = c.round().clamp(0.0, 255.0);
         }
     }
     // Vertical pass into CHW.

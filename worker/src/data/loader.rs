@@ -466,6 +466,9 @@ impl EvalBatch {
     }
 }
 
+/// One decoded evaluation item: (source index, label, CHW pixels).
+type Decoded = (usize, Option<i64>, Vec<u8>);
+
 /// Iterates over `indices` of `source` in batches of `batch` (the last one may be smaller),
 /// decoding in parallel on the global rayon pool. Unreadable items are skipped with a warning and
 /// counted; a batch in which every item failed is returned empty.
@@ -484,7 +487,7 @@ pub fn eval_batches<'a>(
         }
         let c = transform.crop;
         let per = 3 * c * c;
-        let decoded: Vec<Option<(usize, Option<i64>, Vec<u8>)>> = chunk
+        let decoded: Vec<Option<Decoded>> = chunk
             .par_iter()
             .map(|&i| match source.get(i) {
                 Ok(img) => {

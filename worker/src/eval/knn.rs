@@ -331,7 +331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("imgs");
         let mut bytes = vec![0u8, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 4, 0, 0, 0, 4];
-        bytes.extend(std::iter::repeat(7).take(32));
+        bytes.extend(std::iter::repeat_n(7, 32));
         std::fs::write(&p, bytes).unwrap();
         let src = IdxSource::open(&p, None).unwrap();
         let e = extract_features(&src, &[0, 1], 4, 2, Device::Cpu, |x| Ok(x.shallow_clone()))

@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 finished, 2 the job's own error (bad spec or data: no restart helps),
 //! 3 an infrastructure error (collective timeout, lost peer, I/O), 143 stopped by SIGTERM.
+pub mod bench;
 mod job;
 pub mod probe;
 mod report;

@@ -28,7 +28,7 @@ pil = Image.fromarray(img, mode="RGB")
 
 ours = np.fromfile(os.path.join(d, "ours_resize.bin"), dtype=np.uint8)
 off = 0
-resize_max, resize_gt1, resize_n = 0, 0, 0
+resize_max, resize_gt1, resize_n, resize_per_case = 0, 0, 0, []
 for c in case["resize"]:
     s = c["size"]
     ref = pil.crop((c["left"], c["top"], c["left"] + c["w"], c["top"] + c["h"])).resize(
@@ -40,6 +40,7 @@ for c in case["resize"]:
     got = ours[off : off + ref.size].reshape(ref.shape).astype(np.int32)
     off += ref.size
     diff = np.abs(ref - got)
+    resize_per_case.append(int(diff.max()))
     resize_max = max(resize_max, int(diff.max()))
     resize_gt1 += int((diff > 1).sum())
     resize_n += diff.size
@@ -73,6 +74,7 @@ print(
         {
             "resize_max": resize_max,
             "resize_frac_gt1": resize_gt1 / max(resize_n, 1),
+            "resize_per_case": resize_per_case,
             "color_max": color_max,
             "color_per_sample": per_sample,
         }

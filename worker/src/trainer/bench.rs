@@ -1,0 +1,174 @@
+//! `bt-bench step`: timings of one rank's training step and its parts — the model's forward +
+//! backward alone, the loss in both forms, the LARS step, and the whole step fed by the real loader
+//! with its breakdown (data wait / device augmentations / forward / loss / backward / optimizer).
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::{self, AugmentConfig, Loader, LoaderConfig, SourceSpec, Split};
+use crate::loss::{barlow_twins_loss, LossForm};
+use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
+use crate::optim::{Lars, LarsConfig};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct StepBenchConfig {
+    pub arch: Arch,
+    pub cifar_stem: bool,
+    pub projector: Vec<i64>,
+    pub image_size: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub loader_threads: usize,
+    pub fashion_dir: std::path::PathBuf,
+    pub loss_n: i64,
+    pub loss_d: i64,
+    pub device: Device,
+}
+
+fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3 / steps as f64)
+}
+
+/// Runs the step benchmark and prints its figures.
+pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
+    let dev = c.device;
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(dev);
+    let mut mcfg = ModelConfig::new(c.arch);
+    mcfg.cifar_stem = c.cifar_stem;
+    mcfg.projector = c.projector.clone();
+    let model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
+    let params = model.parameters();
+    let n_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+    let b = c.batch as i64;
+    let s = c.image_size as i64;
+    println!(
+        "# bt-bench step: {:?} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}",
+        c.arch, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev
+    );
+    let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
+    let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
+    let mut opt = Lars::new(&params, LarsConfig::default(), c.batch, 0, 1000);
+
+    // 1. the model alone: forward both views, a trivial scalar, backward.
+    let model_ms = time_it(c.steps, || {
+        opt.zero_grad();
+        let za = model.forward(&xa, true)?;
+        let zb = model.forward(&xb, true)?;
+        (za * zb).mean(Kind::Float).f_backward()?;
+        Ok(())
+    })?;
+    println!(
+        "model forward+backward (2 views)      {model_ms:>9.1} ms   {:>8.1} img/s",
+        b as f64 * 1e3 / model_ms
+    );
+
+    // 2. the loss, both forms, forward + backward w.r.t. the embeddings.
+    let za = Tensor::randn([c.loss_n, c.loss_d], (Kind::Float, dev)).set_requires_grad(true);
+    let zb = Tensor::randn([c.loss_n, c.loss_d], (Kind::Float, dev)).set_requires_grad(true);
+    let mut loss_ms = Vec::new();
+    for form in [LossForm::Cross, LossForm::Gram] {
+        let ms = time_it(c.steps.min(5), || {
+            let out = barlow_twins_loss(&za, &zb, 0.0051, form, false)?;
+            out.loss.f_backward()?;
+            let _ = za.grad().zero_();
+            let _ = zb.grad().zero_();
+            Ok(())
+        })?;
+        println!(
+            "loss {:<6} N={} D={} fwd+bwd     {ms:>9.1} ms",
+            format!("{form:?}"),
+            c.loss_n,
+            c.loss_d
+        );
+        loss_ms.push(ms);
+    }
+    println!(
+        "gram speed-up over cross              {:>9.2}x",
+        loss_ms[0] / loss_ms[1]
+    );
+
+    // 3. the optimizer step alone (gradients from the last backward are still there).
+    {
+        opt.zero_grad();
+        let za = model.forward(&xa, true)?;
+        za.mean(Kind::Float).f_backward()?;
+    }
+    let mut st = 0u64;
+    let opt_ms = time_it(c.steps, || {
+        st += 1;
+        opt.step(st)?;
+        Ok(())
+    })?;
+    println!("LARS step                             {opt_ms:>9.1} ms");
+
+    // 4. the whole step fed by the loader, with its breakdown.
+    let src = data::open_source(
+        &SourceSpec::FashionMnist {
+            dir: c.fashion_dir.clone(),
+        },
+        Split::Train,
+    )?;
+    let mut lc = LoaderConfig::new(c.batch, 0, AugmentConfig::small(c.image_size));
+    lc.threads = c.loader_threads;
+    lc.prefetch = 4;
+    let mut loader = Loader::new(Arc::clone(&src), lc, 0)?;
+    let mut parts = [0f64; 6];
+    let names = [
+        "data wait",
+        "device augment",
+        "forward",
+        "loss",
+        "backward",
+        "optimizer",
+    ];
+    let mut timed_total = 0.0;
+    for i in 0..=c.steps {
+        let mut t = Instant::now();
+        let lap = |k: usize, parts: &mut [f64; 6], t: &mut Instant| {
+            if i > 0 {
+                parts[k] += t.elapsed().as_secs_f64() * 1e3;
+            }
+            *t = Instant::now();
+        };
+        let step_t = Instant::now();
+        let batch = loader.next_batch()?;
+        lap(0, &mut parts, &mut t);
+        let (va, vb) = batch.views(dev)?;
+        lap(1, &mut parts, &mut t);
+        let za = model.forward(&va, true)?;
+        let zb = model.forward(&vb, true)?;
+        lap(2, &mut parts, &mut t);
+        let out = barlow_twins_loss(&za, &zb, 0.0051, LossForm::Auto, false)?;
+        lap(3, &mut parts, &mut t);
+        opt.zero_grad();
+        out.loss.f_backward()?;
+        lap(4, &mut parts, &mut t);
+        opt.step(i as u64 + 1)?;
+        lap(5, &mut parts, &mut t);
+        if i > 0 {
+            timed_total += step_t.elapsed().as_secs_f64() * 1e3;
+        }
+    }
+    let step_ms = timed_total / c.steps as f64;
+    println!(
+        "whole step (loader, {} thread(s))      {step_ms:>9.1} ms   {:>8.1} img/s",
+        c.loader_threads,
+        b as f64 * 1e3 / step_ms
+    );
+    for (n, v) in names.iter().zip(parts) {
+        println!("  {n:<18}                  {:>9.1} ms", v / c.steps as f64);
+    }
+    println!(
+        "whole step vs model fwd+bwd alone     {:>+8.1} %",
+        100.0 * (step_ms - model_ms) / model_ms
+    );
+    Ok(())
+}
