@@ -1,0 +1,153 @@
+//! World-size invariance through the real trainer (model with SyncBN, data loader, all-gathered
+//! global-batch loss, bucketed gradient all-reduce, LARS): one rank with global batch N, two with N/2
+//! and four with N/4 give the same losses and the same parameters. With SyncBN off they differ, so
+//! the test can fail.
+use std::collections::HashMap;
+use std::path::Path;
+
+use bt_proto::trainer_event::Body;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use bt_proto::{Assignment, TrainerEvent};
+use prost::Message;
+use tch::Tensor;
+
+fn spec(world: u32, sync_bn: bool) -> String {
+    format!(
+        r#"
+world_size = {world}
+[data]
+source = "fashion-mnist"
+path = "/usr/share/datasets/fashion-mnist"
+limit = 128
+image_size = 16
+[model]
+backbone = "resnet18"
+cifar_stem = true
+projector = [32, 32]
+sync_bn = {sync_bn}
+[train]
+batch_size = 16
+max_steps = 3
+warmup_epochs = 0
+log_every = 1
+seed = 3
+lr_weights = 0.5
+[eval]
+knn_at_end = false
+[dist]
+timeout_secs = 30
+"#
+    )
+}
+
+fn free_port() -> u32 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port() as u32
+}
+
+/// Runs `world` ranks as real trainer processes (`bt-worker train`, assignment on stdin, events on
+/// stdout); returns rank 0's losses and final parameters.
+fn train(world: u32, sync_bn: bool, dir: &Path) -> (Vec<f64>, HashMap<String, Tensor>) {
+    let port = free_port();
+    let spec = spec(world, sync_bn);
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let a = Assignment {
+                job_id: "inv".into(),
+                epoch: 1,
+                rank,
+                world_size: world,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                spec_toml: spec.clone(),
+                checkpoint_dir: dir.display().to_string(),
+                ..Default::default()
+            };
+            let mut child = Command::new(env!("CARGO_BIN_EXE_bt-worker"))
+                .args(["train", "--device-kind", "cpu"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start trainer");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(&a.encode_to_vec())
+                .unwrap();
+            child
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("trainer"))
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} of {world} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mut buf = outs[0].stdout.as_slice();
+    let mut losses = Vec::new();
+    while !buf.is_empty() {
+        let ev = TrainerEvent::decode_length_delimited(&mut buf).expect("event");
+        if let Some(Body::Metrics(m)) = ev.body {
+            losses.push(m.loss);
+        }
+    }
+    let params = bt_worker::model::read_safetensors(&dir.join("00000003/model.safetensors"))
+        .expect("final checkpoint");
+    (losses, params)
+}
+
+fn max_rel_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for (k, ta) in a {
+        let tb = &b[k];
+        if ta.kind() == tch::Kind::Int64 {
+            continue;
+        }
+        let d = (ta - tb).abs().max().double_value(&[]);
+        let scale = ta.abs().max().double_value(&[]).max(1e-3);
+        if d / scale > worst.0 {
+            worst = (d / scale, k.clone());
+        }
+    }
+    worst
+}
+
+#[test]
+fn one_two_and_four_ranks_train_identically() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (l1, p1) = train(1, true, dirs[0].path());
+    let (l2, p2) = train(2, true, dirs[1].path());
+    let (l4, p4) = train(4, true, dirs[2].path());
+    assert_eq!(l1.len(), 3);
+    // fp32 with sums taken in a different order per split: agreement to ~1e-5 relative is what
+    // rounding allows after three steps; 1e-4 leaves margin while still catching any real change
+    // (local BN statistics move the loss by whole percents, see below).
+    for (w, l) in [(2, &l2), (4, &l4)] {
+        for (a, b) in l1.iter().zip(l.iter()) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs(),
+                "W={w}: losses {l1:?} vs {l:?}"
+            );
+        }
+        let (d, k) = max_rel_diff(&p1, if w == 2 { &p2 } else { &p4 });
+        eprintln!("W={w} vs W=1: losses {l:?} vs {l1:?}; worst parameter {k}: {d:e} relative");
+        assert!(d < 1e-4, "W={w}: parameter {k} differs by {d:e} (relative)");
+    }
+    // Without SyncBN each rank normalises with its own half batch: the method changes.
+    let (l2_local, _) = train(2, false, dirs[3].path());
+    let rel = (l1[0] - l2_local[0]).abs() / l1[0].abs();
+    eprintln!("W=2 without SyncBN: losses {l2_local:?} ({rel:.3} relative at step 1)");
+    assert!(
+        rel > 1e-3,
+        "local BN gave the same loss ({l1:?} vs {l2_local:?})"
+    );
+}
