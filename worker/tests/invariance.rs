@@ -144,10 +144,14 @@ fn one_two_and_four_ranks_train_identically() {
     }
     // Without SyncBN each rank normalises with its own half batch: the method changes.
     let (l2_local, _) = train(2, false, dirs[3].path());
-    let rel = (l1[0] - l2_local[0]).abs() / l1[0].abs();
-    eprintln!("W=2 without SyncBN: losses {l2_local:?} ({rel:.3} relative at step 1)");
+    let rel = l1
+        .iter()
+        .zip(&l2_local)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
+    eprintln!("W=2 without SyncBN: losses {l2_local:?} (up to {rel:.3} relative)");
     assert!(
-        rel > 1e-3,
-        "local BN gave the same loss ({l1:?} vs {l2_local:?})"
+        rel > 1e-2,
+        "local BN gave the same losses ({l1:?} vs {l2_local:?})"
     );
 }
