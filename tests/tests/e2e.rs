@@ -245,3 +245,79 @@ fn bad_input_gets_clear_errors() {
     let out = c.btctl(&["cancel", "6b1f4f9e-5d8e-4a7b-9c1d-2e3f4a5b6c7d"]);
     assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
 }
+
+#[test]
+fn four_rank_job_over_two_daemons_succeeds() {
+    let c = Cluster::start(2, 2);
+    let id = c.submit(TINY, &["world_size=4", "name=four-ranks"]);
+    let job = c.wait_state(&id, &["succeeded", "failed"], 3 * MINUTE);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let placement = job["placement"].as_array().expect("placement");
+    assert_eq!(placement.len(), 4);
+    let workers: std::collections::BTreeSet<&str> = placement
+        .iter()
+        .filter_map(|p| p["worker_name"].as_str())
+        .collect();
+    assert_eq!(workers.len(), 2, "{placement:?}");
+    assert_eq!(job["last_metrics"]["step"], 6);
+}
+
+/// The design's full width: 32 trainer processes across four daemons through the coordinator.
+/// Heavy for a 2-core machine (32 libtorch processes), so it runs on request:
+/// `cargo nextest run -p bt-tests --run-ignored only scale_rehearsal --no-capture`.
+#[test]
+#[ignore]
+fn scale_rehearsal_world_size_32() {
+    let c = Cluster::start(4, 8);
+    let t0 = std::time::Instant::now();
+    let id = c.submit(
+        TINY,
+        &[
+            "world_size=32",
+            "train.batch_size=64",
+            "train.max_steps=3",
+            "train.log_every=1",
+            "data.limit=512",
+            "model.projector=[32, 32]",
+            "checkpoint.every_steps=0",
+            "eval.knn_at_end=false",
+            "dist.timeout_secs=180",
+        ],
+    );
+    let running = c.wait_state(&id, &["running"], 5 * MINUTE);
+    let t_running = t0.elapsed();
+    let job = c.wait_state(&id, &["succeeded", "failed"], 10 * MINUTE);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(running["placement"].as_array().map(Vec::len), Some(32));
+    // Rendezvous time as each rank logged it.
+    let mut rendezvous_ms: Vec<u64> = Vec::new();
+    for i in 0..4 {
+        for e in std::fs::read_dir(c.path(&format!("worker-{i}")))
+            .unwrap()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for line in text.lines().filter(|l| l.contains("process group ready")) {
+                if let Some(ms) = line
+                    .split("elapsed_ms=")
+                    .nth(1)
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|s| s.parse().ok())
+                {
+                    rendezvous_ms.push(ms);
+                }
+            }
+        }
+    }
+    rendezvous_ms.sort_unstable();
+    eprintln!(
+        "world size 32: all ranks started after {:.1}s, job done after {:.1}s; rendezvous per rank {:?} ms (min/max {:?}/{:?}); last step {} ms",
+        t_running.as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
+        rendezvous_ms.len(),
+        rendezvous_ms.first(),
+        rendezvous_ms.last(),
+        job["last_metrics"]["step_time_ms"]
+    );
+    assert_eq!(rendezvous_ms.len(), 32);
+}
