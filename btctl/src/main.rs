@@ -157,18 +157,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", spec.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut c = connect(&cli.coordinator).await?;
-            let job = c
-                .submit_job(SubmitJobRequest {
-                    spec_toml: spec.to_toml(),
-                })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
-            println!("{}", job.id);
-            if watch {
-                return watch::watch(&mut c, &job.id, 0, false).await;
-            }
+            return submit(&cli.coordinator, &spec, watch).await;
         }
         Cmd::Eval {
             checkpoint,
@@ -181,18 +170,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             let spec = bt_common::JobSpec::from_toml_with_overrides(&base, &set)
                 .map_err(|e| anyhow::anyhow!("invalid probe spec: {e}"))?;
-            let mut c = connect(&cli.coordinator).await?;
-            let job = c
-                .submit_job(SubmitJobRequest {
-                    spec_toml: spec.to_toml(),
-                })
-                .await
-                .map_err(rpc_err)?
-                .into_inner();
-            println!("{}", job.id);
-            if watch {
-                return watch::watch(&mut c, &job.id, 0, false).await;
-            }
+            return submit(&cli.coordinator, &spec, watch).await;
         }
         Cmd::List { output } => {
             let mut c = connect(&cli.coordinator).await?;
@@ -250,6 +228,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .checkpoints;
             output::print_checkpoints(&cps, output == Format::Json);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a validated spec; prints the job id, then follows it when asked.
+async fn submit(addr: &str, spec: &bt_common::JobSpec, watch: bool) -> Result<ExitCode> {
+    let mut c = connect(addr).await?;
+    let job = c
+        .submit_job(SubmitJobRequest {
+            spec_toml: spec.to_toml(),
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    println!("{}", job.id);
+    if watch {
+        return watch::watch(&mut c, &job.id, 0, false).await;
     }
     Ok(ExitCode::SUCCESS)
 }

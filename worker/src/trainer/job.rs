@@ -244,7 +244,12 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         _ => LossForm::Auto,
     };
     let knn_every = u64::from(spec.eval.knn_every_epochs) * steps_per_epoch;
-    let ckpt_dir = PathBuf::from(&a.checkpoint_dir);
+    let ckpt = Checkpointer {
+        job_id: &a.job_id,
+        root: PathBuf::from(&a.checkpoint_dir),
+        spec: &spec,
+        steps_per_epoch,
+    };
 
     let mut skipped_total = 0u64;
     let mut window_imgs = 0u64;
@@ -255,16 +260,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     while step < total_steps {
         if stop_requested() {
             if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
-                save_checkpoint(
-                    rep,
-                    &a.job_id,
-                    &ckpt_dir,
-                    &spec,
-                    &model,
-                    &opt,
-                    step,
-                    steps_per_epoch,
-                )?;
+                ckpt.save(rep, &model, &opt, step)?;
             }
             return Ok(Outcome::Stopped);
         }
@@ -320,16 +316,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
             && step.is_multiple_of(spec.checkpoint.every_steps)
             && step < total_steps
         {
-            save_checkpoint(
-                rep,
-                &a.job_id,
-                &ckpt_dir,
-                &spec,
-                &model,
-                &opt,
-                step,
-                steps_per_epoch,
-            )?;
+            ckpt.save(rep, &model, &opt, step)?;
             last_ckpt_step = step;
         }
         if knn_every > 0 && step.is_multiple_of(knn_every) && step < total_steps {
@@ -349,16 +336,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     }
     if is_rank0 {
         if step > last_ckpt_step || spec.checkpoint.every_steps == 0 {
-            save_checkpoint(
-                rep,
-                &a.job_id,
-                &ckpt_dir,
-                &spec,
-                &model,
-                &opt,
-                step,
-                steps_per_epoch,
-            )?;
+            ckpt.save(rep, &model, &opt, step)?;
         }
         if spec.eval.knn_at_end {
             knn_monitor(
@@ -378,40 +356,45 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     Ok(Outcome::Finished)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save_checkpoint(
-    rep: &mut Reporter,
-    job_id: &str,
-    root: &Path,
-    spec: &JobSpec,
-    model: &BarlowTwinsModel,
-    opt: &Lars,
-    step: u64,
+/// Rank 0's checkpoint writer: `<root>/<step>/`, reported to the daemon when written.
+struct Checkpointer<'a> {
+    job_id: &'a str,
+    root: PathBuf,
+    spec: &'a JobSpec,
     steps_per_epoch: u64,
-) -> TResult<()> {
-    let dir = root.join(format!("{step:08}"));
-    let epoch = (step / steps_per_epoch) as u32;
-    let t0 = Instant::now();
-    match checkpoint::save(&dir, model, opt, step, epoch, &spec.to_toml()) {
-        Ok(saved) => {
-            info!(step, path = %dir.display(), ms = t0.elapsed().as_millis() as u64, "checkpoint written");
-            rep.send(Body::Checkpoint(CheckpointInfo {
-                job_id: job_id.to_string(),
-                step,
-                epoch,
-                path: dir.display().to_string(),
-                created_at_ms: bt_common::now_ms(),
-                size_bytes: saved.size_bytes,
-                sha256: saved.sha256,
-            }));
-            Ok(())
+}
+
+impl Checkpointer<'_> {
+    fn save(
+        &self,
+        rep: &mut Reporter,
+        model: &BarlowTwinsModel,
+        opt: &Lars,
+        step: u64,
+    ) -> TResult<()> {
+        let dir = self.root.join(format!("{step:08}"));
+        let epoch = (step / self.steps_per_epoch) as u32;
+        let t0 = Instant::now();
+        match checkpoint::save(&dir, model, opt, step, epoch, &self.spec.to_toml()) {
+            Ok(saved) => {
+                info!(step, path = %dir.display(), ms = t0.elapsed().as_millis() as u64, "checkpoint written");
+                rep.send(Body::Checkpoint(CheckpointInfo {
+                    job_id: self.job_id.to_string(),
+                    step,
+                    epoch,
+                    path: dir.display().to_string(),
+                    created_at_ms: bt_common::now_ms(),
+                    size_bytes: saved.size_bytes,
+                    sha256: saved.sha256,
+                }));
+            }
+            Err(e) => {
+                // A failed checkpoint write is reported, not fatal: training goes on.
+                warn!(step, path = %dir.display(), error = %e, "checkpoint write failed");
+                rep.notice("warn", format!("checkpoint at step {step} failed: {e}"));
+            }
         }
-        Err(e) => {
-            // A failed checkpoint write is reported, not fatal: training goes on.
-            warn!(step, path = %dir.display(), error = %e, "checkpoint write failed");
-            rep.notice("warn", format!("checkpoint at step {step} failed: {e}"));
-            Ok(())
-        }
+        Ok(())
     }
 }
 
