@@ -207,7 +207,9 @@ pub fn print_checkpoints(cps: &[CheckpointInfo], as_json: bool) {
             .iter()
             .map(|c| {
                 json!({"job_id": c.job_id, "step": c.step, "epoch": c.epoch, "path": c.path,
-                "created_at_ms": c.created_at_ms, "size_bytes": c.size_bytes, "sha256": c.sha256})
+                "created_at_ms": c.created_at_ms, "size_bytes": c.size_bytes, "sha256": c.sha256,
+                "eval_state": c.eval_state, "eval_job_id": c.eval_job_id,
+                "eval": c.eval.as_ref().map(eval_json)})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

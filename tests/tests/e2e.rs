@@ -321,3 +321,44 @@ fn scale_rehearsal_world_size_32() {
     );
     assert_eq!(rendezvous_ms.len(), 32);
 }
+
+#[test]
+fn committed_checkpoint_is_evaluated_on_request() {
+    let c = Cluster::start(1, 1);
+    let id = c.submit(TINY, &["world_size=1", "checkpoint.every_steps=0"]);
+    c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    let cps = c.btctl_json(&["checkpoints", &id]).expect("checkpoints");
+    let cp = &cps.as_array().expect("array")[0];
+    assert_eq!(cp["eval_state"], "", "no evaluation requested yet");
+    let path = cp["path"].as_str().expect("path").to_string();
+    let out = c.btctl(&[
+        "eval",
+        &path,
+        "--set",
+        "data.limit=256",
+        "--set",
+        "eval.test_size=100",
+        "--set",
+        "eval.probe_epochs=3",
+        "--set",
+        "eval.baseline=false",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let probe = stdout(&out).trim().to_string();
+    let watch = c.btctl(&["watch", "--plain", &probe]);
+    let text = stdout(&watch);
+    assert!(watch.status.success(), "{text}");
+    assert!(text.contains("eval: linear_probe_epoch"), "{text}");
+    assert!(text.contains("eval: linear_probe at step 6"), "{text}");
+    let cps = c.btctl_json(&["checkpoints", &id]).expect("checkpoints");
+    let cp = &cps.as_array().expect("array")[0];
+    assert_eq!(cp["eval_state"], "done", "{cp}");
+    assert_eq!(cp["eval_job_id"], probe.as_str());
+    assert!(cp["eval"]["top1"].as_f64().unwrap_or(0.0) > 0.1, "{cp}");
+    // A probe of a checkpoint that is not there fails with the path in the reason.
+    let out = c.btctl(&["eval", "/no/such/checkpoint"]);
+    let bad = stdout(&out).trim().to_string();
+    let job = c.wait_state(&bad, &["failed"], MINUTE);
+    let reason = job["failure_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("/no/such/checkpoint"), "{reason}");
+}

@@ -179,7 +179,47 @@ pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointI
         created_at_ms: c.created_ms,
         size_bytes: c.size_bytes,
         sha256: c.sha256.clone(),
+        ..Default::default()
     }
+}
+
+/// Fills each checkpoint's eval state from the newest linear-probe job pointed at its path:
+/// derived on read, so it can never disagree with the probe jobs themselves.
+fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()> {
+    if cps.is_empty() {
+        return Ok(());
+    }
+    let mut probes: Vec<(String, JobRecord)> = tx
+        .list_jobs(&[])?
+        .into_iter()
+        .filter(|j| j.kind == "linear_probe")
+        .filter_map(|j| {
+            let path = JobSpec::from_toml_str(&j.spec_toml).ok()?.eval.checkpoint;
+            Some((path, j))
+        })
+        .collect();
+    probes.sort_by_key(|(_, j)| j.created_ms);
+    for cp in cps.iter_mut() {
+        let Some((_, job)) = probes.iter().rev().find(|(p, _)| *p == cp.path) else {
+            continue;
+        };
+        cp.eval_job_id = job.id.to_string();
+        cp.eval_state = match job.state {
+            JobState::Running => "running",
+            JobState::Succeeded => "done",
+            JobState::Failed | JobState::Cancelled => "failed",
+            _ => "pending",
+        }
+        .into();
+        if job.state == JobState::Succeeded {
+            cp.eval = job_view(tx, job)?
+                .evals
+                .into_iter()
+                .rev()
+                .find(|e| e.kind == "linear_probe");
+        }
+    }
+    Ok(())
 }
 
 fn kind_name(spec: &JobSpec) -> String {
@@ -244,11 +284,13 @@ impl Core {
     pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
         self.read(|_, tx| {
             tx.get_job(id)?.ok_or_else(|| not_found(id))?;
-            Ok(tx
+            let mut out: Vec<CheckpointInfo> = tx
                 .list_checkpoints(id, false)?
                 .iter()
                 .map(checkpoint_info)
-                .collect())
+                .collect();
+            attach_probe_state(tx, &mut out)?;
+            Ok(out)
         })
     }
 

@@ -386,6 +386,7 @@ impl Checkpointer<'_> {
                     created_at_ms: bt_common::now_ms(),
                     size_bytes: saved.size_bytes,
                     sha256: saved.sha256,
+                    ..Default::default()
                 }));
             }
             Err(e) => {
