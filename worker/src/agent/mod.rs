@@ -127,7 +127,7 @@ fn endpoint(addr: &str) -> String {
 /// Events the daemon's main loop handles, from trainer supervisors.
 #[derive(Debug)]
 pub(crate) enum Local {
-    Report(TrainerReport),
+    Report(Box<TrainerReport>),
     Exited {
         job_id: String,
         epoch: u64,
@@ -294,6 +294,7 @@ impl Daemon {
     fn local(&mut self, ev: Local, up: Option<&mpsc::Sender<WorkerMessage>>) {
         match ev {
             Local::Report(r) => {
+                let r = *r;
                 let Some(tx) = up else {
                     self.buffer(r);
                     return;
@@ -378,7 +379,7 @@ impl Daemon {
                 device = a.device,
                 "assignment names a device this node does not have"
             );
-            let _ = self.local_tx.send(Local::Report(TrainerReport {
+            let _ = self.local_tx.send(Local::Report(Box::new(TrainerReport {
                 job_id: a.job_id.clone(),
                 epoch: a.epoch,
                 rank: a.rank,
@@ -388,7 +389,7 @@ impl Daemon {
                     reason: format!("device {} does not exist on worker {}", a.device, self.name),
                     ..Default::default()
                 })),
-            }));
+            })));
             return;
         }
         let kind = self

@@ -86,12 +86,12 @@ pub(crate) fn spawn(
         let tx = tx.clone();
         let job_id = job_id.clone();
         move |body: Body| {
-            let _ = tx.send(Local::Report(TrainerReport {
+            let _ = tx.send(Local::Report(Box::new(TrainerReport {
                 job_id: job_id.clone(),
                 epoch,
                 rank,
                 body: Some(body),
-            }));
+            })));
         }
     };
     report(Body::Started(TrainerStarted { pid }));
