@@ -160,6 +160,11 @@ pub struct CheckpointSpec {
     /// Also keep one checkpoint every K epochs (0: none).
     #[serde(default)]
     pub keep_every_epochs: u32,
+    /// Evaluate every committed checkpoint with a linear probe: a job of its own
+    /// (`kind = "linear_probe"`, one device), scheduled on free devices like any job, so the
+    /// pretraining job is never stopped. Retention keeps a checkpoint until its probe has ended.
+    #[serde(default)]
+    pub auto_eval: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -341,6 +346,25 @@ impl JobSpec {
             })?;
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// The spec of a linear-probe job for `checkpoint`, written by this pretraining job: the same
+    /// data set and evaluation settings, one device.
+    pub fn probe_for(&self, checkpoint: &str) -> JobSpec {
+        let mut p = JobSpec {
+            name: format!("{}-probe", self.name),
+            kind: JobKind::LinearProbe,
+            world_size: 1,
+            priority: self.priority,
+            data: self.data.clone(),
+            eval: self.eval.clone(),
+            ..JobSpec::default()
+        };
+        p.eval.checkpoint = checkpoint.to_string();
+        p.train.seed = self.train.seed;
+        p.train.torch_threads = self.train.torch_threads;
+        p.restart.max_restarts = 0;
+        p
     }
 
     /// The canonical TOML text of this spec (every field explicit).

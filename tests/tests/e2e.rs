@@ -362,3 +362,46 @@ fn committed_checkpoint_is_evaluated_on_request() {
     let reason = job["failure_reason"].as_str().unwrap_or("");
     assert!(reason.contains("/no/such/checkpoint"), "{reason}");
 }
+
+#[test]
+fn auto_eval_probes_each_committed_checkpoint_without_stopping_training() {
+    let c = Cluster::start(2, 1);
+    let id = c.submit(
+        TINY,
+        &[
+            "world_size=1",
+            "checkpoint.every_steps=3",
+            "checkpoint.keep_last=1",
+            "checkpoint.auto_eval=true",
+            "eval.probe_epochs=2",
+            "eval.baseline=false",
+        ],
+    );
+    // The probe of the step-3 checkpoint runs on the second device while training goes on.
+    let job = c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    assert_eq!(job["last_metrics"]["step"], 6);
+    let probes: Vec<String> = wait_for("two probe jobs", MINUTE, || {
+        let jobs = c.btctl_json(&["list"])?;
+        let p: Vec<String> = jobs
+            .as_array()?
+            .iter()
+            .filter(|j| j["kind"] == "linear_probe")
+            .filter_map(|j| j["id"].as_str().map(String::from))
+            .collect();
+        (p.len() == 2).then_some(p)
+    });
+    for p in &probes {
+        c.wait_state(p, &["succeeded"], 3 * MINUTE);
+    }
+    // keep_last = 1, but the step-3 checkpoint was kept while its probe needed it; both are
+    // evaluated.
+    let cps = c.btctl_json(&["checkpoints", &id]).expect("checkpoints");
+    let done: Vec<u64> = cps
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["eval_state"] == "done")
+        .filter_map(|c| c["step"].as_u64())
+        .collect();
+    assert!(done.contains(&6), "{cps}");
+}

@@ -183,6 +183,32 @@ pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointI
     }
 }
 
+/// A new QUEUED job for a validated spec, inside the caller's transaction.
+pub(crate) fn insert_job(tx: &mut dyn Tx, fx: &mut Effects, spec: &JobSpec) -> Result<JobRecord> {
+    let now = now_ms();
+    let mut job = JobRecord {
+        id: JobId::new(),
+        name: spec.name.clone(),
+        kind: kind_name(spec),
+        spec_toml: spec.to_toml(),
+        priority: spec.priority,
+        world_size: spec.world_size,
+        state: JobState::Queued,
+        created_ms: now,
+        updated_ms: now,
+        epoch: 0,
+        attempts: 0,
+        restarts_used: 0,
+        max_restarts: spec.restart.max_restarts,
+        failure_reason: String::new(),
+        total_steps: 0,
+        last_metrics: None,
+    };
+    set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
+    fx.schedule = true;
+    Ok(job)
+}
+
 /// Fills each checkpoint's eval state from the newest linear-probe job pointed at its path:
 /// derived on read, so it can never disagree with the probe jobs themselves.
 fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()> {
@@ -236,28 +262,8 @@ impl Core {
             field: e.field,
             message: e.message,
         })?;
-        let now = now_ms();
-        let mut job = JobRecord {
-            id: JobId::new(),
-            name: spec.name.clone(),
-            kind: kind_name(&spec),
-            spec_toml: spec.to_toml(),
-            priority: spec.priority,
-            world_size: spec.world_size,
-            state: JobState::Queued,
-            created_ms: now,
-            updated_ms: now,
-            epoch: 0,
-            attempts: 0,
-            restarts_used: 0,
-            max_restarts: spec.restart.max_restarts,
-            failure_reason: String::new(),
-            total_steps: 0,
-            last_metrics: None,
-        };
         self.transition(|_, _, tx, fx| {
-            set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
-            fx.schedule = true;
+            let job = insert_job(tx, fx, &spec)?;
             job_view(tx, &job)
         })
     }

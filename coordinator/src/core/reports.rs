@@ -194,6 +194,13 @@ pub(crate) fn handle_report(
                 c.step,
                 job_event::Kind::Checkpoint(checkpoint_info(&rec)),
             )?;
+            if let Ok(spec) = JobSpec::from_toml_str(&job.spec_toml) {
+                if spec.checkpoint.auto_eval {
+                    let probe = spec.probe_for(&rec.path);
+                    let probe_job = super::jobs::insert_job(tx, fx, &probe)?;
+                    info!(job_id = %job_id, probe_job = %probe_job.id, path = %rec.path, "checkpoint evaluation queued");
+                }
+            }
             apply_retention(config, tx, fx, &job, &attempt, worker_id)
         }
     }
@@ -250,9 +257,17 @@ fn apply_retention(
         spec.checkpoint.keep_every_epochs,
         &attempt.resume_from,
     );
+    // Checkpoints a probe job has yet to read are kept until it ends.
+    let under_eval: HashSet<String> = tx
+        .list_jobs(&[])?
+        .into_iter()
+        .filter(|j| j.kind == "linear_probe" && !j.state.is_terminal())
+        .filter_map(|j| JobSpec::from_toml_str(&j.spec_toml).ok())
+        .map(|s| s.eval.checkpoint)
+        .collect();
     let mut paths = Vec::new();
     for (i, c) in ckpts.iter().enumerate() {
-        if keep.contains(&i) {
+        if keep.contains(&i) || under_eval.contains(&c.path) {
             continue;
         }
         let mut c = c.clone();
