@@ -58,6 +58,7 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .file("csrc/bt_dist.cpp")
+        .file("csrc/bt_amp.cpp")
         .include("csrc/gloo_decl")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

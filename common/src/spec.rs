@@ -146,6 +146,15 @@ pub struct TrainSpec {
     /// Intra-op threads per trainer (0: libtorch's default).
     #[serde(default = "defaults::one")]
     pub torch_threads: u32,
+    /// Numeric precision of forward and backward: "auto" (bf16 autocast on CUDA, fp32 on CPU),
+    /// "fp32", or "bf16" (autocast on any device; on CPU only for checks, it is slower there).
+    /// The loss and the optimizer always run in fp32 on fp32 master weights.
+    #[serde(default = "defaults::auto")]
+    pub precision: String,
+    /// Memory format of images and convolution weights: "auto" (channels-last on CUDA,
+    /// contiguous on CPU), "contiguous" or "channels-last".
+    #[serde(default = "defaults::auto")]
+    pub memory_format: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,6 +280,9 @@ mod defaults {
         10
     }
     pub fn loss_form() -> String {
+        "auto".into()
+    }
+    pub fn auto() -> String {
         "auto".into()
     }
     pub fn keep_last() -> u32 {
@@ -438,6 +450,21 @@ impl JobSpec {
             return err(
                 "train.loss_form",
                 format!("must be auto, cross or gram, got {:?}", t.loss_form),
+            );
+        }
+        if !["auto", "fp32", "bf16"].contains(&t.precision.as_str()) {
+            return err(
+                "train.precision",
+                format!("must be auto, fp32 or bf16, got {:?}", t.precision),
+            );
+        }
+        if !["auto", "contiguous", "channels-last"].contains(&t.memory_format.as_str()) {
+            return err(
+                "train.memory_format",
+                format!(
+                    "must be auto, contiguous or channels-last, got {:?}",
+                    t.memory_format
+                ),
             );
         }
         let d = &self.data;

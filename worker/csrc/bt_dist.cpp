@@ -91,9 +91,6 @@ void check_device(const Group& g, const at::Tensor& t, const char* what) {
 void allreduce_inplace(Group& g, at::Tensor t) {
   at::NoGradGuard ng;
   check_device(g, t, "all_reduce");
-  if (g.world == 1) {
-    return;
-  }
   at::Tensor buf = t.is_contiguous() ? t : t.contiguous();
   std::vector<at::Tensor> ts{buf};
   {
@@ -109,9 +106,6 @@ void broadcast_inplace(Group& g, at::Tensor t, int root) {
   at::NoGradGuard ng;
   check_device(g, t, "broadcast");
   TORCH_CHECK(root >= 0 && root < g.world, "broadcast: root ", root, " is not a rank of a group of ", g.world);
-  if (g.world == 1) {
-    return;
-  }
   at::Tensor buf = t.is_contiguous() ? t : t.contiguous();
   std::vector<at::Tensor> ts{buf};
   c10d::BroadcastOptions opts;
@@ -130,9 +124,6 @@ at::Tensor allgather(Group& g, const at::Tensor& t) {
   check_device(g, t, "all_gather");
   TORCH_CHECK(t.dim() >= 1, "all_gather: needs a tensor with at least one dimension");
   at::Tensor in = t.detach().contiguous();
-  if (g.world == 1) {
-    return in.clone();
-  }
   std::vector<int64_t> sizes = in.sizes().vec();
   sizes[0] *= g.world;
   at::Tensor out = at::empty(sizes, in.options());
@@ -141,6 +132,107 @@ at::Tensor allgather(Group& g, const at::Tensor& t) {
     wait_work(g, g.backend->_allgather_base(out, in, c10d::AllgatherOptions()));
   }
   return out;
+}
+
+// All-gather into a caller-owned `out` of shape [world·n, ...] (no allocation per call).
+void allgather_into(Group& g, const at::Tensor& t, at::Tensor& out) {
+  at::NoGradGuard ng;
+  check_device(g, t, "all_gather");
+  check_device(g, out, "all_gather output");
+  TORCH_CHECK(t.dim() >= 1, "all_gather: needs a tensor with at least one dimension");
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[0] *= g.world;
+  TORCH_CHECK(out.sizes().vec() == sizes && out.scalar_type() == t.scalar_type() && out.is_contiguous(),
+      "all_gather: output must be a contiguous ", t.scalar_type(), " tensor of shape ", at::IntArrayRef(sizes),
+      ", got ", out.scalar_type(), " ", out.sizes());
+  at::Tensor in = t.detach().contiguous();
+  std::lock_guard<std::mutex> lock(g.mu);
+  wait_work(g, g.backend->_allgather_base(out, in, c10d::AllgatherOptions()));
+}
+
+// Persistent gradient buckets: each parameter's .grad is made an alias of a slice of a flat
+// bucket buffer (with the parameter's own strides), so autograd accumulates straight into the
+// buckets and the all-reduce needs no packing copies. A grad that someone replaced since (a
+// different tensor) is copied in and re-aliased, so the result is right either way.
+struct GradBuckets {
+  c10::intrusive_ptr<Group> g;
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> buffers;
+  // per parameter: bucket index and element offset
+  std::vector<std::pair<size_t, int64_t>> where;
+};
+
+at::Tensor alias_slice(const at::Tensor& buf, int64_t off, const at::Tensor& like) {
+  at::Tensor v = at::empty({0}, buf.options());
+  if (like.is_non_overlapping_and_dense()) {
+    v.set_(buf.storage(), buf.storage_offset() + off, like.sizes(), like.strides());
+  } else {
+    v.set_(buf.storage(), buf.storage_offset() + off, like.sizes(), c10::contiguous_strides(like.sizes()));
+  }
+  return v;
+}
+
+bool aliases(const at::Tensor& grad, const at::Tensor& buf, int64_t off) {
+  return grad.defined() && grad.data_ptr() == static_cast<char*>(buf.data_ptr()) + off * buf.element_size();
+}
+
+GradBuckets* grad_buckets_new(c10::intrusive_ptr<Group> g, std::vector<at::Tensor> params, int64_t bucket_bytes) {
+  at::NoGradGuard ng;
+  auto* b = new GradBuckets{g, std::move(params), {}, {}};
+  size_t i = 0;
+  const auto& ps = b->params;
+  while (i < ps.size()) {
+    size_t j = i;
+    int64_t bytes = 0;
+    while (j < ps.size() && ps[j].scalar_type() == ps[i].scalar_type() && ps[j].device() == ps[i].device()) {
+      int64_t nb = ps[j].numel() * static_cast<int64_t>(ps[j].element_size());
+      if (j > i && bytes + nb > bucket_bytes) {
+        break;
+      }
+      bytes += nb;
+      ++j;
+    }
+    int64_t total = 0;
+    for (size_t k = i; k < j; ++k) {
+      total += ps[k].numel();
+    }
+    at::Tensor buf = at::zeros({total}, ps[i].options().requires_grad(false));
+    int64_t off = 0;
+    for (size_t k = i; k < j; ++k) {
+      const at::Tensor& p = ps[k];
+      at::Tensor view = alias_slice(buf, off, p);
+      if (p.grad().defined()) {
+        view.copy_(p.grad());
+      }
+      const_cast<at::Tensor&>(p).mutable_grad() = view;
+      b->where.emplace_back(b->buffers.size(), off);
+      off += p.numel();
+    }
+    b->buffers.push_back(buf);
+    i = j;
+  }
+  return b;
+}
+
+void grad_buckets_allreduce(GradBuckets& b) {
+  at::NoGradGuard ng;
+  for (size_t k = 0; k < b.params.size(); ++k) {
+    const at::Tensor& p = b.params[k];
+    auto [bi, off] = b.where[k];
+    const at::Tensor& buf = b.buffers[bi];
+    if (!aliases(p.grad(), buf, off)) {
+      at::Tensor view = alias_slice(buf, off, p);
+      if (p.grad().defined()) {
+        view.copy_(p.grad());
+      } else {
+        view.zero_();
+      }
+      const_cast<at::Tensor&>(p).mutable_grad() = view;
+    }
+  }
+  for (auto& buf : b.buffers) {
+    allreduce_inplace(*b.g, buf);
+  }
 }
 
 // Packs `tensors` into flat buffers of at most `bucket_bytes` (one tensor larger than that gets a
@@ -423,12 +515,45 @@ char* bt_pg_all_gather(bt_pg* pg, at::Tensor* t, at::Tensor** out) {
   });
 }
 
+char* bt_pg_all_gather_into(bt_pg* pg, at::Tensor* t, at::Tensor* out) {
+  return guarded([&] { allgather_into(*reinterpret_cast<Handle*>(pg)->g, *t, *out); });
+}
+
+typedef struct bt_grad_buckets bt_grad_buckets;
+
+// Aliases the grads of `params` into persistent flat buckets of about bucket_bytes.
+char* bt_grad_buckets_new(bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes, bt_grad_buckets** out) {
+  *out = nullptr;
+  return guarded([&] {
+    TORCH_CHECK(bucket_bytes > 0, "bucket size must be positive");
+    std::vector<at::Tensor> ps;
+    ps.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      ps.push_back(*params[i]);
+    }
+    *out = reinterpret_cast<bt_grad_buckets*>(grad_buckets_new(reinterpret_cast<Handle*>(pg)->g, std::move(ps), bucket_bytes));
+  });
+}
+
+// Sums the bucketed gradients over ranks, in place.
+char* bt_grad_buckets_allreduce(bt_grad_buckets* b) {
+  return guarded([&] { grad_buckets_allreduce(*reinterpret_cast<GradBuckets*>(b)); });
+}
+
+int64_t bt_grad_buckets_count(bt_grad_buckets* b) {
+  return static_cast<int64_t>(reinterpret_cast<GradBuckets*>(b)->buffers.size());
+}
+
+void bt_grad_buckets_free(bt_grad_buckets* b) {
+  try {
+    delete reinterpret_cast<GradBuckets*>(b);
+  } catch (...) {
+  }
+}
+
 char* bt_pg_barrier(bt_pg* pg) {
   return guarded([&] {
     Group& g = *reinterpret_cast<Handle*>(pg)->g;
-    if (g.world == 1) {
-      return;
-    }
     std::lock_guard<std::mutex> lock(g.mu);
     wait_work(g, g.backend->barrier(c10d::BarrierOptions()));
   });
@@ -449,9 +574,6 @@ char* bt_pg_allreduce_grads(bt_pg* pg, at::Tensor** params, int64_t n, int64_t b
       }
       grads.push_back(p.grad());
     }
-    if (g.world == 1) {
-      return;
-    }
     bucketed(g, grads, bucket_bytes, [&](at::Tensor& buf) { allreduce_inplace(g, buf); });
   });
 }
@@ -460,9 +582,6 @@ char* bt_pg_allreduce_grads(bt_pg* pg, at::Tensor** params, int64_t n, int64_t b
 char* bt_pg_broadcast_tensors(bt_pg* pg, at::Tensor** tensors, int64_t n, int root, int64_t bucket_bytes) {
   return guarded([&] {
     Group& g = *reinterpret_cast<Handle*>(pg)->g;
-    if (g.world == 1) {
-      return;
-    }
     std::vector<at::Tensor> ts;
     ts.reserve(n);
     for (int64_t i = 0; i < n; ++i) {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod ipc;
 pub mod trainer;
 
+pub mod amp;
 pub mod checkpoint;
 pub mod data;
 pub mod dist;

@@ -179,6 +179,79 @@ fn world_of_one_needs_no_rendezvous() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn world_of_one_can_join_alone() -> Result<()> {
+    // What the one-GPU NCCL check does: a real backend with a single rank.
+    let mut rv = rendezvous(0, 1, free_port(), TIMEOUT);
+    rv.join_alone = true;
+    let pg = ProcessGroup::new(&rv)?;
+    let t = Tensor::from_slice(&[1.0f32, 2.0]);
+    pg.all_reduce_sum(&t)?;
+    ensure!(Vec::<f32>::try_from(&t)? == vec![1.0, 2.0]);
+    let out = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+    pg.all_gather_into(&t, &out)?;
+    ensure!(Vec::<f32>::try_from(&out)? == vec![1.0, 2.0]);
+    pg.broadcast(&t, 0)?;
+    pg.barrier()?;
+    Ok(())
+}
+
+/// Persistent gradient buckets: grads alias the buckets (also a channels-last weight), two
+/// backward passes with an in-place zero_grad in between give the sum over ranks of the second
+/// pass, a parameter backward never reached gets zero, and the buckets serve step after step.
+#[test]
+fn grad_buckets_sum_over_ranks_in_place() {
+    use bt_worker::amp::{is_channels_last, MemoryFormat};
+    let out = run_ranks(2, TIMEOUT, |pg| {
+        let r = pg.rank() as f64 + 1.0;
+        let conv = data(&[4, 3, 2, 2], 0.1).set_requires_grad(true);
+        MemoryFormat::ChannelsLast.apply_to_weights(std::slice::from_ref(&conv))?;
+        ensure!(is_channels_last(&conv));
+        let mut params = vec![conv];
+        for (i, n) in [5i64, 300, 7].into_iter().enumerate() {
+            params.push(data(&[n], i as f64).set_requires_grad(true));
+        }
+        let unused = data(&[3], 9.0).set_requires_grad(true);
+        params.push(unused.shallow_clone());
+        // 1 KiB buckets: the 300-element tensor fills one alone
+        let mut buckets = pg.grad_buckets(&params, 1 << 10)?;
+        ensure!(buckets.len() >= 3, "{} buckets", buckets.len());
+        let loss = |scale: f64| -> Result<()> {
+            let mut l = Tensor::zeros([], (Kind::Float, Device::Cpu));
+            for p in &params[..4] {
+                l += (p * p).sum(Kind::Float) * scale;
+            }
+            l.f_backward()?;
+            Ok(())
+        };
+        loss(100.0)?; // discarded by zero_grad
+        for p in &params {
+            p.shallow_clone().zero_grad();
+        }
+        loss(r)?;
+        buckets.all_reduce()?;
+        // d/dp of Σ_ranks r·p² = 2p·(1 + 2)
+        for (i, p) in params[..4].iter().enumerate() {
+            let want = p.detach() * 6.0;
+            assert_close(&format!("param {i} grad"), &p.grad(), &want, 1e-6)?;
+        }
+        ensure!(params[0].grad().size() == vec![4, 3, 2, 2]);
+        ensure!(is_channels_last(&params[0].grad()), "grad keeps the weight's layout");
+        ensure!(unused.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
+        for p in &params {
+            p.shallow_clone().zero_grad();
+        }
+        loss(r)?;
+        buckets.all_reduce()?;
+        for (i, p) in params[..4].iter().enumerate() {
+            let want = p.detach() * 6.0;
+            assert_close(&format!("step 2 param {i} grad"), &p.grad(), &want, 1e-6)?;
+        }
+        Ok(())
+    });
+    all_ok(out);
+}
+
 /// A toy loss in the shape of Barlow Twins': cross-correlation of the gathered global batch.
 fn toy_loss(z: &Tensor) -> Tensor {
     let zn = (z - z.mean_dim(0, true, Kind::Float)) / (z.std_dim(0, true, true) + 1e-3);
@@ -521,6 +594,7 @@ fn train_tiny(
     let b = n / pg.world_size() as i64;
     let group = sync_bn.then_some(pg);
     let mut losses = Vec::new();
+    let mut buckets = pg.grad_buckets(&net.params, 1 << 10)?;
     for step in 0..steps {
         let images = data(&[n, 3, 6, 6], step as f64 * 0.31);
         let local = images.narrow(0, pg.rank() as i64 * b, b);
@@ -546,7 +620,7 @@ fn train_tiny(
             p.grad().defined().then(|| p.grad().zero_());
         }
         loss.f_backward()?;
-        pg.allreduce_grads(&net.params, 1 << 10)?; // tiny buckets: several all-reduces
+        buckets.all_reduce()?; // tiny buckets: several all-reduces
         tch::no_grad(|| {
             for p in &net.params {
                 let _ = p.shallow_clone().f_sub_(&(p.grad() * 0.05));

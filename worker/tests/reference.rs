@@ -321,3 +321,94 @@ fn training_step_matches_reference() {
     // Every tensor the reference returned (besides the loss) was compared.
     assert_eq!(compared, want.len() - 1);
 }
+
+/// (e) The GPU settings, bf16 autocast with channels-last weights and input, against PyTorch's
+/// own `torch.autocast` on the CPU (same policy machinery, CPU kernels): ResNet-18 backbone in
+/// training mode, output and parameter gradients of sum(out·r). With the same thread count both
+/// sides run the same ops in the same precision and come out bit-identical here; the tolerance
+/// (1e-3 of the tensor's scale, a quarter of one bf16 step 2^-8) leaves room for a different
+/// kernel choice on another CPU and nothing more: a cast in a different place moves these
+/// tensors by 20-50% (bf16 vs fp32 differ that much through train-mode BN on 4 images, which
+/// the test also checks so that it fails if autocast were silently off).
+#[test]
+fn bf16_autocast_channels_last_matches_torch_autocast() {
+    use bt_worker::amp::{autocast_enabled, is_channels_last, with_autocast};
+    use bt_worker::amp::{MemoryFormat, Precision};
+    tch::set_num_threads(1); // the reference's thread count: the same reduction order
+    tch::manual_seed(5);
+    let cfg = ModelConfig {
+        cifar_stem: true,
+        projector: vec![8],
+        ..ModelConfig::new(Arch::Resnet18)
+    };
+    let (_vs, m) = model(&cfg, Kind::Float);
+    randomize_bn(&m.state());
+    let dir = tempfile::tempdir().unwrap();
+    m.save_backbone_safetensors(&dir.path().join("weights.safetensors"))
+        .unwrap();
+    let state: Vec<Tensor> = m.state().into_iter().map(|n| n.tensor).collect();
+    MemoryFormat::ChannelsLast.apply_to_weights(&state).unwrap();
+    let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let r = Tensor::randn([4, 512], (Kind::Float, Device::Cpu));
+    write(&[("x", &x), ("r", &r)], &dir.path().join("input.safetensors"));
+
+    let out = with_autocast(Precision::Bf16, Device::Cpu, || {
+        assert!(autocast_enabled(Device::Cpu), "autocast on inside");
+        let xin = MemoryFormat::ChannelsLast.apply(&x)?;
+        assert!(is_channels_last(&xin));
+        m.backbone_forward(&xin, true)
+    })
+    .unwrap();
+    assert!(!autocast_enabled(Device::Cpu), "autocast off again after");
+    (out.to_kind(Kind::Float) * &r)
+        .sum(Kind::Float)
+        .backward();
+
+    let grads = [
+        "conv1.weight",
+        "bn1.weight",
+        "layer1.0.conv1.weight",
+        "layer4.1.conv2.weight",
+        "layer4.1.bn2.bias",
+    ];
+    let want = run_reference(
+        "amp",
+        dir.path(),
+        serde_json::json!({"arch": "resnet18", "cifar_stem": true, "grads": grads}),
+    );
+    assert_close("bf16 output", &out, &want["bf16.out"], 1e-3);
+    let params: HashMap<String, Tensor> = m
+        .parameters()
+        .into_iter()
+        .map(|n| (n.name.trim_start_matches("backbone.").to_string(), n.tensor))
+        .collect();
+    for g in grads {
+        let p = &params[g];
+        assert_eq!(p.grad().kind(), Kind::Float, "{g}: fp32 master gradient");
+        if p.dim() == 4 {
+            assert!(is_channels_last(p), "{g}: weight kept channels-last");
+        }
+        if std::env::var_os("BT_REFERENCE_VERBOSE").is_some() {
+            assert_close(
+                &format!("(info: fp32 vs bf16 reference) grad {g}"),
+                &want[&format!("fp32.grad.{g}")],
+                &want[&format!("bf16.grad.{g}")],
+                f64::INFINITY,
+            );
+        }
+        assert_close(
+            &format!("bf16 grad {g}"),
+            &p.grad(),
+            &want[&format!("bf16.grad.{g}")],
+            1e-3,
+        );
+    }
+    // bf16 really ran: far from the fp32 result (fp32 paths agree to ~1e-7).
+    let scale = want["fp32.out"].abs().max().double_value(&[]);
+    let gap = (out.to_kind(Kind::Float) - &want["fp32.out"])
+        .abs()
+        .max()
+        .double_value(&[])
+        / scale;
+    assert!(gap > 1e-4, "bf16 output too close to fp32 ({gap:e}): autocast off?");
+}

@@ -58,6 +58,12 @@ struct StepArgs {
     /// cpu, cuda or cuda:N (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
+    /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// auto (channels-last on CUDA), contiguous or channels-last.
+    #[arg(long, default_value = "auto")]
+    memory_format: String,
 }
 
 fn step(a: StepArgs) -> anyhow::Result<()> {
@@ -71,6 +77,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
     if a.torch_threads > 0 {
         tch::set_num_threads(a.torch_threads);
     }
+    use bt_worker::amp::{MemoryFormat, Precision};
+    let device = parse_device(a.device.as_deref())?;
     let cfg = bt_worker::trainer::bench::StepBenchConfig {
         arch,
         cifar_stem: a.cifar_stem,
@@ -82,7 +90,9 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         fashion_dir: a.fashion_dir,
         loss_n: a.loss_n,
         loss_d: a.loss_d,
-        device: parse_device(a.device.as_deref())?,
+        device,
+        precision: Precision::resolve(&a.precision, device)?,
+        layout: MemoryFormat::resolve(&a.memory_format, device)?,
     };
     bt_worker::trainer::bench::run_step_bench(&cfg).context("step benchmark")
 }

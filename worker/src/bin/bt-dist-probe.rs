@@ -29,6 +29,9 @@ struct Args {
     /// Use NCCL on CUDA device `rank` (needs a build with `--features nccl`).
     #[arg(long)]
     nccl: bool,
+    /// Build the backend even at --world 1 (a one-GPU NCCL check runs real collectives).
+    #[arg(long)]
+    join_alone: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -71,6 +74,7 @@ fn run(args: Args) -> Result<()> {
         args.port,
         Duration::from_secs_f64(args.timeout),
     );
+    rv.join_alone = args.join_alone;
     if args.nccl {
         rv.backend = Backend::Nccl {
             device_index: args.rank,

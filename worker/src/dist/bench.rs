@@ -35,8 +35,9 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// All-reduce of flat fp32 buckets of each size in `bucket_mb`, all-reduce of `grad_mb` of
-/// gradients through [`ProcessGroup::allreduce_grads`] (25 MB buckets), all-gather of
-/// `gather_rows` × `gather_dim` fp32 per rank, and barrier.
+/// gradients in 25 MB buckets, packed per call ([`ProcessGroup::allreduce_grads`]) and aliased
+/// ([`super::GradBuckets`]), all-gather of `gather_rows` × `gather_dim` fp32 per rank into a new
+/// tensor and into a reused buffer, and barrier.
 pub fn run(
     pg: &ProcessGroup,
     bucket_mb: &[usize],
@@ -60,7 +61,7 @@ pub fn run(
     if grad_mb > 0 {
         // ~ResNet-shaped parameter list: many small tensors and a few large ones
         let total = (grad_mb << 20) as i64 / 4;
-        let mut sizes = vec![64i64, 256, 4096, 65536, 147456, 589824, 2359296];
+        let sizes = [64i64, 256, 4096, 65536, 147456, 589824, 2359296];
         let mut params = Vec::new();
         let mut used = 0;
         while used < total {
@@ -70,22 +71,37 @@ pub fn run(
             p.sum(Kind::Float).backward();
             params.push(p);
         }
-        sizes.clear();
+        let what = format!("grads {grad_mb} MB in {} tensors, 25 MB buckets", params.len());
         let ms = median_ms(reps, || pg.allreduce_grads(&params, 25 << 20))?;
         out.push(Timing {
-            name: format!(
-                "allreduce_grads {grad_mb} MB in {} tensors, 25 MB buckets",
-                params.len()
-            ),
+            name: format!("{what}, packed"),
+            bytes: (used * 4) as usize,
+            median_ms: ms,
+        });
+        let mut buckets = pg.grad_buckets(&params, 25 << 20)?;
+        let ms = median_ms(reps, || buckets.all_reduce())?;
+        out.push(Timing {
+            name: format!("{what}, aliased"),
             bytes: (used * 4) as usize,
             median_ms: ms,
         });
     }
     let e = Tensor::ones([gather_rows, gather_dim], (Kind::Float, dev));
+    let bytes = (gather_rows * gather_dim * 4) as usize;
     let ms = median_ms(reps, || pg.all_gather(&e).map(drop))?;
     out.push(Timing {
-        name: format!("all_gather {gather_rows}x{gather_dim} fp32 per rank"),
-        bytes: (gather_rows * gather_dim * 4) as usize,
+        name: format!("all_gather {gather_rows}x{gather_dim}, new output"),
+        bytes,
+        median_ms: ms,
+    });
+    let gathered = Tensor::empty(
+        [gather_rows * pg.world_size() as i64, gather_dim],
+        (Kind::Float, dev),
+    );
+    let ms = median_ms(reps, || pg.all_gather_into(&e, &gathered))?;
+    out.push(Timing {
+        name: format!("all_gather {gather_rows}x{gather_dim}, into buffer"),
+        bytes,
         median_ms: ms,
     });
     let ms = median_ms(reps * 10, || pg.barrier())?;

@@ -11,6 +11,11 @@ pub struct BtPg {
     _private: [u8; 0],
 }
 
+#[repr(C)]
+pub struct BtGradBuckets {
+    _private: [u8; 0],
+}
+
 extern "C" {
     pub fn bt_dist_free_error(err: *mut c_char);
     #[allow(clippy::too_many_arguments)]
@@ -33,7 +38,22 @@ extern "C" {
         t: *mut C_tensor,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    pub fn bt_pg_all_gather_into(
+        pg: *mut BtPg,
+        t: *mut C_tensor,
+        out: *mut C_tensor,
+    ) -> *mut c_char;
     pub fn bt_pg_barrier(pg: *mut BtPg) -> *mut c_char;
+    pub fn bt_grad_buckets_new(
+        pg: *mut BtPg,
+        params: *const *mut C_tensor,
+        n: i64,
+        bucket_bytes: i64,
+        out: *mut *mut BtGradBuckets,
+    ) -> *mut c_char;
+    pub fn bt_grad_buckets_allreduce(b: *mut BtGradBuckets) -> *mut c_char;
+    pub fn bt_grad_buckets_count(b: *mut BtGradBuckets) -> i64;
+    pub fn bt_grad_buckets_free(b: *mut BtGradBuckets);
     pub fn bt_pg_allreduce_grads(
         pg: *mut BtPg,
         params: *const *mut C_tensor,
@@ -63,6 +83,11 @@ extern "C" {
 
 /// Turns the shim's error string into a Result, freeing it. `what` names the operation.
 pub fn take_error(err: *mut c_char, what: &str) -> Result<()> {
+    take_error_with(err, what, Error::Dist)
+}
+
+/// [`take_error`] with the error variant chosen by the caller.
+pub fn take_error_with(err: *mut c_char, what: &str, wrap: fn(String) -> Error) -> Result<()> {
     if err.is_null() {
         return Ok(());
     }
@@ -71,7 +96,7 @@ pub fn take_error(err: *mut c_char, what: &str) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     unsafe { bt_dist_free_error(err) };
-    Err(Error::Dist(format!("{what}: {msg}")))
+    Err(wrap(format!("{what}: {msg}")))
 }
 
 /// tch hands out `*const` handles; the shim mutates tensor contents (never the handle).

@@ -6,6 +6,8 @@
 pub mod bench;
 mod ffi;
 
+pub(crate) use ffi::take_error_with as ffi_take_error;
+
 use std::ffi::CString;
 use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
@@ -42,6 +44,9 @@ pub struct Rendezvous {
     /// Address this rank's Gloo transport binds to and advertises; None: the local address that
     /// routes to `master_addr` (the master address itself when that is loopback).
     pub local_addr: Option<String>,
+    /// Build a real backend even for a world of one (a one-GPU NCCL check); otherwise a group of
+    /// one rank skips the rendezvous and its collectives are no-ops.
+    pub join_alone: bool,
 }
 
 impl Rendezvous {
@@ -61,6 +66,7 @@ impl Rendezvous {
             timeout,
             backend: Backend::Gloo,
             local_addr: None,
+            join_alone: false,
         }
     }
 
@@ -152,7 +158,7 @@ impl ProcessGroup {
                 rv.rank, rv.world_size
             )));
         }
-        if rv.world_size == 1 {
+        if rv.world_size == 1 && !rv.join_alone {
             return Ok(ProcessGroup {
                 rank: 0,
                 world_size: 1,
@@ -244,6 +250,18 @@ impl ProcessGroup {
         Ok(unsafe { Tensor::from_ptr(out) })
     }
 
+    /// Gathers `t` from every rank into `out` (shape `[world·n, ...]`, contiguous, same kind),
+    /// reusing the caller's buffer instead of allocating one per call.
+    pub fn all_gather_into(&self, t: &Tensor, out: &Tensor) -> Result<()> {
+        if self.single() {
+            out.shallow_clone().f_copy_(t)?;
+            return Ok(());
+        }
+        // SAFETY: live handles; the shim checks `out`'s shape and writes into it.
+        let err = unsafe { ffi::bt_pg_all_gather_into(self.raw, ffi::ptr(t), ffi::ptr(out)) };
+        ffi::take_error(err, "all_gather")
+    }
+
     /// All-gather along dim 0 whose local slice keeps `t`'s autograd graph: backward through the
     /// result gives this rank exactly its share of the gradient (sum over ranks = the gradient
     /// of a single process holding the whole batch).
@@ -305,6 +323,28 @@ impl ProcessGroup {
             ffi::bt_pg_allreduce_grads(self.raw, ptrs.as_ptr(), ptrs.len() as i64, bucket)
         };
         ffi::take_error(err, "gradient all_reduce")
+    }
+
+    /// Persistent gradient buckets over `params` (see [`GradBuckets`]); build them once, after the
+    /// parameters reached their final device and memory format.
+    pub fn grad_buckets(&self, params: &[Tensor], bucket_bytes: usize) -> Result<GradBuckets> {
+        if self.single() {
+            return Ok(GradBuckets {
+                raw: std::ptr::null_mut(),
+                count: 0,
+            });
+        }
+        let ptrs: Vec<_> = params.iter().map(ffi::ptr).collect();
+        let bucket = i64::try_from(bucket_bytes.max(1)).unwrap_or(i64::MAX);
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: live handles; the array outlives the call; `raw` is ours on success.
+        let err = unsafe {
+            ffi::bt_grad_buckets_new(self.raw, ptrs.as_ptr(), ptrs.len() as i64, bucket, &mut raw)
+        };
+        ffi::take_error(err, "gradient buckets")?;
+        // SAFETY: raw is a live bucket set.
+        let count = unsafe { ffi::bt_grad_buckets_count(raw) } as usize;
+        Ok(GradBuckets { raw, count })
     }
 
     /// Overwrites `tensors` (parameters, buffers) with `root`'s values, in flat buckets.
@@ -381,6 +421,50 @@ impl ProcessGroup {
         let mut out = vec![0u8; all.numel()];
         all.f_copy_data(&mut out, all.numel())?;
         Ok(out)
+    }
+}
+
+/// Flat gradient buffers that the parameters' `.grad` tensors alias (each with its parameter's
+/// strides), so backward accumulates straight into them and [`GradBuckets::all_reduce`] sums them
+/// over ranks with one collective per bucket and no packing copies. Zeroing the grads in place
+/// (`Tensor::zero_grad`) keeps the aliasing; a grad replaced by another tensor is copied back in
+/// and re-aliased before the all-reduce, so the result is right either way. The buckets keep the
+/// process group alive. In a group of one rank they do nothing.
+pub struct GradBuckets {
+    raw: *mut ffi::BtGradBuckets,
+    count: usize,
+}
+
+// SAFETY: the shim's buckets are only touched through &self/&mut self calls that the group's
+// mutex serializes; freed once in Drop.
+unsafe impl Send for GradBuckets {}
+
+impl GradBuckets {
+    /// Number of flat buckets (0 for a single-rank group).
+    pub fn len(&self) -> usize {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// Sums the gradients over ranks, in place (no averaging).
+    pub fn all_reduce(&mut self) -> Result<()> {
+        if self.raw.is_null() {
+            return Ok(());
+        }
+        // SAFETY: live bucket set.
+        let err = unsafe { ffi::bt_grad_buckets_allreduce(self.raw) };
+        ffi::take_error(err, "gradient all_reduce")
+    }
+}
+
+impl Drop for GradBuckets {
+    fn drop(&mut self) {
+        if !self.raw.is_null() {
+            // SAFETY: raw came from bt_grad_buckets_new and is freed once.
+            unsafe { ffi::bt_grad_buckets_free(self.raw) };
+            self.raw = std::ptr::null_mut();
+        }
     }
 }
 

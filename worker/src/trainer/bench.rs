@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::amp::{with_autocast, MemoryFormat, Precision};
 use crate::data::{self, AugmentConfig, Loader, LoaderConfig, SourceSpec, Split};
 use crate::loss::{barlow_twins_loss, LossForm};
 use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
@@ -25,6 +26,15 @@ pub struct StepBenchConfig {
     pub loss_n: i64,
     pub loss_d: i64,
     pub device: Device,
+    pub precision: Precision,
+    pub layout: MemoryFormat,
+}
+
+/// Waits for queued CUDA work so that wall-clock laps measure the work itself.
+fn sync(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
 fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -45,13 +55,23 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     mcfg.cifar_stem = c.cifar_stem;
     mcfg.projector = c.projector.clone();
     let model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
+    let state: Vec<Tensor> = model.state().into_iter().map(|n| n.tensor).collect();
+    c.layout.apply_to_weights(&state)?;
     let params = model.parameters();
+    // Forward of both views as the trainer runs it: layout, autocast, fp32 embeddings out.
+    let forward2 = |xa: &Tensor, xb: &Tensor| {
+        with_autocast(c.precision, dev, || {
+            let za = model.forward(&c.layout.apply(xa)?, true)?;
+            let zb = model.forward(&c.layout.apply(xb)?, true)?;
+            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
+        })
+    };
     let n_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let b = c.batch as i64;
     let s = c.image_size as i64;
     println!(
-        "# bt-bench step: {:?} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}",
-        c.arch, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev
+        "# bt-bench step: {:?} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}, {:?}, {:?}",
+        c.arch, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev, c.precision, c.layout
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
@@ -60,9 +80,9 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     // 1. the model alone: forward both views, a trivial scalar, backward.
     let model_ms = time_it(c.steps, || {
         opt.zero_grad();
-        let za = model.forward(&xa, true)?;
-        let zb = model.forward(&xb, true)?;
+        let (za, zb) = forward2(&xa, &xb)?;
         (za * zb).mean(Kind::Float).f_backward()?;
+        sync(dev);
         Ok(())
     })?;
     println!(
@@ -80,6 +100,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
             out.loss.f_backward()?;
             let _ = za.grad().zero_();
             let _ = zb.grad().zero_();
+            sync(dev);
             Ok(())
         })?;
         println!(
@@ -98,13 +119,14 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     // 3. the optimizer step alone (gradients from the last backward are still there).
     {
         opt.zero_grad();
-        let za = model.forward(&xa, true)?;
+        let (za, _) = forward2(&xa, &xb)?;
         za.mean(Kind::Float).f_backward()?;
     }
     let mut st = 0u64;
     let opt_ms = time_it(c.steps, || {
         st += 1;
         opt.step(st)?;
+        sync(dev);
         Ok(())
     })?;
     println!("LARS step                             {opt_ms:>9.1} ms");
@@ -142,16 +164,20 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         let batch = loader.next_batch()?;
         lap(0, &mut parts, &mut t);
         let (va, vb) = batch.views(dev)?;
+        sync(dev);
         lap(1, &mut parts, &mut t);
-        let za = model.forward(&va, true)?;
-        let zb = model.forward(&vb, true)?;
+        let (za, zb) = forward2(&va, &vb)?;
+        sync(dev);
         lap(2, &mut parts, &mut t);
         let out = barlow_twins_loss(&za, &zb, 0.0051, LossForm::Auto, false)?;
+        sync(dev);
         lap(3, &mut parts, &mut t);
         opt.zero_grad();
         out.loss.f_backward()?;
+        sync(dev);
         lap(4, &mut parts, &mut t);
         opt.step(i as u64 + 1)?;
+        sync(dev);
         lap(5, &mut parts, &mut t);
         if i > 0 {
             timed_total += step_t.elapsed().as_secs_f64() * 1e3;

@@ -7,16 +7,20 @@ use std::time::{Duration, Instant};
 use bt_common::JobSpec;
 use bt_proto::trainer_event::Body;
 use bt_proto::{Assignment, CheckpointInfo, EvalResult, TrainMetrics};
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use super::{stop_requested, Reporter};
 use crate::data::{self, Loader, LoaderConfig, Source, SourceSpec, Split};
+use crate::amp::{with_autocast, MemoryFormat, Precision};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::loss::{self, LossForm};
 use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
 use crate::optim::{Lars, LarsConfig};
 use crate::{checkpoint, eval, Error};
+
+/// Size of the persistent gradient buckets (one all-reduce each).
+const GRAD_BUCKET_BYTES: usize = 25 << 20;
 
 pub enum Outcome {
     Finished,
@@ -198,6 +202,13 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     group.check_agreement("job config and model shape", &agreement)?;
     group.broadcast_params(&state, 0)?;
 
+    let precision = Precision::resolve(&t.precision, device)?;
+    let layout = MemoryFormat::resolve(&t.memory_format, device)?;
+    layout.apply_to_weights(&state)?;
+    if precision != Precision::Fp32 || layout != MemoryFormat::Contiguous {
+        info!(?precision, ?layout, "mixed precision / memory format");
+    }
+
     let params = model.parameters();
     let lars_cfg = LarsConfig {
         lr_weights: t.lr_weights,
@@ -207,6 +218,8 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         ..LarsConfig::default()
     };
     let mut opt = Lars::new(&params, lars_cfg, global_batch, warmup_steps, total_steps);
+    // Gradients live in persistent flat buckets: backward accumulates into them in place.
+    let mut grad_buckets = group.grad_buckets(&opt.param_tensors(), GRAD_BUCKET_BYTES)?;
 
     let mut start_step = 0u64;
     if !a.resume_from.is_empty() {
@@ -268,8 +281,13 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         let batch = loader.next_batch()?;
         skipped_total += batch.skipped;
         let (va, vb) = batch.views(device)?;
-        let za = model.forward(&va, true)?;
-        let zb = model.forward(&vb, true)?;
+        // Forward under autocast (bf16 when configured); the embeddings leave it as fp32, so
+        // the gather, the loss and (outside autocast) the backward start from fp32.
+        let (za, zb) = with_autocast(precision, device, || {
+            let za = model.forward(&layout.apply(&va)?, true)?;
+            let zb = model.forward(&layout.apply(&vb)?, true)?;
+            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
+        })?;
         let ga = group.all_gather_with_grad(&za)?;
         let gb = group.all_gather_with_grad(&zb)?;
         let want_stats = is_rank0
@@ -277,7 +295,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         let out = loss::barlow_twins_loss(&ga, &gb, t.lambda, form, want_stats)?;
         opt.zero_grad();
         out.loss.f_backward()?;
-        group.allreduce_grads(&opt.param_tensors(), 64 << 20)?;
+        grad_buckets.all_reduce()?;
         let lr = opt.step(step)?;
         step += 1;
         window_imgs += global_batch as u64;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Independent PyTorch reference for worker/tests/reference.rs.
 
-Usage: bt_reference.py <mode> <dir>, mode in {backbone, loss, step}. Inputs are read from
+Usage: bt_reference.py <mode> <dir>, mode in {backbone, loss, step, amp}. Inputs are read from
 <dir>/args.json and <dir>/*.safetensors written by the Rust test; results go to
 <dir>/out.safetensors (and <dir>/out.json). Everything runs on the CPU.
 
@@ -152,6 +152,28 @@ def mode_step(d, args):
     save_file(out, f"{d}/out.safetensors")
 
 
+def mode_amp(d, args):
+    """Backbone forward (train mode) and backward of sum(out·r) under torch.autocast on the CPU
+    with bfloat16 and channels-last weights and input, plus the same in fp32 contiguous."""
+    weights = load_file(f"{d}/weights.safetensors")
+    inp = load_file(f"{d}/input.safetensors")
+    x, r = inp["x"], inp["r"]
+    out = {}
+    for tag, amp in (("bf16", True), ("fp32", False)):
+        m = load_backbone(resnet(args["arch"], args["cifar_stem"], torch.float32), weights).train()
+        xin = x
+        if amp:
+            m = m.to(memory_format=torch.channels_last)
+            xin = x.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = m(xin)
+        (y.float() * r).sum().backward()
+        out[f"{tag}.out"] = y.detach().float().contiguous()
+        for name in args["grads"]:
+            out[f"{tag}.grad.{name}"] = m.get_parameter(name).grad.contiguous()
+    save_file(out, f"{d}/out.safetensors")
+
+
 def main():
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
@@ -159,7 +181,7 @@ def main():
     torch.set_num_threads(1)
     with open(f"{d}/args.json") as f:
         args = json.load(f)
-    {"backbone": mode_backbone, "loss": mode_loss, "step": mode_step}[mode](d, args)
+    {"backbone": mode_backbone, "loss": mode_loss, "step": mode_step, "amp": mode_amp}[mode](d, args)
     with open(f"{d}/out.json", "w") as f:
         json.dump({"ok": True, "torch": torch.__version__, "torchvision": torchvision.__version__}, f)
 
