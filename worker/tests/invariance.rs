@@ -13,7 +13,7 @@ use bt_proto::{Assignment, TrainerEvent};
 use prost::Message;
 use tch::Tensor;
 
-fn spec(world: u32, sync_bn: bool) -> String {
+fn spec(world: u32, sync_bn: bool, extra_train: &str) -> String {
     format!(
         r#"
 world_size = {world}
@@ -34,6 +34,7 @@ warmup_epochs = 0
 log_every = 1
 seed = 3
 lr_weights = 0.5
+{extra_train}
 [eval]
 knn_at_end = false
 [dist]
@@ -50,8 +51,17 @@ fn free_port() -> u32 {
 /// Runs `world` ranks as real trainer processes (`bt-worker train`, assignment on stdin, events on
 /// stdout); returns rank 0's losses and final parameters.
 fn train(world: u32, sync_bn: bool, dir: &Path) -> (Vec<f64>, HashMap<String, Tensor>) {
+    train_with(world, sync_bn, "", dir)
+}
+
+fn train_with(
+    world: u32,
+    sync_bn: bool,
+    extra_train: &str,
+    dir: &Path,
+) -> (Vec<f64>, HashMap<String, Tensor>) {
     let port = free_port();
-    let spec = spec(world, sync_bn);
+    let spec = spec(world, sync_bn, extra_train);
     let children: Vec<_> = (0..world)
         .map(|rank| {
             let a = Assignment {
@@ -154,4 +164,45 @@ fn one_two_and_four_ranks_train_identically() {
         rel > 1e-2,
         "local BN gave the same losses ({l1:?} vs {l2_local:?})"
     );
+}
+
+/// The GPU settings forced on the CPU (bf16 autocast, channels-last), through two real trainer
+/// processes: training runs, the checkpoint holds fp32 weights in torchvision's (contiguous)
+/// order, and the losses and parameters stay close to the fp32 run's without being equal (bf16
+/// really ran). bf16 keeps 8 significant bits, so after three steps a few percent is expected.
+#[test]
+fn bf16_channels_last_training_stays_close_to_fp32() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (l32, p32) = train(1, true, dirs[0].path());
+    let (l16, p16) = train_with(
+        2,
+        true,
+        "precision = \"bf16\"\nmemory_format = \"channels-last\"",
+        dirs[1].path(),
+    );
+    assert_eq!(l16.len(), 3);
+    let rel = l32
+        .iter()
+        .zip(&l16)
+        .map(|(a, b)| (a - b).abs() / a.abs())
+        .fold(0.0, f64::max);
+    // Whole-model relative distance ‖p16 − p32‖ / ‖p32‖ over the float tensors (per-tensor
+    // ratios are meaningless for BN biases that start at zero and moved three small steps).
+    let (mut num, mut den) = (0.0, 0.0);
+    for (name, a) in &p32 {
+        if a.kind() != tch::Kind::Float {
+            continue;
+        }
+        let b = &p16[name];
+        num += (a - b).square().sum(tch::Kind::Double).double_value(&[]);
+        den += a.square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    let d = (num / den).sqrt();
+    eprintln!("bf16 vs fp32: losses {l16:?} vs {l32:?} (up to {rel:e}); parameters {d:e}");
+    assert!(rel < 5e-2, "bf16 losses too far from fp32: {l16:?} vs {l32:?}");
+    assert!(rel > 0.0 && d > 0.0, "bf16 run identical to fp32: autocast off?");
+    assert!(d < 1e-2, "parameters differ by {d:e} from the fp32 run");
+    for (name, t) in &p16 {
+        assert_eq!(t.kind(), p32[name].kind(), "{name}: checkpoint kind");
+    }
 }
