@@ -629,6 +629,19 @@ mod tests {
         );
         assert_eq!(field_of("[model]\nbackbone = \"vit\""), "model.backbone");
         assert_eq!(field_of("nonsense = ["), "spec");
+        assert_eq!(field_of("[train]\nprecision = \"fp16\""), "train.precision");
+        assert_eq!(
+            field_of("[train]\nmemory_format = \"nhwc\""),
+            "train.memory_format"
+        );
+        let s = JobSpec::from_toml_str(
+            "[train]\nprecision = \"bf16\"\nmemory_format = \"channels-last\"",
+        )
+        .unwrap();
+        assert_eq!(
+            (s.train.precision.as_str(), s.train.memory_format.as_str()),
+            ("bf16", "channels-last")
+        );
     }
 
     #[test]

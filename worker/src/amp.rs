@@ -140,3 +140,58 @@ pub fn with_autocast<T>(
     restored?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_means_gpu_settings_on_cuda_only() {
+        let cuda = Device::Cuda(0);
+        assert_eq!(Precision::resolve("auto", cuda).unwrap(), Precision::Bf16);
+        assert_eq!(
+            Precision::resolve("auto", Device::Cpu).unwrap(),
+            Precision::Fp32
+        );
+        assert_eq!(
+            Precision::resolve("bf16", Device::Cpu).unwrap(),
+            Precision::Bf16
+        );
+        assert!(Precision::resolve("fp16", cuda).is_err());
+        assert_eq!(
+            MemoryFormat::resolve("auto", cuda).unwrap(),
+            MemoryFormat::ChannelsLast
+        );
+        assert_eq!(
+            MemoryFormat::resolve("auto", Device::Cpu).unwrap(),
+            MemoryFormat::Contiguous
+        );
+        assert!(MemoryFormat::resolve("nhwc", Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn channels_last_keeps_values_and_autograd() {
+        let w =
+            Tensor::randn([4, 3, 3, 3], (tch::Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let before = w.detach().copy();
+        MemoryFormat::ChannelsLast
+            .apply_to_weights(std::slice::from_ref(&w))
+            .unwrap();
+        assert!(is_channels_last(&w) && w.requires_grad());
+        assert!(w.detach().equal(&before));
+        let x = Tensor::randn([2, 3, 5, 5], (tch::Kind::Float, Device::Cpu));
+        let y = MemoryFormat::ChannelsLast.apply(&x).unwrap();
+        assert!(is_channels_last(&y) && y.equal(&x));
+        // 2-d tensors pass through
+        let v = Tensor::ones([3, 2], (tch::Kind::Float, Device::Cpu));
+        assert!(!is_channels_last(
+            &MemoryFormat::ChannelsLast.apply(&v).unwrap()
+        ));
+        // autocast off stays off
+        assert!(!autocast_enabled(Device::Cpu));
+        let r = with_autocast(Precision::Bf16, Device::Cpu, || -> Result<()> {
+            Err(Error::Other("inner failure".into()))
+        });
+        assert!(r.is_err() && !autocast_enabled(Device::Cpu));
+    }
+}

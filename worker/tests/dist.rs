@@ -236,7 +236,10 @@ fn grad_buckets_sum_over_ranks_in_place() {
             assert_close(&format!("param {i} grad"), &p.grad(), &want, 1e-6)?;
         }
         ensure!(params[0].grad().size() == vec![4, 3, 2, 2]);
-        ensure!(is_channels_last(&params[0].grad()), "grad keeps the weight's layout");
+        ensure!(
+            is_channels_last(&params[0].grad()),
+            "grad keeps the weight's layout"
+        );
         ensure!(unused.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0);
         for p in &params {
             p.shallow_clone().zero_grad();

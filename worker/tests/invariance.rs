@@ -199,8 +199,14 @@ fn bf16_channels_last_training_stays_close_to_fp32() {
     }
     let d = (num / den).sqrt();
     eprintln!("bf16 vs fp32: losses {l16:?} vs {l32:?} (up to {rel:e}); parameters {d:e}");
-    assert!(rel < 5e-2, "bf16 losses too far from fp32: {l16:?} vs {l32:?}");
-    assert!(rel > 0.0 && d > 0.0, "bf16 run identical to fp32: autocast off?");
+    assert!(
+        rel < 5e-2,
+        "bf16 losses too far from fp32: {l16:?} vs {l32:?}"
+    );
+    assert!(
+        rel > 0.0 && d > 0.0,
+        "bf16 run identical to fp32: autocast off?"
+    );
     assert!(d < 1e-2, "parameters differ by {d:e} from the fp32 run");
     for (name, t) in &p16 {
         assert_eq!(t.kind(), p32[name].kind(), "{name}: checkpoint kind");

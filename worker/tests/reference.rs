@@ -350,7 +350,10 @@ fn bf16_autocast_channels_last_matches_torch_autocast() {
     MemoryFormat::ChannelsLast.apply_to_weights(&state).unwrap();
     let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu));
     let r = Tensor::randn([4, 512], (Kind::Float, Device::Cpu));
-    write(&[("x", &x), ("r", &r)], &dir.path().join("input.safetensors"));
+    write(
+        &[("x", &x), ("r", &r)],
+        &dir.path().join("input.safetensors"),
+    );
 
     let out = with_autocast(Precision::Bf16, Device::Cpu, || {
         assert!(autocast_enabled(Device::Cpu), "autocast on inside");
@@ -360,9 +363,7 @@ fn bf16_autocast_channels_last_matches_torch_autocast() {
     })
     .unwrap();
     assert!(!autocast_enabled(Device::Cpu), "autocast off again after");
-    (out.to_kind(Kind::Float) * &r)
-        .sum(Kind::Float)
-        .backward();
+    (out.to_kind(Kind::Float) * &r).sum(Kind::Float).backward();
 
     let grads = [
         "conv1.weight",
@@ -410,5 +411,8 @@ fn bf16_autocast_channels_last_matches_torch_autocast() {
         .max()
         .double_value(&[])
         / scale;
-    assert!(gap > 1e-4, "bf16 output too close to fp32 ({gap:e}): autocast off?");
+    assert!(
+        gap > 1e-4,
+        "bf16 output too close to fp32 ({gap:e}): autocast off?"
+    );
 }

@@ -71,7 +71,10 @@ pub fn run(
             p.sum(Kind::Float).backward();
             params.push(p);
         }
-        let what = format!("grads {grad_mb} MB in {} tensors, 25 MB buckets", params.len());
+        let what = format!(
+            "grads {grad_mb} MB in {} tensors, 25 MB buckets",
+            params.len()
+        );
         let ms = median_ms(reps, || pg.allreduce_grads(&params, 25 << 20))?;
         out.push(Timing {
             name: format!("{what}, packed"),

@@ -11,8 +11,8 @@ use tch::{nn, Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use super::{stop_requested, Reporter};
-use crate::data::{self, Loader, LoaderConfig, Source, SourceSpec, Split};
 use crate::amp::{with_autocast, MemoryFormat, Precision};
+use crate::data::{self, Loader, LoaderConfig, Source, SourceSpec, Split};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::loss::{self, LossForm};
 use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
