@@ -25,4 +25,5 @@ bench: setup
 	$(ENV) cargo build --release -p bt-worker --bins
 	$(ENV) target/release/bt-bench data
 	$(ENV) target/release/bt-bench step
+	$(ENV) target/release/bt-bench step --world 2 --torch-threads 1
 	$(ENV) PROBE=target/release/bt-dist-probe bench/dist_bench.sh

@@ -58,6 +58,16 @@ struct StepArgs {
     /// cpu, cuda or cuda:N (default: cuda if available).
     #[arg(long)]
     device: Option<String>,
+    /// Ranks: more than 1 runs the step in a real process group (Gloo on CPU, NCCL on CUDA
+    /// device `rank`), one child process per rank on loopback; rank 0 prints.
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// (set for the child processes) this process's rank.
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+    /// (set for the child processes) rank 0's store port.
+    #[arg(long, hide = true)]
+    port: Option<u16>,
     /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
@@ -66,7 +76,36 @@ struct StepArgs {
     memory_format: String,
 }
 
+/// Starts `world` copies of this command, one per rank, and waits for all of them.
+fn spawn_ranks(world: usize) -> anyhow::Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let children = (0..world)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args(&args)
+                .args(["--rank", &r.to_string(), "--port", &port.to_string()])
+                .spawn()
+                .with_context(|| format!("starting rank {r}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut failed = Vec::new();
+    for (r, mut c) in children.into_iter().enumerate() {
+        if !c.wait()?.success() {
+            failed.push(r);
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "ranks {failed:?} failed");
+    Ok(())
+}
+
 fn step(a: StepArgs) -> anyhow::Result<()> {
+    if a.world > 1 && a.rank.is_none() {
+        return spawn_ranks(a.world);
+    }
     use bt_worker::model::Arch;
     let arch = match a.backbone.as_str() {
         "resnet18" => Arch::Resnet18,
@@ -78,7 +117,24 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         tch::set_num_threads(a.torch_threads);
     }
     use bt_worker::amp::{MemoryFormat, Precision};
-    let device = parse_device(a.device.as_deref())?;
+    let mut device = parse_device(a.device.as_deref())?;
+    let rendezvous = match (a.rank, a.port) {
+        (Some(rank), Some(port)) if a.world > 1 => {
+            let mut rv = bt_worker::dist::Rendezvous::new(
+                rank,
+                a.world,
+                "127.0.0.1",
+                port,
+                std::time::Duration::from_secs(120),
+            );
+            if device.is_cuda() {
+                device = tch::Device::Cuda(rank);
+                rv.backend = bt_worker::dist::Backend::Nccl { device_index: rank };
+            }
+            Some(rv)
+        }
+        _ => None,
+    };
     let cfg = bt_worker::trainer::bench::StepBenchConfig {
         arch,
         cifar_stem: a.cifar_stem,
@@ -93,6 +149,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         device,
         precision: Precision::resolve(&a.precision, device)?,
         layout: MemoryFormat::resolve(&a.memory_format, device)?,
+        rendezvous,
     };
     bt_worker::trainer::bench::run_step_bench(&cfg).context("step benchmark")
 }

@@ -1,6 +1,8 @@
 //! `bt-bench step`: timings of one rank's training step and its parts — the model's forward +
 //! backward alone, the loss in both forms, the LARS step, and the whole step fed by the real loader
-//! with its breakdown (data wait / device augmentations / forward / loss / backward / optimizer).
+//! with its breakdown (data wait / device augmentations / forward / gather / loss / backward /
+//! all-reduce / optimizer). With a rendezvous, every rank runs it in a real process group (the
+//! trainer's all-gather with grad, SyncBN and bucketed gradient all-reduce) and rank 0 prints.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,6 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::amp::{with_autocast, MemoryFormat, Precision};
 use crate::data::{self, AugmentConfig, Loader, LoaderConfig, SourceSpec, Split};
+use crate::dist::{ProcessGroup, Rendezvous};
 use crate::loss::{barlow_twins_loss, LossForm};
 use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
 use crate::optim::{Lars, LarsConfig};
@@ -28,6 +31,8 @@ pub struct StepBenchConfig {
     pub device: Device,
     pub precision: Precision,
     pub layout: MemoryFormat,
+    /// Join this group (several ranks); `None`: a single rank, no collectives.
+    pub rendezvous: Option<Rendezvous>,
 }
 
 /// Waits for queued CUDA work so that wall-clock laps measure the work itself.
@@ -49,12 +54,31 @@ fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 /// Runs the step benchmark and prints its figures.
 pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let dev = c.device;
+    let group = Arc::new(match &c.rendezvous {
+        Some(rv) => ProcessGroup::new(rv)?,
+        None => ProcessGroup::new(&Rendezvous::new(
+            0,
+            1,
+            "127.0.0.1",
+            0,
+            std::time::Duration::from_secs(1),
+        ))?,
+    });
+    let world = group.world_size();
+    let rank0 = group.rank() == 0;
+    // Only rank 0 prints; every rank runs the same collectives.
+    macro_rules! say {
+        ($($t:tt)*) => { if rank0 { println!($($t)*); } };
+    }
     tch::manual_seed(0);
     let vs = nn::VarStore::new(dev);
     let mut mcfg = ModelConfig::new(c.arch);
     mcfg.cifar_stem = c.cifar_stem;
     mcfg.projector = c.projector.clone();
-    let model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
+    let mut model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
+    if world > 1 {
+        model.set_group(Some(group.clone()));
+    }
     let state: Vec<Tensor> = model.state().into_iter().map(|n| n.tensor).collect();
     c.layout.apply_to_weights(&state)?;
     let params = model.parameters();
@@ -69,13 +93,14 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let n_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let b = c.batch as i64;
     let s = c.image_size as i64;
-    println!(
+    say!(
         "# bt-bench step: {:?} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}, {:?}, {:?}",
         c.arch, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev, c.precision, c.layout
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
-    let mut opt = Lars::new(&params, LarsConfig::default(), c.batch, 0, 1000);
+    let mut opt = Lars::new(&params, LarsConfig::default(), c.batch * world, 0, 1000);
+    let mut buckets = group.grad_buckets(&opt.param_tensors(), 25 << 20)?;
 
     // 1. the model alone: forward both views, a trivial scalar, backward.
     let model_ms = time_it(c.steps, || {
@@ -85,7 +110,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         sync(dev);
         Ok(())
     })?;
-    println!(
+    say!(
         "model forward+backward (2 views)      {model_ms:>9.1} ms   {:>8.1} img/s",
         b as f64 * 1e3 / model_ms
     );
@@ -103,7 +128,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
             sync(dev);
             Ok(())
         })?;
-        println!(
+        say!(
             "loss {:<6} N={} D={} fwd+bwd     {ms:>9.1} ms",
             format!("{form:?}"),
             c.loss_n,
@@ -111,7 +136,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         );
         loss_ms.push(ms);
     }
-    println!(
+    say!(
         "gram speed-up over cross              {:>9.2}x",
         loss_ms[0] / loss_ms[1]
     );
@@ -129,7 +154,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         sync(dev);
         Ok(())
     })?;
-    println!("LARS step                             {opt_ms:>9.1} ms");
+    say!("LARS step                             {opt_ms:>9.1} ms");
 
     // 4. the whole step fed by the loader, with its breakdown.
     let src = data::open_source(
@@ -139,22 +164,27 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         Split::Train,
     )?;
     let mut lc = LoaderConfig::new(c.batch, 0, AugmentConfig::small(c.image_size));
+    lc.rank = group.rank();
+    lc.world_size = world;
     lc.threads = c.loader_threads;
     lc.prefetch = 4;
     let mut loader = Loader::new(Arc::clone(&src), lc, 0)?;
-    let mut parts = [0f64; 6];
+    let mut parts = [0f64; 8];
     let names = [
         "data wait",
         "device augment",
         "forward",
+        "gather",
         "loss",
         "backward",
+        "all-reduce",
         "optimizer",
     ];
+    group.barrier()?;
     let mut timed_total = 0.0;
     for i in 0..=c.steps {
         let mut t = Instant::now();
-        let lap = |k: usize, parts: &mut [f64; 6], t: &mut Instant| {
+        let lap = |k: usize, parts: &mut [f64; 8], t: &mut Instant| {
             if i > 0 {
                 parts[k] += t.elapsed().as_secs_f64() * 1e3;
             }
@@ -169,30 +199,35 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         let (za, zb) = forward2(&va, &vb)?;
         sync(dev);
         lap(2, &mut parts, &mut t);
-        let out = barlow_twins_loss(&za, &zb, 0.0051, LossForm::Auto, false)?;
-        sync(dev);
+        let ga = group.all_gather_with_grad(&za)?;
+        let gb = group.all_gather_with_grad(&zb)?;
         lap(3, &mut parts, &mut t);
+        let out = barlow_twins_loss(&ga, &gb, 0.0051, LossForm::Auto, false)?;
+        sync(dev);
+        lap(4, &mut parts, &mut t);
         opt.zero_grad();
         out.loss.f_backward()?;
         sync(dev);
-        lap(4, &mut parts, &mut t);
+        lap(5, &mut parts, &mut t);
+        buckets.all_reduce()?;
+        lap(6, &mut parts, &mut t);
         opt.step(i as u64 + 1)?;
         sync(dev);
-        lap(5, &mut parts, &mut t);
+        lap(7, &mut parts, &mut t);
         if i > 0 {
             timed_total += step_t.elapsed().as_secs_f64() * 1e3;
         }
     }
     let step_ms = timed_total / c.steps as f64;
-    println!(
-        "whole step (loader, {} thread(s))      {step_ms:>9.1} ms   {:>8.1} img/s",
+    say!(
+        "whole step (loader, {} thread(s), {world} rank(s)) {step_ms:>9.1} ms   {:>8.1} img/s per rank",
         c.loader_threads,
         b as f64 * 1e3 / step_ms
     );
     for (n, v) in names.iter().zip(parts) {
-        println!("  {n:<18}                  {:>9.1} ms", v / c.steps as f64);
+        say!("  {n:<18}                  {:>9.1} ms", v / c.steps as f64);
     }
-    println!(
+    say!(
         "whole step vs model fwd+bwd alone     {:>+8.1} %",
         100.0 * (step_ms - model_ms) / model_ms
     );
