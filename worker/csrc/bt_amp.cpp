@@ -1,7 +1,6 @@
 // bt mixed-precision and layout helpers that tch does not expose: autocast on a chosen device
 // type with a chosen low-precision dtype (tch's `autocast` only toggles CUDA autocast with its
-// default fp16), and channels-last conversion. Same error convention as bt_dist.cpp: NULL on
-// success, else a malloc'd message freed with bt_dist_free_error.
+// default fp16), and channels-last conversion. Errors as in bt_error.h.
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -10,29 +9,9 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
+#include "bt_error.h"
+
 namespace {
-
-char* amp_error(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
-template <typename F>
-char* amp_guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return amp_error(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return amp_error(e.what());
-  } catch (...) {
-    return amp_error("unknown C++ exception");
-  }
-}
 
 at::DeviceType device_type(int code) {
   TORCH_CHECK(code == 0 || code == 1, "unknown device type code ", code);
@@ -46,7 +25,7 @@ extern "C" {
 // Enables autocast with `dtype` (0 = bfloat16, 1 = float16) for `device` (0 = CPU, 1 = CUDA) on
 // this thread; returns the previous state in prev_enabled / prev_dtype for bt_autocast_exit.
 char* bt_autocast_enter(int device, int dtype, int* prev_enabled, int* prev_dtype) {
-  return amp_guarded([&] {
+  return bt_guarded([&] {
     TORCH_CHECK(dtype == 0 || dtype == 1, "unknown autocast dtype code ", dtype);
     at::DeviceType dt = device_type(device);
     *prev_enabled = at::autocast::is_autocast_enabled(dt) ? 1 : 0;
@@ -59,7 +38,7 @@ char* bt_autocast_enter(int device, int dtype, int* prev_enabled, int* prev_dtyp
 
 // Restores the state bt_autocast_enter saved; clears the cast-weight cache on the outermost exit.
 char* bt_autocast_exit(int device, int prev_enabled, int prev_dtype) {
-  return amp_guarded([&] {
+  return bt_guarded([&] {
     at::DeviceType dt = device_type(device);
     if (at::autocast::decrement_nesting() == 0) {
       at::autocast::clear_cache();
@@ -80,7 +59,7 @@ int bt_autocast_is_enabled(int device) {
 // A channels-last copy of a 4-D tensor (the tensor itself when it already is); keeps autograd.
 char* bt_to_channels_last(at::Tensor* t, at::Tensor** out) {
   *out = nullptr;
-  return amp_guarded([&] {
+  return bt_guarded([&] {
     TORCH_CHECK(t->dim() == 4, "channels-last needs a 4-d tensor, got ", t->dim(), " dimensions");
     *out = new at::Tensor(t->contiguous(at::MemoryFormat::ChannelsLast));
   });

@@ -15,6 +15,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 
+#include "bt_error.h"
+
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -42,28 +44,6 @@ struct Group : torch::CustomClassHolder {
 struct Handle {
   c10::intrusive_ptr<Group> g;
 };
-
-char* dup_error(const std::string& s) {
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, s.c_str(), s.size() + 1);
-  }
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return dup_error(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return dup_error(e.what());
-  } catch (...) {
-    return dup_error("unknown C++ exception");
-  }
-}
 
 void wait_work(Group& g, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait();
@@ -449,7 +429,7 @@ char* bt_pg_new(
     int device_index,
     bt_pg** out) {
   *out = nullptr;
-  return guarded([&] {
+  return bt_guarded([&] {
     TORCH_CHECK(world_size >= 1, "world size must be at least 1, got ", world_size);
     TORCH_CHECK(rank >= 0 && rank < world_size, "rank ", rank, " is outside a world of ", world_size);
     TORCH_CHECK(timeout_ms > 0, "timeout must be positive");
@@ -500,23 +480,23 @@ void bt_pg_free(bt_pg* pg) {
 }
 
 char* bt_pg_all_reduce_sum(bt_pg* pg, at::Tensor* t) {
-  return guarded([&] { allreduce_inplace(*reinterpret_cast<Handle*>(pg)->g, *t); });
+  return bt_guarded([&] { allreduce_inplace(*reinterpret_cast<Handle*>(pg)->g, *t); });
 }
 
 char* bt_pg_broadcast(bt_pg* pg, at::Tensor* t, int root) {
-  return guarded([&] { broadcast_inplace(*reinterpret_cast<Handle*>(pg)->g, *t, root); });
+  return bt_guarded([&] { broadcast_inplace(*reinterpret_cast<Handle*>(pg)->g, *t, root); });
 }
 
 char* bt_pg_all_gather(bt_pg* pg, at::Tensor* t, at::Tensor** out) {
   *out = nullptr;
-  return guarded([&] {
+  return bt_guarded([&] {
     at::Tensor r = allgather(*reinterpret_cast<Handle*>(pg)->g, *t);
     *out = new at::Tensor(std::move(r));
   });
 }
 
 char* bt_pg_all_gather_into(bt_pg* pg, at::Tensor* t, at::Tensor* out) {
-  return guarded([&] { allgather_into(*reinterpret_cast<Handle*>(pg)->g, *t, *out); });
+  return bt_guarded([&] { allgather_into(*reinterpret_cast<Handle*>(pg)->g, *t, *out); });
 }
 
 typedef struct bt_grad_buckets bt_grad_buckets;
@@ -524,7 +504,7 @@ typedef struct bt_grad_buckets bt_grad_buckets;
 // Aliases the grads of `params` into persistent flat buckets of about bucket_bytes.
 char* bt_grad_buckets_new(bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes, bt_grad_buckets** out) {
   *out = nullptr;
-  return guarded([&] {
+  return bt_guarded([&] {
     TORCH_CHECK(bucket_bytes > 0, "bucket size must be positive");
     std::vector<at::Tensor> ps;
     ps.reserve(n);
@@ -537,7 +517,7 @@ char* bt_grad_buckets_new(bt_pg* pg, at::Tensor** params, int64_t n, int64_t buc
 
 // Sums the bucketed gradients over ranks, in place.
 char* bt_grad_buckets_allreduce(bt_grad_buckets* b) {
-  return guarded([&] { grad_buckets_allreduce(*reinterpret_cast<GradBuckets*>(b)); });
+  return bt_guarded([&] { grad_buckets_allreduce(*reinterpret_cast<GradBuckets*>(b)); });
 }
 
 int64_t bt_grad_buckets_count(bt_grad_buckets* b) {
@@ -552,7 +532,7 @@ void bt_grad_buckets_free(bt_grad_buckets* b) {
 }
 
 char* bt_pg_barrier(bt_pg* pg) {
-  return guarded([&] {
+  return bt_guarded([&] {
     Group& g = *reinterpret_cast<Handle*>(pg)->g;
     std::lock_guard<std::mutex> lock(g.mu);
     wait_work(g, g.backend->barrier(c10d::BarrierOptions()));
@@ -562,7 +542,7 @@ char* bt_pg_barrier(bt_pg* pg) {
 // Sums the gradients of `params` over ranks in flat buckets. A parameter without a gradient gets
 // a zero one first, so every rank packs the same layout.
 char* bt_pg_allreduce_grads(bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes) {
-  return guarded([&] {
+  return bt_guarded([&] {
     Group& g = *reinterpret_cast<Handle*>(pg)->g;
     std::vector<at::Tensor> grads;
     grads.reserve(n);
@@ -580,7 +560,7 @@ char* bt_pg_allreduce_grads(bt_pg* pg, at::Tensor** params, int64_t n, int64_t b
 
 // Broadcasts `tensors` (parameters, buffers) in place from `root`, in flat buckets.
 char* bt_pg_broadcast_tensors(bt_pg* pg, at::Tensor** tensors, int64_t n, int root, int64_t bucket_bytes) {
-  return guarded([&] {
+  return bt_guarded([&] {
     Group& g = *reinterpret_cast<Handle*>(pg)->g;
     std::vector<at::Tensor> ts;
     ts.reserve(n);
@@ -602,7 +582,7 @@ char* bt_sync_batch_norm(
     double eps,
     at::Tensor** out) {
   *out = nullptr;
-  return guarded([&] {
+  return bt_guarded([&] {
     auto group = reinterpret_cast<Handle*>(pg)->g;
     check_device(*group, *input, "sync_batch_norm");
     std::optional<at::Tensor> w;

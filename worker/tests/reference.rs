@@ -98,6 +98,26 @@ fn randomize_bn(state: &[NamedTensor]) {
     });
 }
 
+/// A ResNet-18 backbone (projector [8]) with random BN values, its torchvision-named weights
+/// saved in a fresh directory as weights.safetensors.
+fn resnet18_saved(
+    seed: i64,
+    cifar_stem: bool,
+) -> (nn::VarStore, BarlowTwinsModel, tempfile::TempDir) {
+    tch::manual_seed(seed);
+    let cfg = ModelConfig {
+        cifar_stem,
+        projector: vec![8],
+        ..ModelConfig::new(Arch::Resnet18)
+    };
+    let (vs, m) = model(&cfg, Kind::Float);
+    randomize_bn(&m.state());
+    let dir = tempfile::tempdir().unwrap();
+    m.save_backbone_safetensors(&dir.path().join("weights.safetensors"))
+        .unwrap();
+    (vs, m, dir)
+}
+
 fn model(cfg: &ModelConfig, kind: Kind) -> (nn::VarStore, BarlowTwinsModel) {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let m = BarlowTwinsModel::new(&vs.root(), cfg).unwrap();
@@ -116,17 +136,7 @@ fn model(cfg: &ModelConfig, kind: Kind) -> (nn::VarStore, BarlowTwinsModel) {
 #[test]
 fn backbone_matches_torchvision() {
     for (cifar_stem, hw) in [(true, 16), (false, 64)] {
-        tch::manual_seed(11);
-        let cfg = ModelConfig {
-            cifar_stem,
-            projector: vec![8],
-            ..ModelConfig::new(Arch::Resnet18)
-        };
-        let (_vs, m) = model(&cfg, Kind::Float);
-        randomize_bn(&m.state());
-        let dir = tempfile::tempdir().unwrap();
-        m.save_backbone_safetensors(&dir.path().join("weights.safetensors"))
-            .unwrap();
+        let (_vs, m, dir) = resnet18_saved(11, cifar_stem);
         let x = Tensor::randn([4, 3, hw, hw], (Kind::Float, Device::Cpu));
         write(&[("x", &x)], &dir.path().join("input.safetensors"));
         let eval = tch::no_grad(|| m.backbone_forward(&x, false)).unwrap();
@@ -335,17 +345,7 @@ fn bf16_autocast_channels_last_matches_torch_autocast() {
     use bt_worker::amp::{autocast_enabled, is_channels_last, with_autocast};
     use bt_worker::amp::{MemoryFormat, Precision};
     tch::set_num_threads(1); // the reference's thread count: the same reduction order
-    tch::manual_seed(5);
-    let cfg = ModelConfig {
-        cifar_stem: true,
-        projector: vec![8],
-        ..ModelConfig::new(Arch::Resnet18)
-    };
-    let (_vs, m) = model(&cfg, Kind::Float);
-    randomize_bn(&m.state());
-    let dir = tempfile::tempdir().unwrap();
-    m.save_backbone_safetensors(&dir.path().join("weights.safetensors"))
-        .unwrap();
+    let (_vs, m, dir) = resnet18_saved(5, true);
     let state: Vec<Tensor> = m.state().into_iter().map(|n| n.tensor).collect();
     MemoryFormat::ChannelsLast.apply_to_weights(&state).unwrap();
     let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu));
