@@ -7,9 +7,10 @@ use bt_coordinator::CoordinatorConfig;
 use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::worker_service_client::WorkerServiceClient;
 use bt_proto::{
-    coordinator_message, trainer_report, worker_message, Assignment, CoordinatorMessage, Device,
-    GetJobRequest, Hello, Job, JobState, RegisterRequest, RunningTrainer, SubmitJobRequest,
-    TrainerExit, TrainerReport, TrainerStarted, WorkerMessage, PROTOCOL_VERSION,
+    coordinator_message, trainer_report, worker_message, Assignment, CheckpointInfo,
+    CoordinatorMessage, Device, GetJobRequest, Hello, Job, JobState, ListCheckpointsRequest,
+    RegisterRequest, RunningTrainer, SubmitJobRequest, TrainerExit, TrainerReport, TrainerStarted,
+    WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +113,17 @@ impl Coord {
             .await
             .unwrap()
             .into_inner()
+    }
+
+    /// The job's committed checkpoints.
+    pub async fn checkpoints(&self, id: &str) -> Vec<CheckpointInfo> {
+        self.jobs()
+            .await
+            .list_checkpoints(ListCheckpointsRequest { job_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoints
     }
 
     /// Polls the job until `pred` holds (with a deadline).

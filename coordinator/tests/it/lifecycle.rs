@@ -126,16 +126,7 @@ async fn job_runs_to_success_with_metrics_checkpoints_and_evals() {
     );
     assert_eq!(j.total_steps, 20);
     assert_eq!(j.evals[0].kind, "knn");
-    let ck = c
-        .jobs()
-        .await
-        .list_checkpoints(ListCheckpointsRequest {
-            job_id: job.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoints;
+    let ck = c.checkpoints(&job.id).await;
     assert_eq!(ck.len(), 1);
     assert_eq!(ck[0].step, 20);
 
@@ -370,16 +361,7 @@ async fn state_survives_a_restart() {
     assert_eq!(j.state, JobState::Succeeded as i32);
     assert_eq!(j.last_metrics.unwrap().step, 5);
     assert_eq!(j.epoch, a.epoch);
-    let ck = c
-        .jobs()
-        .await
-        .list_checkpoints(ListCheckpointsRequest {
-            job_id: done.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checkpoints;
+    let ck = c.checkpoints(&done.id).await;
     assert_eq!(ck.len(), 1);
     assert_eq!(c.job(&queued.id).await.state, JobState::Queued as i32);
     // The fencing counter continues: a new attempt gets a larger epoch.

@@ -1,12 +1,30 @@
 //! WatchJob: replay, follow, and a slow watcher that falls behind.
 use std::time::Duration;
 
+use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::{
     job_event, trainer_report, JobEvent, JobState, Notice, TrainMetrics, WatchJobRequest,
 };
+use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::harness::*;
+
+async fn watch(
+    jobs: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    from_step: u64,
+    follow: bool,
+) -> Streaming<JobEvent> {
+    jobs.watch_job(WatchJobRequest {
+        job_id: job_id.to_string(),
+        from_step,
+        follow,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
 
 async fn collect(mut s: Streaming<JobEvent>) -> Vec<JobEvent> {
     let mut out = vec![];
@@ -64,15 +82,7 @@ async fn replay_then_follow_until_the_job_ends() {
 
     // Replay only, from step 3: all state changes, metrics 3..=5, then the stream ends.
     let mut jobs = c.jobs().await;
-    let s = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 3,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = watch(&mut jobs, &job.id, 3, false).await;
     let evs = collect(s).await;
     assert_eq!(metric_steps(&evs), vec![3, 4, 5]);
     assert_eq!(
@@ -90,15 +100,7 @@ async fn replay_then_follow_until_the_job_ends() {
     );
 
     // Follow: the replay, then live events, ending after the terminal state.
-    let s = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = watch(&mut jobs, &job.id, 0, true).await;
     let reader = tokio::spawn(collect(s));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for step in 6..=8 {
@@ -121,15 +123,7 @@ async fn replay_then_follow_until_the_job_ends() {
     assert_eq!(*states(&evs).last().unwrap(), JobState::Succeeded as i32);
 
     // Watching a finished job with follow ends after the replay.
-    let s = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = watch(&mut jobs, &job.id, 0, true).await;
     let evs = collect(s).await;
     assert_eq!(*states(&evs).last().unwrap(), JobState::Succeeded as i32);
 }
@@ -144,15 +138,7 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
     c.wait_state(&job.id, JobState::Running).await;
     let mut jobs = c.jobs().await;
     // Subscribed, but not reading.
-    let mut slow = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = watch(&mut jobs, &job.id, 0, true).await;
     // Enough bytes to fill every transport buffer between the coordinator and the watcher.
     let big = "x".repeat(16 * 1024);
     let n = 600u64;
@@ -210,14 +196,6 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
         "it still sees the end"
     );
     // The full history is still there for a replay.
-    let s = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = watch(&mut jobs, &job.id, 0, false).await;
     assert_eq!(metric_steps(&collect(s).await).len() as u64, n);
 }
