@@ -19,6 +19,7 @@ use std::process::Command;
 use bt_worker::data::augment::{
     device_stage, resample_chw, AugmentConfig, CropBox, Filter, Jitter, ViewSample,
 };
+use bt_worker::data::colour_cpu::{colour_view, ColourScratch};
 use bt_worker::data::{Source, SyntheticSource};
 use serde_json::json;
 
@@ -154,19 +155,39 @@ fn augmentation_matches_pil_and_torchvision() {
 
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/augment_reference.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reference script failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    eprintln!("reference: {r}");
+    let judge = || -> serde_json::Value {
+        let out = Command::new(&py)
+            .arg(&script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reference script failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let r = judge();
+    eprintln!("reference (tensor colour stage): {r}");
     assert!(r["resize_max"].as_i64().unwrap() <= 1, "{r}");
+    assert!(r["color_max"].as_f64().unwrap() < 1e-4, "{r}");
+
+    // The fused CPU colour stage (what CPU training runs), judged by the same reference.
+    let per = 3 * size * size;
+    let mut fused = vec![0f32; 6 * per];
+    let mut scratch = ColourScratch::default();
+    for (i, s) in samples.iter().enumerate() {
+        let (src, dst) = (
+            &views[i * per..(i + 1) * per],
+            &mut fused[i * per..(i + 1) * per],
+        );
+        colour_view(&cfg, s, src, size, dst, &mut scratch);
+    }
+    let bytes: Vec<u8> = fused.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.path().join("ours_color.bin"), bytes).unwrap();
+    let r = judge();
+    eprintln!("reference (fused CPU colour stage): {r}");
     assert!(r["color_max"].as_f64().unwrap() < 1e-4, "{r}");
 }

@@ -209,7 +209,7 @@ fn print_row(r: &BenchRow) {
             .unwrap_or_else(|| format!("{:>10}", "-"))
     };
     println!(
-        "{:<32} {:<28} {:>7} {} {} {}",
+        "{:<32} {:<30} {:>7} {} {} {}",
         r.case,
         r.stage,
         r.threads,
@@ -246,10 +246,19 @@ fn data(a: DataArgs) -> anyhow::Result<()> {
     };
     println!("# bt-bench data: {cores} cores; figures are source images/s (two views each)");
     println!(
-        "{:<32} {:<28} {:>7} {:>10} {:>10} note",
+        "{:<32} {:<30} {:>7} {:>10} {:>10} note",
         "case", "stage", "threads", "img/s", "img/s/core"
     );
-    run_data_bench(&cfg, print_row).context("data benchmark")?;
+    let rows = run_data_bench(&cfg, print_row).context("data benchmark")?;
+    println!("# per-core speed-up of bt end-to-end over torchvision+PIL (target: at least 2x)");
+    for bt in rows.iter().filter(|r| r.stage == "bt cpu end-to-end") {
+        let tv = rows
+            .iter()
+            .find(|r| r.case == bt.case && r.threads == bt.threads && r.stage == "torchvision+PIL");
+        if let (Some(x), Some(y)) = (bt.per_core(), tv.and_then(|r| r.per_core())) {
+            println!("{:<32} threads {:>2}: {:.1}x", bt.case, bt.threads, x / y);
+        }
+    }
     Ok(())
 }
 

@@ -6,9 +6,11 @@
 //! Stages reported per case and thread count:
 //! - `bt cpu stage`: the [`Loader`] alone (decode, crop, resize, flip → u8), what the training step
 //!   waits on when the colour stage runs on a GPU;
-//! - `bt cpu end-to-end`: loader plus [`TwoViewBatch::views`] on the CPU (colour jitter, grayscale,
-//!   blur, solarize, normalize with `threads` intra-op threads), comparable to torchvision's full
-//!   CPU pipeline;
+//! - `bt cpu end-to-end`: the loader with `colour_on_cpu` (its threads also run the fused colour
+//!   stage: jitter, grayscale, blur, solarize, normalize), as a CPU training job runs it; this is
+//!   the figure comparable to torchvision's full CPU pipeline;
+//! - `bt cpu end-to-end (tensor ops)`: the loader plus [`TwoViewBatch::views`] on the CPU (the
+//!   batched tensor colour stage with `threads` intra-op threads), for comparison;
 //! - `bt device stage`: `views` alone on the requested device, once per case (when it is not the CPU);
 //! - `torchvision+PIL`: the reference pipeline with `threads` worker processes.
 
@@ -126,7 +128,29 @@ pub fn generate_jpegs(
     Ok(())
 }
 
-fn loader_rate(case: &Case, threads: usize, steps: usize, end_to_end: bool) -> Result<f64> {
+/// What `loader_rate` measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    /// Loader only: u8 views after crop/resize/flip.
+    LoaderOnly,
+    /// Loader with the fused colour stage on its threads.
+    Fused,
+    /// Loader, then the batched tensor colour stage on the CPU.
+    TensorOps,
+}
+
+impl Stage {
+    fn label(self) -> &'static str {
+        match self {
+            Stage::LoaderOnly => "bt cpu stage",
+            Stage::Fused => "bt cpu end-to-end",
+            Stage::TensorOps => "bt cpu end-to-end (tensor ops)",
+        }
+    }
+}
+
+fn loader_rate(case: &Case, threads: usize, steps: usize, stage: Stage) -> Result<f64> {
+    let end_to_end = stage == Stage::TensorOps;
     let cfg = LoaderConfig {
         per_rank_batch: case.batch,
         rank: 0,
@@ -136,6 +160,7 @@ fn loader_rate(case: &Case, threads: usize, steps: usize, end_to_end: bool) -> R
         prefetch: 2,
         augment: case.augment.clone(),
         drop_last: true,
+        colour_on_cpu: stage == Stage::Fused,
     };
     tch::set_num_threads(threads as i32);
     let mut loader = Loader::new(case.source.clone(), cfg, 0)?;
@@ -259,12 +284,12 @@ pub fn run_data_bench(
     };
     for case in &cases {
         for &t in &cfg.threads {
-            for (stage, e2e) in [("bt cpu stage", false), ("bt cpu end-to-end", true)] {
-                let r = loader_rate(case, t, cfg.steps, e2e)?;
+            for stage in [Stage::LoaderOnly, Stage::Fused, Stage::TensorOps] {
+                let r = loader_rate(case, t, cfg.steps, stage)?;
                 push(
                     BenchRow {
                         case: case.name.clone(),
-                        stage: stage.into(),
+                        stage: stage.label().into(),
                         threads: t,
                         images_per_s: Some(r),
                         note: String::new(),

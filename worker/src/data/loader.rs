@@ -20,12 +20,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::augment::{
     device_stage, normalize, resample_chw, resize_center_crop_chw, sample_view, AugmentConfig,
     Filter, View, ViewSample, IMAGENET_MEAN, IMAGENET_STD,
 };
+use super::colour_cpu::{colour_view, ColourScratch};
 use super::source::{mix64, Source};
 use crate::error::{Error, Result};
 
@@ -64,6 +65,11 @@ pub struct LoaderConfig {
     /// Only `true` is supported: the last partial global batch of each epoch is dropped.
     #[serde(default = "default_true")]
     pub drop_last: bool,
+    /// Run the colour stage (jitter, grayscale, blur, solarize, normalize) on the loader's threads,
+    /// fused per image ([`colour_cpu`](super::colour_cpu)), so batches arrive as finished f32
+    /// views. For training on the CPU; on a GPU the batched device stage is faster.
+    #[serde(default)]
+    pub colour_on_cpu: bool,
 }
 
 impl LoaderConfig {
@@ -78,6 +84,7 @@ impl LoaderConfig {
             prefetch: default_prefetch(),
             augment,
             drop_last: true,
+            colour_on_cpu: false,
         }
     }
 }
@@ -126,13 +133,15 @@ impl Schedule {
     }
 }
 
-/// One rank's share of one training step: two augmented views, as u8 after the CPU stage.
+/// One rank's share of one training step: two augmented views, as u8 after the CPU stage (or
+/// finished f32 views when the loader runs the colour stage itself).
 pub struct TwoViewBatch {
     pub step: u64,
     pub epoch: u64,
-    /// View A, u8 [b, 3, S, S] on the CPU (crop, resize and flip applied).
+    /// View A on the CPU: u8 [b, 3, S, S] with crop, resize and flip applied; with
+    /// `colour_on_cpu`, the finished normalized f32 [b, 3, S, S].
     pub a: Tensor,
-    /// View B, u8 [b, 3, S, S].
+    /// View B, like `a`.
     pub b: Tensor,
     /// Per-sample parameters of the device stage (and the crop/flip already applied).
     pub params_a: Vec<ViewSample>,
@@ -156,10 +165,14 @@ impl TwoViewBatch {
     }
 
     /// Both views on `device` after the batched device stage (colour jitter, grayscale, blur,
-    /// solarize) and normalization: f32 [b, 3, S, S].
+    /// solarize) and normalization: f32 [b, 3, S, S]. Views the loader already finished
+    /// (`colour_on_cpu`) are only moved.
     pub fn views(&self, device: Device) -> Result<(Tensor, Tensor)> {
         let a = self.a.f_to_device(device)?;
         let b = self.b.f_to_device(device)?;
+        if self.a.kind() == Kind::Float {
+            return Ok((a, b));
+        }
         Ok((
             device_stage(&self.augment, &a, &self.params_a)?,
             device_stage(&self.augment, &b, &self.params_b)?,
@@ -171,6 +184,7 @@ struct Shared {
     source: Arc<dyn Source>,
     schedule: Schedule,
     augment: Arc<AugmentConfig>,
+    colour_on_cpu: bool,
 }
 
 struct SampleMeta {
@@ -241,6 +255,28 @@ impl Shared {
                 .collect::<Result<Vec<_>>>()
         })?;
         let shape = [b as i64, 3, s as i64, s as i64];
+        let (a, b_view) = if self.colour_on_cpu {
+            let finish = |src: &[u8], params: &[ViewSample]| -> Tensor {
+                let mut out = vec![0f32; src.len()];
+                pool.install(|| {
+                    out.par_chunks_mut(per)
+                        .zip(src.par_chunks(per))
+                        .zip(params)
+                        .for_each_init(ColourScratch::default, |scratch, ((o, i), p)| {
+                            colour_view(&self.augment, p, i, s, o, scratch)
+                        })
+                });
+                Tensor::from_slice(&out).view(shape)
+            };
+            let pa: Vec<ViewSample> = metas.iter().map(|m| m.va).collect();
+            let pb: Vec<ViewSample> = metas.iter().map(|m| m.vb).collect();
+            (finish(&buf_a, &pa), finish(&buf_b, &pb))
+        } else {
+            (
+                Tensor::from_slice(&buf_a).view(shape),
+                Tensor::from_slice(&buf_b).view(shape),
+            )
+        };
         let labels = if self.source.num_classes().is_some() {
             metas
                 .iter()
@@ -253,8 +289,8 @@ impl Shared {
         Ok(TwoViewBatch {
             step,
             epoch,
-            a: Tensor::from_slice(&buf_a).view(shape),
-            b: Tensor::from_slice(&buf_b).view(shape),
+            a,
+            b: b_view,
             params_a: metas.iter().map(|m| m.va).collect(),
             params_b: metas.iter().map(|m| m.vb).collect(),
             labels,
@@ -324,6 +360,7 @@ impl Loader {
             source,
             schedule: schedule.clone(),
             augment: Arc::new(cfg.augment),
+            colour_on_cpu: cfg.colour_on_cpu,
         };
         let stop2 = stop.clone();
         let handle = std::thread::Builder::new()
@@ -544,6 +581,7 @@ mod tests {
             prefetch: 2,
             augment: AugmentConfig::small(32),
             drop_last: true,
+            colour_on_cpu: false,
         }
     }
 
@@ -697,6 +735,34 @@ mod tests {
         let err = l.next_batch().err().unwrap().to_string();
         assert!(err.contains("consecutive unreadable"), "{err}");
         assert!(l.next_batch().is_err());
+    }
+
+    /// The loader's fused colour stage gives the views the tensor stage gives, for the same
+    /// batches (the tolerance is float rounding; see `colour_cpu`).
+    #[test]
+    fn colour_on_cpu_matches_the_tensor_stage() {
+        let src = fashion();
+        let mut aug = AugmentConfig::imagenet();
+        aug.crop_size = 32;
+        aug.blur_kernel = Some(5);
+        let plain = LoaderConfig {
+            augment: aug,
+            ..cfg(8, 0, 1, 2)
+        };
+        let fused = LoaderConfig {
+            colour_on_cpu: true,
+            ..plain.clone()
+        };
+        for (x, y) in take(&src, plain, 3, 2).iter().zip(&take(&src, fused, 3, 2)) {
+            assert_eq!(x.params_a, y.params_a);
+            assert_eq!(y.a.kind(), Kind::Float);
+            let (xa, xb) = x.views(Device::Cpu).unwrap();
+            let (ya, yb) = y.views(Device::Cpu).unwrap();
+            for (p, q) in [(xa, ya), (xb, yb)] {
+                let d = (p - q).abs().max().double_value(&[]);
+                assert!(d < 2e-5, "max abs difference {d}");
+            }
+        }
     }
 
     #[test]

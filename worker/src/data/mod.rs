@@ -4,6 +4,8 @@
 //!   [`open_source`] from a [`SourceSpec`]. Images are always 8-bit RGB (gray is replicated).
 //! - [`augment`]: per-sample random parameters and the CPU crop/resize/flip, plus the batched
 //!   device stage (colour jitter, grayscale, blur, solarize, normalize).
+//! - [`colour_cpu`]: the same colour stage fused per image, run by the loader's threads when
+//!   training on the CPU (`LoaderConfig::colour_on_cpu`).
 //! - [`loader`]: [`Loader`] (per-rank two-view batches, deterministic in the seed, independent of
 //!   world size and thread count, resumable at any step) and [`eval_batches`].
 //!
@@ -22,6 +24,7 @@
 //! ```
 pub mod augment;
 pub mod bench;
+pub mod colour_cpu;
 pub mod loader;
 pub mod source;
 

@@ -168,6 +168,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     lc.world_size = world;
     lc.threads = c.loader_threads;
     lc.prefetch = 4;
+    lc.colour_on_cpu = dev == Device::Cpu;
     let mut loader = Loader::new(Arc::clone(&src), lc, 0)?;
     let mut parts = [0f64; 8];
     let names = [

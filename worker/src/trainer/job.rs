@@ -249,6 +249,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
             ..data::AugmentConfig::default()
         },
         drop_last: true,
+        colour_on_cpu: device == Device::Cpu,
     };
     let mut loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
     let form = match t.loss_form.as_str() {
