@@ -77,10 +77,10 @@ def main():
 
     e = torch.ones(64, 8192)
     row("all_gather 64x8192, new output",
-        median_ms(reps, lambda: dist.all_gather_into_tensor(torch.empty(64 * world, 8192), e)), e.numel() * 4)
+        median_ms(reps * 4, lambda: dist.all_gather_into_tensor(torch.empty(64 * world, 8192), e)), e.numel() * 4)
     out = torch.empty(64 * world, 8192)
     row("all_gather 64x8192, into buffer",
-        median_ms(reps, lambda: dist.all_gather_into_tensor(out, e)), e.numel() * 4)
+        median_ms(reps * 4, lambda: dist.all_gather_into_tensor(out, e)), e.numel() * 4)
     rows.append(("barrier", median_ms(reps * 10, dist.barrier), ""))
     if rank == 0:
         print(f"torch.distributed W={world} rendezvous: {join_ms:.1f} ms")

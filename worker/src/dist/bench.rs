@@ -91,7 +91,8 @@ pub fn run(
     }
     let e = Tensor::ones([gather_rows, gather_dim], (Kind::Float, dev));
     let bytes = (gather_rows * gather_dim * 4) as usize;
-    let ms = median_ms(reps, || pg.all_gather(&e).map(drop))?;
+    // Millisecond-scale figures: more repetitions for a stable median.
+    let ms = median_ms(reps * 4, || pg.all_gather(&e).map(drop))?;
     out.push(Timing {
         name: format!("all_gather {gather_rows}x{gather_dim}, new output"),
         bytes,
@@ -101,7 +102,7 @@ pub fn run(
         [gather_rows * pg.world_size() as i64, gather_dim],
         (Kind::Float, dev),
     );
-    let ms = median_ms(reps, || pg.all_gather_into(&e, &gathered))?;
+    let ms = median_ms(reps * 4, || pg.all_gather_into(&e, &gathered))?;
     out.push(Timing {
         name: format!("all_gather {gather_rows}x{gather_dim}, into buffer"),
         bytes,
