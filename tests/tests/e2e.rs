@@ -310,14 +310,17 @@ fn scale_rehearsal_world_size_32() {
         }
     }
     rendezvous_ms.sort_unstable();
+    let (lo, hi) = (
+        rendezvous_ms.first().copied().unwrap_or(0),
+        rendezvous_ms.last().copied().unwrap_or(0),
+    );
     eprintln!(
-        "world size 32: all ranks started after {:.1}s, job done after {:.1}s; rendezvous per rank {:?} ms (min/max {:?}/{:?}); last step {} ms",
+        "world size 32: all ranks started after {:.1}s, job done after {:.1}s; rendezvous logged by \
+         {} ranks, {lo}-{hi} ms each; last step {:.0} ms",
         t_running.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
         rendezvous_ms.len(),
-        rendezvous_ms.first(),
-        rendezvous_ms.last(),
-        job["last_metrics"]["step_time_ms"]
+        job["last_metrics"]["step_time_ms"].as_f64().unwrap_or(f64::NAN)
     );
     assert_eq!(rendezvous_ms.len(), 32);
 }
