@@ -400,44 +400,83 @@ fn coeffs(in0: usize, in_len: usize, out_size: usize, filter: Filter) -> Coeffs 
     c
 }
 
-/// Crops `bx` out of `img`, resizes it to `out_h × out_w` with `filter` (antialiased, like PIL's
-/// `Image.resize`), optionally mirrors it horizontally, and writes u8 **CHW** into `out`
-/// (`3 * out_h * out_w` bytes). Horizontal pass first, rounded and clipped to 8 bits as PIL does,
-/// then the vertical pass, rounded and clipped again.
-pub fn resample_chw(
-    img: &Image,
-    bx: CropBox,
-    out_h: usize,
-    out_w: usize,
-    flip: bool,
-    filter: Filter,
-    out: &mut [u8],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { resample_chw_avx2(img, bx, out_h, out_w, flip, filter, out) };
-            return;
+avx2_dispatch! {
+    /// Crops `bx` out of `img`, resizes it to `out_h × out_w` with `filter` (antialiased, like PIL's
+    /// `Image.resize`), optionally mirrors it horizontally, and writes u8 **CHW** into `out`
+    /// (`3 * out_h * out_w` bytes). Horizontal pass first, rounded and clipped to 8 bits as PIL does,
+    /// then the vertical pass, rounded and clipped again.
+    pub fn resample_chw(
+        img: &Image,
+        bx: CropBox,
+        out_h: usize,
+        out_w: usize,
+        flip: bool,
+        filter: Filter,
+        out: &mut [u8],
+    ) {
+        debug_assert_eq!(out.len(), 3 * out_h * out_w);
+        debug_assert!(bx.top + bx.height <= img.height && bx.left + bx.width <= img.width);
+        let cx = coeffs(bx.left, bx.width, out_w, filter);
+        let cy = coeffs(bx.top, bx.height, out_h, filter);
+        // Source rows needed by the vertical pass.
+        let y0 = cy.start.iter().copied().min().unwrap_or(0);
+        let y1 = cy
+            .start
+            .iter()
+            .zip(&cy.len)
+            .map(|(s, l)| s + l)
+            .max()
+            .unwrap_or(0);
+        let rows = y1 - y0;
+        // Horizontal pass: rows × out_w × 3, interleaved.
+        let mut tmp = vec![0f32; rows * out_w * 3];
+        for r in 0..rows {
+            let src = &img.data[(y0 + r) * img.width * 3..(y0 + r + 1) * img.width * 3];
+            let dst = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
+            for x in 0..out_w {
+                let (s, n) = (cx.start[x], cx.len[x]);
+                let ws = &cx.w[x * cx.ksize..x * cx.ksize + n];
+                let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
+                for (k, &w) in ws.iter().enumerate() {
+                    let p = (s + k) * 3;
+                    a += w * src[p] as f32;
+                    b += w * src[p + 1] as f32;
+                    c += w * src[p + 2] as f32;
+                }
+                dst[x * 3] = a;
+                dst[x * 3 + 1] = b;
+                dst[x * 3 + 2] = c;
+            }
+            // Like PIL (and torch's uint8 path), the intermediate is an 8-bit image: rounding and
+            // clipping here keeps bicubic overshoot from reaching the vertical pass.
+            for v in dst.iter_mut() {
+                *v = round_clamp_u8(*v);
+            }
+        }
+        // Vertical pass into CHW.
+        let plane = out_h * out_w;
+        let mut acc = vec![0f32; out_w * 3];
+        for y in 0..out_h {
+            let (s, n) = (cy.start[y] - y0, cy.len[y]);
+            let ws = &cy.w[y * cy.ksize..y * cy.ksize + n];
+            acc.iter_mut().for_each(|v| *v = 0.0);
+            for (k, &w) in ws.iter().enumerate() {
+                let row = &tmp[(s + k) * out_w * 3..(s + k + 1) * out_w * 3];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += w * v;
+                }
+            }
+            for v in acc.iter_mut() {
+                *v = round_clamp_u8(*v);
+            }
+            for x in 0..out_w {
+                let ox = if flip { out_w - 1 - x } else { x };
+                for ch in 0..3 {
+                    out[ch * plane + y * out_w + ox] = acc[x * 3 + ch] as u8;
+                }
+            }
         }
     }
-    resample_chw_impl(img, bx, out_h, out_w, flip, filter, out)
-}
-
-/// [`resample_chw`] compiled for AVX2: the same operations (no FMA contraction), so the same bits,
-/// with wider vector loops.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn resample_chw_avx2(
-    img: &Image,
-    bx: CropBox,
-    out_h: usize,
-    out_w: usize,
-    flip: bool,
-    filter: Filter,
-    out: &mut [u8],
-) {
-    resample_chw_impl(img, bx, out_h, out_w, flip, filter, out)
 }
 
 /// `x.round().clamp(0, 255)` (half away from zero, as `f32::round`) without the libm call, so
@@ -451,80 +490,6 @@ fn round_clamp_u8(x: f32) -> f32 {
         t + 1.0
     } else {
         t
-    }
-}
-
-#[inline(always)]
-fn resample_chw_impl(
-    img: &Image,
-    bx: CropBox,
-    out_h: usize,
-    out_w: usize,
-    flip: bool,
-    filter: Filter,
-    out: &mut [u8],
-) {
-    debug_assert_eq!(out.len(), 3 * out_h * out_w);
-    debug_assert!(bx.top + bx.height <= img.height && bx.left + bx.width <= img.width);
-    let cx = coeffs(bx.left, bx.width, out_w, filter);
-    let cy = coeffs(bx.top, bx.height, out_h, filter);
-    // Source rows needed by the vertical pass.
-    let y0 = cy.start.iter().copied().min().unwrap_or(0);
-    let y1 = cy
-        .start
-        .iter()
-        .zip(&cy.len)
-        .map(|(s, l)| s + l)
-        .max()
-        .unwrap_or(0);
-    let rows = y1 - y0;
-    // Horizontal pass: rows × out_w × 3, interleaved.
-    let mut tmp = vec![0f32; rows * out_w * 3];
-    for r in 0..rows {
-        let src = &img.data[(y0 + r) * img.width * 3..(y0 + r + 1) * img.width * 3];
-        let dst = &mut tmp[r * out_w * 3..(r + 1) * out_w * 3];
-        for x in 0..out_w {
-            let (s, n) = (cx.start[x], cx.len[x]);
-            let ws = &cx.w[x * cx.ksize..x * cx.ksize + n];
-            let (mut a, mut b, mut c) = (0f32, 0f32, 0f32);
-            for (k, &w) in ws.iter().enumerate() {
-                let p = (s + k) * 3;
-                a += w * src[p] as f32;
-                b += w * src[p + 1] as f32;
-                c += w * src[p + 2] as f32;
-            }
-            dst[x * 3] = a;
-            dst[x * 3 + 1] = b;
-            dst[x * 3 + 2] = c;
-        }
-        // Like PIL (and torch's uint8 path), the intermediate is an 8-bit image: rounding and
-        // clipping here keeps bicubic overshoot from reaching the vertical pass.
-        for v in dst.iter_mut() {
-            *v = round_clamp_u8(*v);
-        }
-    }
-    // Vertical pass into CHW.
-    let plane = out_h * out_w;
-    let mut acc = vec![0f32; out_w * 3];
-    for y in 0..out_h {
-        let (s, n) = (cy.start[y] - y0, cy.len[y]);
-        let ws = &cy.w[y * cy.ksize..y * cy.ksize + n];
-        acc.iter_mut().for_each(|v| *v = 0.0);
-        for (k, &w) in ws.iter().enumerate() {
-            let row = &tmp[(s + k) * out_w * 3..(s + k + 1) * out_w * 3];
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += w * v;
-            }
-        }
-        for v in acc.iter_mut() {
-            *v = round_clamp_u8(*v);
-        }
-        for x in 0..out_w {
-            let ox = if flip { out_w - 1 - x } else { x };
-            for ch in 0..3 {
-                out[ch * plane + y * out_w + ox] = acc[x * 3 + ch] as u8;
-            }
-        }
     }
 }
 

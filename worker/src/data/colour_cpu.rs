@@ -28,91 +28,60 @@ pub struct ColourScratch {
     row: Vec<f32>,
 }
 
-/// Finishes one view: `src` is u8 CHW `[3, side, side]` after crop/resize/flip, `out` receives the
-/// normalized f32 CHW image, with `s`'s colour jitter, grayscale, blur and solarization applied in
-/// the device stage's order.
-pub fn colour_view(
-    cfg: &AugmentConfig,
-    s: &ViewSample,
-    src: &[u8],
-    side: usize,
-    out: &mut [f32],
-    scratch: &mut ColourScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { colour_view_avx2(cfg, s, src, side, out, scratch) };
-            return;
+avx2_dispatch! {
+    /// Finishes one view: `src` is u8 CHW `[3, side, side]` after crop/resize/flip, `out` receives
+    /// the normalized f32 CHW image, with `s`'s colour jitter, grayscale, blur and solarization
+    /// applied in the device stage's order.
+    pub fn colour_view(
+        cfg: &AugmentConfig,
+        s: &ViewSample,
+        src: &[u8],
+        side: usize,
+        out: &mut [f32],
+        scratch: &mut ColourScratch,
+    ) {
+        let n = side * side;
+        assert!(
+            src.len() == 3 * n && out.len() == 3 * n,
+            "colour_view: buffers of {} and {} values for a 3x{side}x{side} view",
+            src.len(),
+            out.len()
+        );
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = v as f32 / 255.0;
         }
-    }
-    colour_view_impl(cfg, s, src, side, out, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn colour_view_avx2(
-    cfg: &AugmentConfig,
-    s: &ViewSample,
-    src: &[u8],
-    side: usize,
-    out: &mut [f32],
-    scratch: &mut ColourScratch,
-) {
-    colour_view_impl(cfg, s, src, side, out, scratch)
-}
-
-#[inline(always)]
-fn colour_view_impl(
-    cfg: &AugmentConfig,
-    s: &ViewSample,
-    src: &[u8],
-    side: usize,
-    out: &mut [f32],
-    scratch: &mut ColourScratch,
-) {
-    let n = side * side;
-    assert!(
-        src.len() == 3 * n && out.len() == 3 * n,
-        "colour_view: buffers of {} and {} values for a 3x{side}x{side} view",
-        src.len(),
-        out.len()
-    );
-    for (o, &v) in out.iter_mut().zip(src) {
-        *o = v as f32 / 255.0;
-    }
-    {
-        let (r, rest) = out.split_at_mut(n);
-        let (g, b) = rest.split_at_mut(n);
-        if let Some(j) = &s.jitter {
-            jitter(j, r, g, b);
-        }
-        if s.grayscale {
-            for i in 0..n {
-                let l = luma(r[i], g[i], b[i]);
-                r[i] = l;
-                g[i] = l;
-                b[i] = l;
+        {
+            let (r, rest) = out.split_at_mut(n);
+            let (g, b) = rest.split_at_mut(n);
+            if let Some(j) = &s.jitter {
+                jitter(j, r, g, b);
+            }
+            if s.grayscale {
+                for i in 0..n {
+                    let l = luma(r[i], g[i], b[i]);
+                    r[i] = l;
+                    g[i] = l;
+                    b[i] = l;
+                }
             }
         }
-    }
-    if let Some(sigma) = s.blur_sigma {
-        let taps = gaussian_taps(sigma, cfg.blur_kernel_size());
-        for plane in out.chunks_exact_mut(n) {
-            blur_plane(plane, side, &taps, scratch);
+        if let Some(sigma) = s.blur_sigma {
+            let taps = gaussian_taps(sigma, cfg.blur_kernel_size());
+            for plane in out.chunks_exact_mut(n) {
+                blur_plane(plane, side, &taps, scratch);
+            }
         }
-    }
-    if s.solarize {
-        let t = 128.0f32 / 255.0;
-        for v in out.iter_mut() {
-            *v = if *v >= t { 1.0 - *v } else { *v };
+        if s.solarize {
+            let t = 128.0f32 / 255.0;
+            for v in out.iter_mut() {
+                *v = if *v >= t { 1.0 - *v } else { *v };
+            }
         }
-    }
-    for (c, plane) in out.chunks_exact_mut(n).enumerate() {
-        let (m, sd) = (cfg.mean[c], cfg.std[c]);
-        for v in plane.iter_mut() {
-            *v = (*v - m) / sd;
+        for (c, plane) in out.chunks_exact_mut(n).enumerate() {
+            let (m, sd) = (cfg.mean[c], cfg.std[c]);
+            for v in plane.iter_mut() {
+                *v = (*v - m) / sd;
+            }
         }
     }
 }

@@ -22,6 +22,31 @@
 //! let (a, b) = batch.views(tch::Device::cuda_if_available())?;
 //! # Ok(()) }
 //! ```
+/// Defines `fn $name(args) body` twice over: a baseline build and one compiled with AVX2
+/// enabled, picked at run time by CPU detection, so the plain slice loops of `body` vectorize for
+/// the wider registers where they exist. No FMA is enabled, so both copies compute the same bits.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
 pub mod augment;
 pub mod bench;
 pub mod colour_cpu;
