@@ -16,10 +16,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use bt_worker::data::augment::{
-    device_stage, resample_chw, AugmentConfig, CropBox, Filter, Jitter, ViewSample,
-};
+use bt_worker::data::augment::{resample_chw, AugmentConfig, CropBox, Filter, Jitter, ViewSample};
 use bt_worker::data::colour_cpu::{colour_view, ColourScratch};
+use bt_worker::data::colour_device::device_stage;
 use bt_worker::data::{Source, SyntheticSource};
 use serde_json::json;
 

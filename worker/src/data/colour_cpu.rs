@@ -1,6 +1,6 @@
 //! The colour stage fused into one pass per image, for training on the CPU.
 //!
-//! [`device_stage`](super::augment::device_stage) runs colour jitter, grayscale, blur, solarization
+//! [`device_stage`](super::colour_device::device_stage) runs colour jitter, grayscale, blur, solarization
 //! and normalization as batched tensor ops, which suits a GPU: there each op is one kernel over the
 //! batch. On the CPU the same ops cost a full sweep of memory each and, for the per-sample
 //! subsets, gathers and scatters besides; [`colour_view`] instead finishes one image at a time
@@ -258,7 +258,8 @@ fn blur_plane(plane: &mut [f32], side: usize, taps: &[(isize, f32)], scratch: &m
 
 #[cfg(test)]
 mod tests {
-    use super::super::augment::{device_stage, sample_view, View};
+    use super::super::augment::{sample_view, View};
+    use super::super::colour_device::device_stage;
     use super::*;
     use rand::{Rng, SeedableRng};
     use tch::Tensor;

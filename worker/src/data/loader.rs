@@ -23,10 +23,11 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::augment::{
-    device_stage, normalize, resample_chw, resize_center_crop_chw, sample_view, AugmentConfig,
-    Filter, View, ViewSample, IMAGENET_MEAN, IMAGENET_STD,
+    resample_chw, resize_center_crop_chw, sample_view, AugmentConfig, Filter, View, ViewSample,
+    IMAGENET_MEAN, IMAGENET_STD,
 };
 use super::colour_cpu::{colour_view, ColourScratch};
+use super::colour_device::{device_stage, normalize};
 use super::source::{mix64, Source};
 use crate::error::{Error, Result};
 

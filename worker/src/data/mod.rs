@@ -2,8 +2,9 @@
 //!
 //! - [`source`]: [`Source`] implementations (IDX / Fashion-MNIST, ImageFolder, synthetic) and
 //!   [`open_source`] from a [`SourceSpec`]. Images are always 8-bit RGB (gray is replicated).
-//! - [`augment`]: per-sample random parameters and the CPU crop/resize/flip, plus the batched
-//!   device stage (colour jitter, grayscale, blur, solarize, normalize).
+//! - [`augment`]: per-sample random parameters and the CPU crop/resize/flip.
+//! - [`colour_device`]: the batched colour stage on the training device (colour jitter,
+//!   grayscale, blur, solarize, normalize).
 //! - [`colour_cpu`]: the same colour stage fused per image, run by the loader's threads when
 //!   training on the CPU (`LoaderConfig::colour_on_cpu`).
 //! - [`loader`]: [`Loader`] (per-rank two-view batches, deterministic in the seed, independent of
@@ -50,6 +51,7 @@ macro_rules! avx2_dispatch {
 pub mod augment;
 pub mod bench;
 pub mod colour_cpu;
+pub mod colour_device;
 pub mod loader;
 pub mod source;
 
