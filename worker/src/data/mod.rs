@@ -52,13 +52,13 @@ pub mod augment;
 pub mod bench;
 pub mod colour_cpu;
 pub mod colour_device;
+pub mod eval;
 pub mod loader;
 pub mod source;
 
 pub use augment::{AugmentConfig, CropBox, Jitter, View, ViewSample, IMAGENET_MEAN, IMAGENET_STD};
-pub use loader::{
-    eval_batches, EvalBatch, EvalTransform, Loader, LoaderConfig, Schedule, TwoViewBatch,
-};
+pub use eval::{eval_batches, EvalBatch, EvalTransform};
+pub use loader::{Loader, LoaderConfig, Schedule, TwoViewBatch};
 pub use source::{
     open_source, IdxSource, Image, ImageFolderSource, Source, SourceSpec, Split, Subset,
     SyntheticSource,

@@ -209,7 +209,7 @@ impl Source for Subset {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The committed cut of Fashion-MNIST: 512 train images (gzipped) and 256 test images (raw).
