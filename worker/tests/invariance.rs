@@ -13,20 +13,13 @@ use bt_proto::{Assignment, TrainerEvent};
 use prost::Message;
 use tch::Tensor;
 
+mod common;
+use common::{assignment, fashion_data, TINY_MODEL};
+
 fn spec(world: u32, sync_bn: bool, extra_train: &str) -> String {
     format!(
-        r#"
-world_size = {world}
-[data]
-source = "fashion-mnist"
-path = "/usr/share/datasets/fashion-mnist"
-limit = 128
-image_size = 16
-[model]
-backbone = "resnet18"
-cifar_stem = true
-projector = [32, 32]
-sync_bn = {sync_bn}
+        r#"world_size = {world}
+{data}{TINY_MODEL}sync_bn = {sync_bn}
 [train]
 batch_size = 16
 max_steps = 3
@@ -39,7 +32,8 @@ lr_weights = 0.5
 knn_at_end = false
 [dist]
 timeout_secs = 30
-"#
+"#,
+        data = fashion_data(128)
     )
 }
 
@@ -65,15 +59,10 @@ fn train_with(
     let children: Vec<_> = (0..world)
         .map(|rank| {
             let a = Assignment {
-                job_id: "inv".into(),
-                epoch: 1,
                 rank,
                 world_size: world,
-                master_addr: "127.0.0.1".into(),
                 master_port: port,
-                spec_toml: spec.clone(),
-                checkpoint_dir: dir.display().to_string(),
-                ..Default::default()
+                ..assignment("inv", spec.clone(), dir)
             };
             let mut child = Command::new(env!("CARGO_BIN_EXE_bt-worker"))
                 .args(["train", "--device-kind", "cpu"])

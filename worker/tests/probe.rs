@@ -1,17 +1,15 @@
 //! The linear-probe job on a small real cut of Fashion-MNIST: its loss falls, its accuracy beats
 //! chance, the random-init baseline is reported next to it; a missing checkpoint is a clear error.
 use bt_proto::trainer_event::Body;
-use bt_proto::{Assignment, EvalResult};
+use bt_proto::EvalResult;
 use bt_worker::trainer::{run, Reporter};
 
-const PRETRAIN: &str = r#"
-[data]
-limit = 128
-image_size = 16
-[model]
-backbone = "resnet18"
-cifar_stem = true
-projector = [32, 32]
+mod common;
+use common::{assignment, fashion_data, TINY_MODEL};
+
+fn pretrain_spec() -> String {
+    format!(
+        r#"{data}{TINY_MODEL}
 [train]
 batch_size = 32
 max_steps = 2
@@ -19,7 +17,10 @@ warmup_epochs = 0
 log_every = 1
 [eval]
 knn_at_end = false
-"#;
+"#,
+        data = fashion_data(128)
+    )
+}
 
 fn probe_spec(ck: &str) -> String {
     format!(
@@ -34,18 +35,6 @@ probe_epochs = 10
 baseline = true
 "#
     )
-}
-
-fn assignment(spec: String, dir: &std::path::Path) -> Assignment {
-    Assignment {
-        job_id: "probe-test".into(),
-        epoch: 1,
-        world_size: 1,
-        master_addr: "127.0.0.1".into(),
-        spec_toml: spec,
-        checkpoint_dir: dir.display().to_string(),
-        ..Default::default()
-    }
 }
 
 fn evals(rep: &Reporter) -> Vec<EvalResult> {
@@ -70,7 +59,7 @@ fn train_loss(e: &EvalResult) -> f64 {
 fn probe_learns_and_reports_baseline() {
     let dir = tempfile::tempdir().unwrap();
     run(
-        &assignment(PRETRAIN.into(), dir.path()),
+        &assignment("probe-test", pretrain_spec(), dir.path()),
         "cpu",
         &mut Reporter::collecting(),
     )
@@ -78,7 +67,7 @@ fn probe_learns_and_reports_baseline() {
     let ck = dir.path().join("00000002");
     let mut rep = Reporter::collecting();
     run(
-        &assignment(probe_spec(ck.to_str().unwrap()), dir.path()),
+        &assignment("probe-test", probe_spec(ck.to_str().unwrap()), dir.path()),
         "cpu",
         &mut rep,
     )
@@ -106,7 +95,11 @@ fn probe_of_missing_checkpoint_is_a_clear_user_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-checkpoint");
     let err = match run(
-        &assignment(probe_spec(missing.to_str().unwrap()), dir.path()),
+        &assignment(
+            "probe-test",
+            probe_spec(missing.to_str().unwrap()),
+            dir.path(),
+        ),
         "cpu",
         &mut Reporter::collecting(),
     ) {

@@ -4,17 +4,12 @@ use bt_proto::trainer_event::Body;
 use bt_proto::Assignment;
 use bt_worker::trainer::{run, Reporter};
 
-const SPEC: &str = r#"
-world_size = 1
-[data]
-source = "fashion-mnist"
-path = "/usr/share/datasets/fashion-mnist"
-limit = 96
-image_size = 16
-[model]
-backbone = "resnet18"
-cifar_stem = true
-projector = [32, 32]
+mod common;
+
+fn spec() -> String {
+    format!(
+        r#"world_size = 1
+{data}{model}
 [train]
 batch_size = 16
 epochs = 2
@@ -26,20 +21,16 @@ seed = 7
 every_steps = 3
 [eval]
 knn_at_end = false
-"#;
+"#,
+        data = common::fashion_data(96),
+        model = common::TINY_MODEL,
+    )
+}
 
 fn assignment(dir: &std::path::Path, resume_from: &str) -> Assignment {
     Assignment {
-        job_id: "resume-test".into(),
-        epoch: 1,
-        rank: 0,
-        world_size: 1,
-        device: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: 0,
-        spec_toml: SPEC.into(),
-        checkpoint_dir: dir.display().to_string(),
         resume_from: resume_from.into(),
+        ..common::assignment("resume-test", spec(), dir)
     }
 }
 
@@ -87,7 +78,7 @@ fn resumed_run_matches_uninterrupted_run() {
 fn corrupt_checkpoint_is_refused_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let mut rep = Reporter::collecting();
-    let spec = SPEC.replace("max_steps = 8", "max_steps = 3");
+    let spec = spec().replace("max_steps = 8", "max_steps = 3");
     let mut a = assignment(dir.path(), "");
     a.spec_toml = spec.clone();
     run(&a, "cpu", &mut rep).expect("run");
