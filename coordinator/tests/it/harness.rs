@@ -9,8 +9,8 @@ use bt_proto::worker_service_client::WorkerServiceClient;
 use bt_proto::{
     coordinator_message, trainer_report, worker_message, Assignment, CheckpointInfo,
     CoordinatorMessage, Device, GetJobRequest, Hello, Job, JobState, ListCheckpointsRequest,
-    RegisterRequest, RunningTrainer, SubmitJobRequest, TrainerExit, TrainerReport, TrainerStarted,
-    WorkerMessage, PROTOCOL_VERSION,
+    RegisterRequest, RunningTrainer, SubmitJobRequest, TrainMetrics, TrainerExit, TrainerReport,
+    TrainerStarted, WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -250,6 +250,18 @@ impl FakeDaemon {
             rank,
             body: Some(body),
         }))
+        .await
+    }
+
+    /// Reports bare training metrics for `step` (every other field left at its default).
+    pub async fn report_step(&self, a: &Assignment, step: u64) {
+        self.report(
+            a,
+            trainer_report::Body::Metrics(TrainMetrics {
+                step,
+                ..Default::default()
+            }),
+        )
         .await
     }
 

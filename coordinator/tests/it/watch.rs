@@ -2,9 +2,7 @@
 use std::time::Duration;
 
 use bt_proto::job_service_client::JobServiceClient;
-use bt_proto::{
-    job_event, trainer_report, JobEvent, JobState, Notice, TrainMetrics, WatchJobRequest,
-};
+use bt_proto::{job_event, trainer_report, JobEvent, JobState, Notice, WatchJobRequest};
 use tonic::transport::Channel;
 use tonic::Streaming;
 
@@ -66,14 +64,7 @@ async fn replay_then_follow_until_the_job_ends() {
     let a = d.next_assignment().await;
     d.started(&a).await;
     for step in 1..=5 {
-        d.report(
-            &a,
-            trainer_report::Body::Metrics(TrainMetrics {
-                step,
-                ..Default::default()
-            }),
-        )
-        .await;
+        d.report_step(&a, step).await;
     }
     c.wait_job(&job.id, "metrics", |j| {
         j.last_metrics.as_ref().is_some_and(|m| m.step == 5)
@@ -104,14 +95,7 @@ async fn replay_then_follow_until_the_job_ends() {
     let reader = tokio::spawn(collect(s));
     tokio::time::sleep(Duration::from_millis(100)).await;
     for step in 6..=8 {
-        d.report(
-            &a,
-            trainer_report::Body::Metrics(TrainMetrics {
-                step,
-                ..Default::default()
-            }),
-        )
-        .await;
+        d.report_step(&a, step).await;
     }
     d.exit_ok(&a).await;
     let evs = reader.await.unwrap();
@@ -151,14 +135,7 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
             }),
         )
         .await;
-        d.report(
-            &a,
-            trainer_report::Body::Metrics(TrainMetrics {
-                step: i + 1,
-                ..Default::default()
-            }),
-        )
-        .await;
+        d.report_step(&a, i + 1).await;
     }
     // Training is not held up by the watcher: every report was processed.
     c.wait_job(&job.id, "all metrics", |j| {
