@@ -153,8 +153,18 @@ impl BarlowTwinsModel {
         }
     }
 
-    /// Pooled representation, (N, 512) or (N, 2048). `train` selects BN's mode.
+    /// Pooled representation, (N, 512) or (N, 2048). `train` selects BN's mode. The input must be a
+    /// floating-point (N, 3, H, W) batch (the data pipeline replicates grayscale to 3 channels);
+    /// anything else is an error that says what was expected and what came.
     pub fn backbone_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let size = x.size();
+        if size.len() != 4 || size[1] != 3 || size[0] == 0 || !x.is_floating_point() {
+            return Err(Error::Other(format!(
+                "model input: expected a non-empty floating-point batch of shape (N, 3, H, W) \
+                 (grayscale replicated to 3 channels), got {:?} {size:?}",
+                x.kind()
+            )));
+        }
         self.backbone.forward(x, train, self.bn_group())
     }
 

@@ -141,6 +141,24 @@ fn forward_shapes_and_modes() {
 }
 
 #[test]
+fn wrong_input_shapes_are_clear_errors() {
+    let (_vs, m) = model(Arch::Resnet18, true, vec![16]);
+    for (shape, kind) in [
+        (vec![2i64, 1, 16, 16], Kind::Float), // one channel
+        (vec![2, 4, 16, 16], Kind::Float),    // RGBA
+        (vec![3, 16, 16], Kind::Float),       // no batch dimension
+        (vec![0, 3, 16, 16], Kind::Float),    // empty batch
+        (vec![2, 3, 16, 16], Kind::Uint8),    // not normalized
+    ] {
+        let x = Tensor::zeros(shape.as_slice(), (kind, Device::Cpu));
+        let err = m.forward(&x, true).expect_err("bad input accepted");
+        let msg = err.to_string();
+        assert!(msg.contains("(N, 3, H, W)"), "{msg}");
+        assert!(msg.contains(&format!("{shape:?}")), "{msg}");
+    }
+}
+
+#[test]
 fn backbone_round_trip_and_shape_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bb.safetensors");
