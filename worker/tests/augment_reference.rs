@@ -16,9 +16,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use bt_worker::data::augment::{resample_chw, AugmentConfig, CropBox, Filter, Jitter, ViewSample};
+use bt_worker::data::augment::{AugmentConfig, CropBox, Jitter, ViewSample};
 use bt_worker::data::colour_cpu::{colour_view, ColourScratch};
 use bt_worker::data::colour_device::device_stage;
+use bt_worker::data::resample::{resample_chw, Filter};
 use bt_worker::data::{Source, SyntheticSource};
 use serde_json::json;
 

@@ -5,8 +5,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use super::augment::{resize_center_crop_chw, IMAGENET_MEAN, IMAGENET_STD};
+use super::augment::{IMAGENET_MEAN, IMAGENET_STD};
 use super::colour_device::normalize;
+use super::resample::resize_center_crop_chw;
 use super::source::Source;
 use crate::error::{Error, Result};
 

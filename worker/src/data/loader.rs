@@ -22,9 +22,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::augment::{resample_chw, sample_view, AugmentConfig, Filter, View, ViewSample};
+use super::augment::{sample_view, AugmentConfig, View, ViewSample};
 use super::colour_cpu::{colour_view, ColourScratch};
 use super::colour_device::device_stage;
+use super::resample::{resample_chw, Filter};
 use super::source::{mix64, Source};
 use crate::error::{Error, Result};
 

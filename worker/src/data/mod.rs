@@ -54,6 +54,7 @@ pub mod colour_cpu;
 pub mod colour_device;
 pub mod eval;
 pub mod loader;
+pub mod resample;
 pub mod source;
 
 pub use augment::{AugmentConfig, CropBox, Jitter, View, ViewSample, IMAGENET_MEAN, IMAGENET_STD};
