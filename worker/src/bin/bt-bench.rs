@@ -41,7 +41,9 @@ struct StepArgs {
     /// Images per view per step.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    #[arg(long, default_value_t = 4)]
+    /// Timed steps per figure (after one warm-up step); the whole-step comparison pairs each
+    /// whole step with a model-alone step and compares the medians.
+    #[arg(long, default_value_t = 8)]
     steps: usize,
     #[arg(long, default_value_t = 1)]
     loader_threads: usize,

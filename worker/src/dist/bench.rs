@@ -30,8 +30,13 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         v.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
+    Ok(median(&mut v))
+}
+
+/// The median of timings (the upper one of the middle two for an even count); sorts `v`.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// All-reduce of flat fp32 buckets of each size in `bucket_mb`, all-reduce of `grad_mb` of
