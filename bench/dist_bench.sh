@@ -3,13 +3,13 @@
 # machine, same run, loopback, alternating ROUNDS times per world size; prints each run and then a
 # side-by-side table (bench/dist_compare.py). Usage: bench/dist_bench.sh [WORLD_SIZES...]
 # (default: 2 4). Env: PROBE (default target/release/bt-dist-probe), REPS (per figure, default 15),
-# ROUNDS (default 3). Needs a built probe: cargo build --release -p bt-worker --bin bt-dist-probe.
+# ROUNDS (default 5). Needs a built probe: cargo build --release -p bt-worker --bin bt-dist-probe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 PROBE="${PROBE:-target/release/bt-dist-probe}"
 REPS="${REPS:-15}"
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-5}"
 [ -x "$PROBE" ] || { echo "no probe at $PROBE (cargo build --release -p bt-worker --bin bt-dist-probe)" >&2; exit 1; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 run_world() { # $1 = world, $2... = command prefix taking RANK WORLD PORT
