@@ -196,6 +196,18 @@ pub struct CropBox {
     pub width: usize,
 }
 
+impl CropBox {
+    /// The whole `height × width` image.
+    pub fn whole(height: usize, width: usize) -> Self {
+        CropBox {
+            top: 0,
+            left: 0,
+            height,
+            width,
+        }
+    }
+}
+
 /// Colour-jitter parameters of one sample: the op order (0 brightness, 1 contrast, 2 saturation,
 /// 3 hue; a permutation as in torchvision's `randperm(4)`) and the factors.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -243,12 +243,7 @@ mod tests {
 
     fn plain(crop: usize) -> ViewSample {
         ViewSample {
-            crop: CropBox {
-                top: 0,
-                left: 0,
-                height: crop,
-                width: crop,
-            },
+            crop: CropBox::whole(crop, crop),
             flip: false,
             jitter: None,
             grayscale: false,

@@ -191,13 +191,15 @@ pub fn resize_center_crop_chw(img: &Image, resize: usize, crop: usize, out: &mut
     };
     let (rh, rw) = (rh.max(crop), rw.max(crop));
     let mut full = vec![0u8; 3 * rh * rw];
-    let bx = CropBox {
-        top: 0,
-        left: 0,
-        height: h,
-        width: w,
-    };
-    resample_chw(img, bx, rh, rw, false, Filter::Bilinear, &mut full);
+    resample_chw(
+        img,
+        CropBox::whole(h, w),
+        rh,
+        rw,
+        false,
+        Filter::Bilinear,
+        &mut full,
+    );
     let top = round_half_even((rh - crop) as f64 / 2.0) as usize;
     let left = round_half_even((rw - crop) as f64 / 2.0) as usize;
     for ch in 0..3 {
@@ -277,25 +279,29 @@ mod tests {
     #[test]
     fn resample_downscale_averages_and_constant_stays_constant() {
         let img = Image::from_rgb(16, 16, vec![90; 16 * 16 * 3]).unwrap();
-        let full = CropBox {
-            top: 0,
-            left: 0,
-            height: 16,
-            width: 16,
-        };
         let mut out = vec![0u8; 3 * 5 * 7];
-        resample_chw(&img, full, 5, 7, false, Filter::Bicubic, &mut out);
+        resample_chw(
+            &img,
+            CropBox::whole(16, 16),
+            5,
+            7,
+            false,
+            Filter::Bicubic,
+            &mut out,
+        );
         assert!(out.iter().all(|&v| v == 90));
         // A 2x box-downscale of a linear ramp (bilinear filter, antialiased) gives pair means.
         let img = ramp(4, 8);
-        let bx = CropBox {
-            top: 0,
-            left: 0,
-            height: 4,
-            width: 8,
-        };
         let mut out = vec![0u8; 3 * 4 * 4];
-        resample_chw(&img, bx, 4, 4, false, Filter::Bilinear, &mut out);
+        resample_chw(
+            &img,
+            CropBox::whole(4, 8),
+            4,
+            4,
+            false,
+            Filter::Bilinear,
+            &mut out,
+        );
         // Interior pixels of a linear ramp keep linearity: (x*10) averaged around 2x+0.5.
         assert_eq!(out[1], 25);
         assert_eq!(out[2], 45);
