@@ -9,8 +9,8 @@ mod ffi;
 pub(crate) use ffi::take_error_with as ffi_take_error;
 
 use std::ffi::CString;
-use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -70,11 +70,8 @@ impl Rendezvous {
         }
     }
 
-    fn resolve_local_addr(&self) -> Result<String> {
-        if let Some(a) = &self.local_addr {
-            return Ok(a.clone());
-        }
-        let master = (self.master_addr.as_str(), self.master_port)
+    fn master_socket_addr(&self) -> Result<SocketAddr> {
+        (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
             .map_err(|e| {
                 Error::Dist(format!(
@@ -88,7 +85,14 @@ impl Rendezvous {
                     "rendezvous: master address {:?} resolves to nothing",
                     self.master_addr
                 ))
-            })?;
+            })
+    }
+
+    fn resolve_local_addr(&self) -> Result<String> {
+        if let Some(a) = &self.local_addr {
+            return Ok(a.clone());
+        }
+        let master = self.master_socket_addr()?;
         if master.ip().is_loopback() {
             return Ok(master.ip().to_string());
         }
@@ -108,6 +112,29 @@ impl Rendezvous {
                 ))
             })?;
         Ok(sock.ip().to_string())
+    }
+
+    /// For ranks other than 0: waits until rank 0's store accepts connections, polling every few
+    /// milliseconds, for at most the timeout. libtorch's own client retries with a randomized
+    /// back-off of seconds, which could stretch a missing rank 0 well past the timeout and slows
+    /// down a rendezvous where this rank starts first.
+    fn wait_for_store(&self) -> Result<()> {
+        let addr = self.master_socket_addr()?;
+        let start = Instant::now();
+        loop {
+            let left = self.timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(Error::Dist(format!(
+                    "rendezvous: rank 0's store at {}:{} did not accept connections within {:?} \
+                     (rank {} of {})",
+                    self.master_addr, self.master_port, self.timeout, self.rank, self.world_size
+                )));
+            }
+            if TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(500))).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
     }
 }
 
@@ -167,6 +194,9 @@ impl ProcessGroup {
             });
         }
         let local = rv.resolve_local_addr()?;
+        if rv.rank != 0 {
+            rv.wait_for_store()?;
+        }
         let master = CString::new(rv.master_addr.as_str())
             .map_err(|_| Error::Dist("rendezvous: master address contains NUL".into()))?;
         let local = CString::new(local)
