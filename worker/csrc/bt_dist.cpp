@@ -417,7 +417,8 @@ void bt_dist_free_error(char* err) {
 }
 
 // Joins a process group. backend: 0 = Gloo, 1 = NCCL (device_index is the CUDA device).
-// Rank 0 hosts the TCPStore on master_port; all ranks wait up to timeout_ms for the others.
+// Rank 0 hosts the TCPStore on master_port, on the listening socket master_listen_fd when it is
+// not -1 (the store takes that descriptor over); all ranks wait up to timeout_ms for the others.
 char* bt_pg_new(
     int backend,
     const char* master_addr,
@@ -427,6 +428,7 @@ char* bt_pg_new(
     int world_size,
     int64_t timeout_ms,
     int device_index,
+    int master_listen_fd,
     bt_pg** out) {
   *out = nullptr;
   return bt_guarded([&] {
@@ -444,6 +446,9 @@ char* bt_pg_new(
     so.numWorkers = static_cast<size_t>(world_size);
     so.waitWorkers = true;
     so.timeout = g->timeout;
+    if (rank == 0 && master_listen_fd >= 0) {
+      so.masterListenFd = master_listen_fd;
+    }
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), so);
     g->store = tcp;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("bt/pg0", tcp);

@@ -28,6 +28,7 @@ extern "C" {
         world_size: c_int,
         timeout_ms: i64,
         device_index: c_int,
+        master_listen_fd: c_int,
         out: *mut *mut BtPg,
     ) -> *mut c_char;
     pub fn bt_pg_free(pg: *mut BtPg);

@@ -9,7 +9,8 @@ mod ffi;
 pub(crate) use ffi::take_error_with as ffi_take_error;
 
 use std::ffi::CString;
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::IntoRawFd;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -114,6 +115,26 @@ impl Rendezvous {
         Ok(sock.ip().to_string())
     }
 
+    /// For rank 0: the store's listening socket, bound here on every address of the master
+    /// address's family. libtorch would listen on IPv6 (dual stack), where an IPv4 peer shows up
+    /// as `::ffff:a.b.c.d`; the store resolves every peer's name as it connects, and that name is
+    /// in no hosts file, so on a machine without a reachable DNS server each lookup stalled the
+    /// whole store for the resolver's 5 s timeout. An IPv4 socket sees plain IPv4 peers.
+    fn bind_store(&self) -> Result<TcpListener> {
+        let master = self.master_socket_addr()?;
+        let any: IpAddr = if master.is_ipv4() {
+            [0, 0, 0, 0].into()
+        } else {
+            [0u16; 8].into()
+        };
+        TcpListener::bind((any, self.master_port)).map_err(|e| {
+            Error::Dist(format!(
+                "rendezvous: rank 0 cannot host the store on port {}: {e}",
+                self.master_port
+            ))
+        })
+    }
+
     /// For ranks other than 0: waits until rank 0's store accepts connections, polling every few
     /// milliseconds, for at most the timeout. libtorch's own client retries with a randomized
     /// back-off of seconds, which could stretch a missing rank 0 well past the timeout and slows
@@ -194,9 +215,20 @@ impl ProcessGroup {
             });
         }
         let local = rv.resolve_local_addr()?;
-        if rv.rank != 0 {
+        // rank 0 keeps its copy of the socket open until the store has taken over its own
+        let listener = if rv.rank == 0 {
+            Some(rv.bind_store()?)
+        } else {
             rv.wait_for_store()?;
-        }
+            None
+        };
+        let listen_fd = match &listener {
+            Some(l) => l
+                .try_clone()
+                .map_err(|e| Error::Dist(format!("rendezvous: store socket: {e}")))?
+                .into_raw_fd(),
+            None => -1,
+        };
         let master = CString::new(rv.master_addr.as_str())
             .map_err(|_| Error::Dist("rendezvous: master address contains NUL".into()))?;
         let local = CString::new(local)
@@ -218,9 +250,11 @@ impl ProcessGroup {
                 to_c_int(rv.world_size, "world size")?,
                 timeout_ms,
                 device,
+                listen_fd,
                 &mut raw,
             )
         };
+        drop(listener);
         ffi::take_error(
             err,
             &format!(
