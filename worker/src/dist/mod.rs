@@ -71,8 +71,9 @@ impl Rendezvous {
         }
     }
 
-    fn master_socket_addr(&self) -> Result<SocketAddr> {
-        (self.master_addr.as_str(), self.master_port)
+    /// Every address the master host resolves to (at least one).
+    fn master_socket_addrs(&self) -> Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
             .map_err(|e| {
                 Error::Dist(format!(
@@ -80,20 +81,21 @@ impl Rendezvous {
                     self.master_addr
                 ))
             })?
-            .next()
-            .ok_or_else(|| {
-                Error::Dist(format!(
-                    "rendezvous: master address {:?} resolves to nothing",
-                    self.master_addr
-                ))
-            })
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::Dist(format!(
+                "rendezvous: master address {:?} resolves to nothing",
+                self.master_addr
+            )));
+        }
+        Ok(addrs)
     }
 
     fn resolve_local_addr(&self) -> Result<String> {
         if let Some(a) = &self.local_addr {
             return Ok(a.clone());
         }
-        let master = self.master_socket_addr()?;
+        let master = self.master_socket_addrs()?[0];
         if master.ip().is_loopback() {
             return Ok(master.ip().to_string());
         }
@@ -119,10 +121,11 @@ impl Rendezvous {
     /// address's family. libtorch would listen on IPv6 (dual stack), where an IPv4 peer shows up
     /// as `::ffff:a.b.c.d`; the store resolves every peer's name as it connects, and that name is
     /// in no hosts file, so on a machine without a reachable DNS server each lookup stalled the
-    /// whole store for the resolver's 5 s timeout. An IPv4 socket sees plain IPv4 peers.
+    /// whole store for the resolver's 5 s timeout. An IPv4 socket sees plain IPv4 peers. A host
+    /// name with any IPv6 address keeps the dual-stack socket, reachable over both families.
     fn bind_store(&self) -> Result<TcpListener> {
-        let master = self.master_socket_addr()?;
-        let any: IpAddr = if master.is_ipv4() {
+        let all_v4 = self.master_socket_addrs()?.iter().all(|a| a.is_ipv4());
+        let any: IpAddr = if all_v4 {
             [0, 0, 0, 0].into()
         } else {
             [0u16; 8].into()
@@ -140,7 +143,7 @@ impl Rendezvous {
     /// back-off of seconds, which could stretch a missing rank 0 well past the timeout and slows
     /// down a rendezvous where this rank starts first.
     fn wait_for_store(&self) -> Result<()> {
-        let addr = self.master_socket_addr()?;
+        let addrs = self.master_socket_addrs()?;
         let start = Instant::now();
         loop {
             let left = self.timeout.saturating_sub(start.elapsed());
@@ -151,7 +154,11 @@ impl Rendezvous {
                     self.master_addr, self.master_port, self.timeout, self.rank, self.world_size
                 )));
             }
-            if TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(500))).is_ok() {
+            let attempt = left.min(Duration::from_millis(500));
+            if addrs
+                .iter()
+                .any(|a| TcpStream::connect_timeout(a, attempt).is_ok())
+            {
                 return Ok(());
             }
             std::thread::sleep(left.min(Duration::from_millis(20)));

@@ -230,3 +230,28 @@ fn all_gather_with_grad_gives_each_rank_its_share_w2() {
 fn all_gather_with_grad_gives_each_rank_its_share_w4() {
     check_gather_with_grad(4);
 }
+
+#[test]
+fn ranks_meet_by_host_name_when_rank_0_starts_last() {
+    // the other ranks wait for rank 0's store; "localhost" may resolve to several addresses
+    let port = free_port();
+    let world = 3;
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            std::thread::spawn(move || -> Result<f64> {
+                if rank == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                }
+                let rv = bt_worker::dist::Rendezvous::new(rank, world, "localhost", port, TIMEOUT);
+                let pg = ProcessGroup::new(&rv)?;
+                let t = Tensor::ones([3], (Kind::Float, Device::Cpu));
+                pg.all_reduce_sum(&t)?;
+                Ok(t.double_value(&[0]))
+            })
+        })
+        .collect();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let sum = h.join().expect("rank thread").expect("rank result");
+        assert_eq!(sum, world as f64, "rank {rank}");
+    }
+}
