@@ -10,7 +10,7 @@ pub(crate) use ffi::take_error_with as ffi_take_error;
 
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::fd::IntoRawFd;
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -229,13 +229,12 @@ impl ProcessGroup {
             rv.wait_for_store()?;
             None
         };
-        let listen_fd = match &listener {
-            Some(l) => l
-                .try_clone()
-                .map_err(|e| Error::Dist(format!("rendezvous: store socket: {e}")))?
-                .into_raw_fd(),
-            None => -1,
-        };
+        // the store's copy; closed here unless it reaches the shim
+        let store_fd: Option<OwnedFd> = listener
+            .as_ref()
+            .map(|l| l.try_clone().map(OwnedFd::from))
+            .transpose()
+            .map_err(|e| Error::Dist(format!("rendezvous: store socket: {e}")))?;
         let master = CString::new(rv.master_addr.as_str())
             .map_err(|_| Error::Dist("rendezvous: master address contains NUL".into()))?;
         let local = CString::new(local)
@@ -257,7 +256,7 @@ impl ProcessGroup {
                 to_c_int(rv.world_size, "world size")?,
                 timeout_ms,
                 device,
-                listen_fd,
+                store_fd.map_or(-1, IntoRawFd::into_raw_fd),
                 &mut raw,
             )
         };
