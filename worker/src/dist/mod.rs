@@ -91,11 +91,11 @@ impl Rendezvous {
         Ok(addrs)
     }
 
-    fn resolve_local_addr(&self) -> Result<String> {
+    fn resolve_local_addr(&self, masters: &[SocketAddr]) -> Result<String> {
         if let Some(a) = &self.local_addr {
             return Ok(a.clone());
         }
-        let master = self.master_socket_addrs()?[0];
+        let master = masters[0];
         if master.ip().is_loopback() {
             return Ok(master.ip().to_string());
         }
@@ -123,8 +123,8 @@ impl Rendezvous {
     /// in no hosts file, so on a machine without a reachable DNS server each lookup stalled the
     /// whole store for the resolver's 5 s timeout. An IPv4 socket sees plain IPv4 peers. A host
     /// name with any IPv6 address keeps the dual-stack socket, reachable over both families.
-    fn bind_store(&self) -> Result<TcpListener> {
-        let all_v4 = self.master_socket_addrs()?.iter().all(|a| a.is_ipv4());
+    fn bind_store(&self, masters: &[SocketAddr]) -> Result<TcpListener> {
+        let all_v4 = masters.iter().all(|a| a.is_ipv4());
         let any: IpAddr = if all_v4 {
             [0, 0, 0, 0].into()
         } else {
@@ -142,8 +142,7 @@ impl Rendezvous {
     /// milliseconds, for at most the timeout. libtorch's own client retries with a randomized
     /// back-off of seconds, which could stretch a missing rank 0 well past the timeout and slows
     /// down a rendezvous where this rank starts first.
-    fn wait_for_store(&self) -> Result<()> {
-        let addrs = self.master_socket_addrs()?;
+    fn wait_for_store(&self, masters: &[SocketAddr]) -> Result<()> {
         let start = Instant::now();
         loop {
             let left = self.timeout.saturating_sub(start.elapsed());
@@ -155,7 +154,7 @@ impl Rendezvous {
                 )));
             }
             let attempt = left.min(Duration::from_millis(500));
-            if addrs
+            if masters
                 .iter()
                 .any(|a| TcpStream::connect_timeout(a, attempt).is_ok())
             {
@@ -221,12 +220,13 @@ impl ProcessGroup {
                 raw: std::ptr::null_mut(),
             });
         }
-        let local = rv.resolve_local_addr()?;
+        let masters = rv.master_socket_addrs()?;
+        let local = rv.resolve_local_addr(&masters)?;
         // rank 0 keeps its copy of the socket open until the store has taken over its own
         let listener = if rv.rank == 0 {
-            Some(rv.bind_store()?)
+            Some(rv.bind_store(&masters)?)
         } else {
-            rv.wait_for_store()?;
+            rv.wait_for_store(&masters)?;
             None
         };
         // the store's copy; closed here unless it reaches the shim
