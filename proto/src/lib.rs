@@ -8,7 +8,7 @@ pub mod v1 {
 pub use v1::*;
 
 /// Checked at registration: a daemon speaking another version is refused with `FailedPrecondition`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bt_descriptor");
