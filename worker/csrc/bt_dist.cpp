@@ -406,6 +406,35 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
   }
 };
 
+// Ranks other than 0 announce themselves under the attempt's prefix; rank 0 waits until all have
+// (what TCPStore's waitWorkers did, counted where only holders of the secret write). A timeout
+// says how many arrived; libtorch's own message would name the keys, and with them the secret.
+void wait_for_ranks(c10d::Store& store, int rank, int world, std::chrono::milliseconds timeout) {
+  auto key = [](int r) { return "joined/" + std::to_string(r); };
+  if (rank != 0) {
+    store.set(key(rank), std::vector<uint8_t>{1});
+    return;
+  }
+  std::vector<std::string> keys;
+  for (int r = 1; r < world; ++r) {
+    keys.push_back(key(r));
+  }
+  if (keys.empty()) {
+    return;
+  }
+  try {
+    store.wait(keys, timeout);
+  } catch (const c10::DistStoreError&) {
+    int joined = 1;
+    for (const auto& k : keys) {
+      joined += store.check({k}) ? 1 : 0;
+    }
+    TORCH_CHECK(
+        false, "timed out after ", timeout.count(), " ms waiting for the other ranks: ", joined, " of ", world,
+        " joined with this attempt's store prefix");
+  }
+}
+
 } // namespace
 
 extern "C" {
@@ -429,9 +458,13 @@ char* bt_pg_new(
     int64_t timeout_ms,
     int device_index,
     int master_listen_fd,
+    const char* store_prefix,
     bt_pg** out) {
   *out = nullptr;
   return bt_guarded([&] {
+    // The prefix is the attempt's secret: no message here names it.
+    const std::string secret = store_prefix == nullptr ? std::string() : std::string(store_prefix);
+    TORCH_CHECK(!secret.empty(), "the store prefix must not be empty");
     TORCH_CHECK(world_size >= 1, "world size must be at least 1, got ", world_size);
     TORCH_CHECK(rank >= 0 && rank < world_size, "rank ", rank, " is outside a world of ", world_size);
     TORCH_CHECK(timeout_ms > 0, "timeout must be positive");
@@ -444,14 +477,25 @@ char* bt_pg_new(
     so.port = master_port;
     so.isServer = rank == 0;
     so.numWorkers = static_cast<size_t>(world_size);
-    so.waitWorkers = true;
+    // TCPStore's own count of arrivals (waitWorkers) is the unprefixed key "init/", which every
+    // client that connects bumps: a stray peer without the secret would count as a rank. The
+    // ranks count themselves under the secret instead (wait_for_ranks).
+    so.waitWorkers = false;
     so.timeout = g->timeout;
     if (rank == 0 && master_listen_fd >= 0) {
       so.masterListenFd = master_listen_fd;
     }
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), so);
     g->store = tcp;
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("bt/pg0", tcp);
+    // Every key of this attempt lives under bt/<secret>/: a peer that connects to the store
+    // without the secret (a stale rank of an earlier attempt on the same port, a stray client)
+    // meets nobody and times out. This is not authentication: libtorch's TCPStore has none, and
+    // any client that reaches the port can list every key (Store::listKeys, the LIST_KEYS query)
+    // and so learn the prefix, or bump, overwrite and delete keys. The secret keeps honest
+    // strays out; keeping hostile ones off the port is the network policy's job.
+    auto attempt = c10::make_intrusive<c10d::PrefixStore>("bt/" + secret, tcp);
+    wait_for_ranks(*attempt, rank, world_size, g->timeout);
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("pg0", attempt);
 
     if (backend == 0) {
       auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);

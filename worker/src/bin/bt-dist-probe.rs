@@ -32,6 +32,9 @@ struct Args {
     /// Build the backend even at --world 1 (a one-GPU NCCL check runs real collectives).
     #[arg(long)]
     join_alone: bool,
+    /// The store prefix every rank of the group shares (a real job's is the attempt's secret).
+    #[arg(long, default_value = bt_worker::dist::DEFAULT_STORE_PREFIX)]
+    store_prefix: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -75,6 +78,7 @@ fn run(args: Args) -> Result<()> {
         Duration::from_secs_f64(args.timeout),
     );
     rv.join_alone = args.join_alone;
+    rv.store_prefix = args.store_prefix.clone();
     if args.nccl {
         rv.backend = Backend::Nccl {
             device_index: args.rank,

@@ -29,6 +29,7 @@ extern "C" {
         timeout_ms: i64,
         device_index: c_int,
         master_listen_fd: c_int,
+        store_prefix: *const c_char,
         out: *mut *mut BtPg,
     ) -> *mut c_char;
     pub fn bt_pg_free(pg: *mut BtPg);
@@ -98,6 +99,24 @@ pub fn take_error_with(err: *mut c_char, what: &str, wrap: fn(String) -> Error) 
         .into_owned();
     unsafe { bt_dist_free_error(err) };
     Err(wrap(format!("{what}: {msg}")))
+}
+
+/// [`take_error`] for a group's calls: every occurrence of the store prefix (the attempt's
+/// secret) in the shim's message is replaced, so that no error names it.
+pub fn take_error_redacted(err: *mut c_char, what: &str, secret: &str) -> Result<()> {
+    take_error(err, what).map_err(|e| match e {
+        Error::Dist(m) => Error::Dist(redact(m, secret)),
+        other => other,
+    })
+}
+
+/// `msg` with every occurrence of `secret` replaced by a placeholder.
+pub fn redact(msg: String, secret: &str) -> String {
+    if secret.is_empty() || !msg.contains(secret) {
+        msg
+    } else {
+        msg.replace(secret, "<store prefix>")
+    }
 }
 
 /// tch hands out `*const` handles; the shim mutates tensor contents (never the handle).

@@ -31,8 +31,40 @@ pub enum Backend {
     Nccl { device_index: usize },
 }
 
+/// The store prefix of [`Rendezvous::new`], shared by every rank of a test or benchmark on one
+/// machine. A real job never uses it: its ranks get the attempt's secret from the coordinator
+/// ([`Rendezvous::from_assignment`]).
+pub const DEFAULT_STORE_PREFIX: &str = "bt-local";
+
+/// The longest store prefix accepted, in bytes.
+pub const MAX_STORE_PREFIX_LEN: usize = 128;
+
+/// Checks a store prefix: non-empty, at most [`MAX_STORE_PREFIX_LEN`] bytes, ASCII letters,
+/// digits, `-` and `_` only. The error names the field, never the value (it is a secret).
+pub fn validate_store_prefix(prefix: &str) -> Result<()> {
+    let bad = |why: String| Err(Error::Dist(format!("rendezvous: store_prefix {why}")));
+    if prefix.is_empty() {
+        return bad("is empty".into());
+    }
+    if prefix.len() > MAX_STORE_PREFIX_LEN {
+        return bad(format!(
+            "is {} bytes long, more than {MAX_STORE_PREFIX_LEN}",
+            prefix.len()
+        ));
+    }
+    if let Some(pos) = prefix
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return bad(format!(
+            "has a byte other than ASCII letters, digits, '-' and '_' (at offset {pos})"
+        ));
+    }
+    Ok(())
+}
+
 /// Where and how to meet the other ranks; handed out by the coordinator per attempt.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Rendezvous {
     pub rank: usize,
     pub world_size: usize,
@@ -48,10 +80,32 @@ pub struct Rendezvous {
     /// Build a real backend even for a world of one (a one-GPU NCCL check); otherwise a group of
     /// one rank skips the rendezvous and its collectives are no-ops.
     pub join_alone: bool,
+    /// Every key the ranks write in rank 0's TCPStore lives under `bt/<store_prefix>/`; a peer
+    /// with another prefix meets nobody and times out. For a real job this is the attempt's
+    /// secret: never logged, and redacted from this module's errors (see [`validate_store_prefix`]
+    /// for what is allowed). Not authentication: see the shim's `bt_pg_new`.
+    pub store_prefix: String,
+}
+
+impl std::fmt::Debug for Rendezvous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rendezvous")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("master_addr", &self.master_addr)
+            .field("master_port", &self.master_port)
+            .field("timeout", &self.timeout)
+            .field("backend", &self.backend)
+            .field("local_addr", &self.local_addr)
+            .field("join_alone", &self.join_alone)
+            .field("store_prefix", &"<redacted>")
+            .finish()
+    }
 }
 
 impl Rendezvous {
-    /// A Gloo rendezvous with the local address chosen automatically.
+    /// A Gloo rendezvous with the local address chosen automatically and the shared
+    /// [`DEFAULT_STORE_PREFIX`] (set `store_prefix` for anything but a test or benchmark).
     pub fn new(
         rank: usize,
         world_size: usize,
@@ -68,7 +122,40 @@ impl Rendezvous {
             backend: Backend::Gloo,
             local_addr: None,
             join_alone: false,
+            store_prefix: DEFAULT_STORE_PREFIX.to_string(),
         }
+    }
+
+    /// The rendezvous of one rank of an attempt, as the coordinator assigned it. A group of
+    /// several ranks needs the attempt's store prefix: an assignment without one is refused
+    /// rather than given a default that any stray peer would share.
+    pub fn from_assignment(a: &bt_proto::Assignment, timeout: Duration) -> Result<Self> {
+        let port = u16::try_from(a.master_port).map_err(|_| {
+            Error::Dist(format!(
+                "rendezvous: master port {} is not a TCP port",
+                a.master_port
+            ))
+        })?;
+        let mut rv = Rendezvous::new(
+            a.rank as usize,
+            a.world_size as usize,
+            a.master_addr.clone(),
+            port,
+            timeout,
+        );
+        if a.store_prefix.is_empty() {
+            if a.world_size > 1 {
+                return Err(Error::Dist(format!(
+                    "rendezvous: the assignment has no store_prefix; a group of {} ranks needs \
+                     the attempt's secret from the coordinator (protocol 2 or later)",
+                    a.world_size
+                )));
+            }
+        } else {
+            validate_store_prefix(&a.store_prefix)?;
+            rv.store_prefix = a.store_prefix.clone();
+        }
+        Ok(rv)
     }
 
     /// Every address the master host resolves to (at least one).
@@ -117,23 +204,25 @@ impl Rendezvous {
         Ok(sock.ip().to_string())
     }
 
-    /// For rank 0: the store's listening socket, bound here on every address of the master
-    /// address's family. libtorch would listen on IPv6 (dual stack), where an IPv4 peer shows up
-    /// as `::ffff:a.b.c.d`; the store resolves every peer's name as it connects, and that name is
-    /// in no hosts file, so on a machine without a reachable DNS server each lookup stalled the
-    /// whole store for the resolver's 5 s timeout. An IPv4 socket sees plain IPv4 peers. A host
-    /// name with any IPv6 address keeps the dual-stack socket, reachable over both families.
+    /// For rank 0: the store's listening socket, bound here. A master host that resolves to
+    /// exactly one address (the node address the coordinator handed out for the attempt) gets a
+    /// socket on that address only, so the unauthenticated store is not reachable through the
+    /// node's other interfaces; the address must be local, or this is an error.
+    ///
+    /// A host name with several addresses (`localhost`: 127.0.0.1 and ::1) binds the wildcard of
+    /// the addresses' family, never libtorch's own choice: libtorch would listen on IPv6 (dual stack), where an
+    /// IPv4 peer shows up as `::ffff:a.b.c.d`; the store resolves every peer's name as it
+    /// connects, and that name is in no hosts file, so on a machine without a reachable DNS
+    /// server each lookup stalled the whole store for the resolver's 5 s timeout. An IPv4 socket
+    /// sees plain IPv4 peers. A host name with any IPv6 address keeps the dual-stack socket,
+    /// reachable over both families. A single IPv4 address is an IPv4 socket too.
     fn bind_store(&self, masters: &[SocketAddr]) -> Result<TcpListener> {
-        let all_v4 = masters.iter().all(|a| a.is_ipv4());
-        let any: IpAddr = if all_v4 {
-            [0, 0, 0, 0].into()
-        } else {
-            [0u16; 8].into()
-        };
-        TcpListener::bind((any, self.master_port)).map_err(|e| {
+        let addr = SocketAddr::new(store_bind_ip(masters), self.master_port);
+        TcpListener::bind(addr).map_err(|e| {
             Error::Dist(format!(
-                "rendezvous: rank 0 cannot host the store on port {}: {e}",
-                self.master_port
+                "rendezvous: rank 0 cannot host the store on {addr} (port {}, master address \
+                 {:?}): {e}",
+                self.master_port, self.master_addr
             ))
         })
     }
@@ -165,6 +254,22 @@ impl Rendezvous {
     }
 }
 
+/// The address rank 0's store listens on, given every address of the master host: the only one,
+/// or the wildcard of their family when there are several (see `Rendezvous::bind_store`).
+fn store_bind_ip(masters: &[SocketAddr]) -> IpAddr {
+    let mut ips: Vec<IpAddr> = masters.iter().map(SocketAddr::ip).collect();
+    ips.sort();
+    ips.dedup();
+    if let [only] = ips[..] {
+        return only;
+    }
+    if ips.iter().all(IpAddr::is_ipv4) {
+        [0, 0, 0, 0].into()
+    } else {
+        [0u16; 8].into()
+    }
+}
+
 /// A process group over all ranks of one attempt. A group of one rank needs no rendezvous and
 /// turns every collective into a local no-op.
 pub struct ProcessGroup {
@@ -172,6 +277,8 @@ pub struct ProcessGroup {
     world_size: usize,
     backend: Backend,
     raw: *mut ffi::BtPg,
+    /// The store prefix, to redact it from the shim's messages.
+    secret: String,
 }
 
 // SAFETY: the shim's group is reference counted and serializes its collectives with a mutex; the
@@ -218,8 +325,12 @@ impl ProcessGroup {
                 world_size: 1,
                 backend: rv.backend,
                 raw: std::ptr::null_mut(),
+                secret: String::new(),
             });
         }
+        validate_store_prefix(&rv.store_prefix)?;
+        let prefix = CString::new(rv.store_prefix.as_str())
+            .map_err(|_| Error::Dist("rendezvous: store_prefix contains NUL".into()))?;
         let masters = rv.master_socket_addrs()?;
         let local = rv.resolve_local_addr(&masters)?;
         // rank 0 keeps its copy of the socket open until the store has taken over its own
@@ -257,23 +368,31 @@ impl ProcessGroup {
                 timeout_ms,
                 device,
                 store_fd.map_or(-1, IntoRawFd::into_raw_fd),
+                prefix.as_ptr(),
                 &mut raw,
             )
         };
         drop(listener);
-        ffi::take_error(
+        ffi::take_error_redacted(
             err,
             &format!(
                 "joining process group (rank {} of {}, store {}:{})",
                 rv.rank, rv.world_size, rv.master_addr, rv.master_port
             ),
+            &rv.store_prefix,
         )?;
         Ok(ProcessGroup {
             rank: rv.rank,
             world_size: rv.world_size,
             backend: rv.backend,
             raw,
+            secret: rv.store_prefix.clone(),
         })
+    }
+
+    /// The shim's result for this group, its message free of the store prefix.
+    fn check(&self, err: *mut std::ffi::c_char, what: &str) -> Result<()> {
+        ffi::take_error_redacted(err, what, &self.secret)
     }
 
     pub fn rank(&self) -> usize {
@@ -304,7 +423,7 @@ impl ProcessGroup {
         }
         // SAFETY: live group handle and tensor handle.
         let err = unsafe { ffi::bt_pg_all_reduce_sum(self.raw, ffi::ptr(t)) };
-        ffi::take_error(err, "all_reduce")
+        self.check(err, "all_reduce")
     }
 
     /// Gathers `t` from every rank, concatenated along dim 0 in rank order. Every rank must pass
@@ -316,7 +435,7 @@ impl ProcessGroup {
         let mut out = std::ptr::null_mut();
         // SAFETY: live handles; on success `out` is a new at::Tensor we own.
         let err = unsafe { ffi::bt_pg_all_gather(self.raw, ffi::ptr(t), &mut out) };
-        ffi::take_error(err, "all_gather")?;
+        self.check(err, "all_gather")?;
         Ok(unsafe { Tensor::from_ptr(out) })
     }
 
@@ -329,7 +448,7 @@ impl ProcessGroup {
         }
         // SAFETY: live handles; the shim checks `out`'s shape and writes into it.
         let err = unsafe { ffi::bt_pg_all_gather_into(self.raw, ffi::ptr(t), ffi::ptr(out)) };
-        ffi::take_error(err, "all_gather")
+        self.check(err, "all_gather")
     }
 
     /// All-gather along dim 0 whose local slice keeps `t`'s autograd graph: backward through the
@@ -367,7 +486,7 @@ impl ProcessGroup {
         }
         // SAFETY: live handles.
         let err = unsafe { ffi::bt_pg_broadcast(self.raw, ffi::ptr(t), to_c_int(root, "root")?) };
-        ffi::take_error(err, "broadcast")
+        self.check(err, "broadcast")
     }
 
     pub fn barrier(&self) -> Result<()> {
@@ -376,7 +495,7 @@ impl ProcessGroup {
         }
         // SAFETY: live handle.
         let err = unsafe { ffi::bt_pg_barrier(self.raw) };
-        ffi::take_error(err, "barrier")
+        self.check(err, "barrier")
     }
 
     /// Sums the gradients of `params` over ranks (no averaging), packed into flat buckets of about
@@ -392,7 +511,7 @@ impl ProcessGroup {
         let err = unsafe {
             ffi::bt_pg_allreduce_grads(self.raw, ptrs.as_ptr(), ptrs.len() as i64, bucket)
         };
-        ffi::take_error(err, "gradient all_reduce")
+        self.check(err, "gradient all_reduce")
     }
 
     /// Persistent gradient buckets over `params` (see [`GradBuckets`]); build them once, after the
@@ -402,6 +521,7 @@ impl ProcessGroup {
             return Ok(GradBuckets {
                 raw: std::ptr::null_mut(),
                 count: 0,
+                secret: String::new(),
             });
         }
         let ptrs: Vec<_> = params.iter().map(ffi::ptr).collect();
@@ -411,10 +531,14 @@ impl ProcessGroup {
         let err = unsafe {
             ffi::bt_grad_buckets_new(self.raw, ptrs.as_ptr(), ptrs.len() as i64, bucket, &mut raw)
         };
-        ffi::take_error(err, "gradient buckets")?;
+        self.check(err, "gradient buckets")?;
         // SAFETY: raw is a live bucket set.
         let count = unsafe { ffi::bt_grad_buckets_count(raw) } as usize;
-        Ok(GradBuckets { raw, count })
+        Ok(GradBuckets {
+            raw,
+            count,
+            secret: self.secret.clone(),
+        })
     }
 
     /// Overwrites `tensors` (parameters, buffers) with `root`'s values, in flat buckets.
@@ -439,7 +563,7 @@ impl ProcessGroup {
                 DEFAULT_BUCKET_BYTES as i64,
             )
         };
-        ffi::take_error(err, "parameter broadcast")
+        self.check(err, "parameter broadcast")
     }
 
     /// Verifies that every rank holds the same `value` (e.g. a config hash or the model's shape
@@ -503,6 +627,7 @@ impl ProcessGroup {
 pub struct GradBuckets {
     raw: *mut ffi::BtGradBuckets,
     count: usize,
+    secret: String,
 }
 
 // SAFETY: the shim's buckets are only touched through &self/&mut self calls that the group's
@@ -524,7 +649,7 @@ impl GradBuckets {
         }
         // SAFETY: live bucket set.
         let err = unsafe { ffi::bt_grad_buckets_allreduce(self.raw) };
-        ffi::take_error(err, "gradient all_reduce")
+        ffi::take_error_redacted(err, "gradient all_reduce", &self.secret)
     }
 }
 
@@ -581,7 +706,7 @@ pub fn sync_batch_norm(
             &mut out,
         )
     };
-    ffi::take_error(err, "sync_batch_norm")?;
+    group.check(err, "sync_batch_norm")?;
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 

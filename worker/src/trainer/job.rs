@@ -168,13 +168,9 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
 
     // Rendezvous with the other ranks.
     let t0 = Instant::now();
-    let mut rv = Rendezvous::new(
-        rank,
-        world,
-        &a.master_addr,
-        a.master_port as u16,
-        Duration::from_secs(u64::from(spec.dist.timeout_secs)),
-    );
+    // The attempt's store prefix (a secret: never logged); refused when missing at world > 1.
+    let mut rv =
+        Rendezvous::from_assignment(a, Duration::from_secs(u64::from(spec.dist.timeout_secs)))?;
     if let Device::Cuda(i) = device {
         rv.backend = crate::dist::Backend::Nccl { device_index: i };
     }

@@ -34,6 +34,8 @@ pub fn assignment(job_id: &str, spec: String, dir: &Path) -> Assignment {
         epoch: 1,
         world_size: 1,
         master_addr: "127.0.0.1".into(),
+        // what the coordinator hands out per attempt; every rank of a test shares it
+        store_prefix: "test-attempt".into(),
         spec_toml: spec,
         checkpoint_dir: dir.display().to_string(),
         ..Default::default()

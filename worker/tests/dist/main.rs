@@ -4,5 +4,6 @@
 mod collectives;
 mod faults;
 mod harness;
+mod store;
 mod sync_bn;
 mod training;
