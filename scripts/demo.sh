@@ -16,18 +16,29 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Secured like a real cluster: TLS (daemons with client certificates) and bearer tokens.
+"$BIN/bt-coordinator" init-secrets --dir "$RUN/secrets" >/dev/null
+echo "demo: generated a CA, certificates and tokens in $RUN/secrets (admin token: $RUN/secrets/admin.token)"
 echo "demo: starting the coordinator (state in $RUN/coordinator.db)"
 "$BIN/bt-coordinator" --listen 127.0.0.1:0 --addr-file "$RUN/coordinator.addr" \
-  --db "$RUN/coordinator.db" --checkpoint-root "$RUN/checkpoints" >"$RUN/coordinator.log" 2>&1 &
+  --db "$RUN/coordinator.db" --checkpoint-root "$RUN/checkpoints" \
+  --tokens-file "$RUN/secrets/tokens.toml" --tls-cert "$RUN/secrets/server.pem" \
+  --tls-key "$RUN/secrets/server.key" --tls-client-ca "$RUN/secrets/ca.pem" \
+  >"$RUN/coordinator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$RUN/coordinator.addr" ] && break; sleep 0.1; done
 [ -s "$RUN/coordinator.addr" ] || { echo "demo: the coordinator did not start; see $RUN/coordinator.log" >&2; exit 1; }
 export BT_COORDINATOR=$(cat "$RUN/coordinator.addr")
-echo "demo: coordinator at $BT_COORDINATOR"
+export BT_TOKEN_FILE="$RUN/secrets/admin.token" BT_CA_CERT="$RUN/secrets/ca.pem"
+echo "demo: coordinator at https://$BT_COORDINATOR; to use btctl from another shell:"
+echo "  export BT_COORDINATOR=$BT_COORDINATOR BT_TOKEN_FILE=$BT_TOKEN_FILE BT_CA_CERT=$BT_CA_CERT"
 
 for i in 1 2; do
   "$BIN/bt-worker" --coordinator "$BT_COORDINATOR" --name "demo-worker-$i" --cpu-slots 1 \
     --port-range "$((29400 + i * 20))-$((29420 + i * 20))" --work-dir "$RUN/worker-$i" \
+    --checkpoint-root "$RUN/checkpoints" --token-file "$RUN/secrets/worker.token" \
+    --ca-cert "$RUN/secrets/ca.pem" --client-cert "$RUN/secrets/worker.pem" \
+    --client-key "$RUN/secrets/worker.key" \
     >"$RUN/worker-$i.log" 2>&1 &
   pids+=($!)
 done

@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::*;
 use clap::{Parser, Subcommand, ValueEnum};
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -18,17 +17,89 @@ use tonic::transport::Channel;
     about = "Submit and follow Barlow Twins pretraining jobs"
 )]
 struct Cli {
-    /// Coordinator address (host:port or http://host:port).
-    #[arg(
-        long,
-        global = true,
-        env = "BT_COORDINATOR",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    coordinator: String,
+    #[command(flatten)]
+    conn: Conn,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// How to reach the coordinator. Flags and environment first, then the config file
+/// (`--config`, `BT_CONFIG`, or `~/.config/bt/btctl.toml` when it exists), then defaults.
+#[derive(clap::Args, Clone)]
+struct Conn {
+    /// Coordinator address (host:port, http://host:port or https://host:port; default
+    /// 127.0.0.1:7070).
+    #[arg(long, global = true, env = "BT_COORDINATOR")]
+    coordinator: Option<String>,
+    /// File holding your token (or put the token itself in BT_TOKEN).
+    #[arg(long, global = true, env = "BT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's certificate: TLS, server verified.
+    #[arg(long, global = true, env = "BT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM) when the coordinator asks for one.
+    #[arg(long, global = true, env = "BT_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "BT_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// btctl's config file (TOML: coordinator, token_file, ca_cert, client_cert, client_key).
+    #[arg(long, global = true, env = "BT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// btctl's config file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    coordinator: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+impl Conn {
+    fn options(&self) -> Result<bt_proto::client::ClientOptions> {
+        let default_file = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".config/bt/btctl.toml"))
+            .filter(|p| p.exists());
+        let file: FileConfig = match self.config.clone().or(default_file) {
+            Some(p) => {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("cannot read btctl config {}", p.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("btctl config {}: {}", p.display(), e.message()))?
+            }
+            None => FileConfig::default(),
+        };
+        let token_file = self.token_file.clone().or(file.token_file);
+        let token = match (
+            std::env::var("BT_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+            &token_file,
+        ) {
+            (Some(t), _) => Some(t),
+            (None, Some(f)) => Some(bt_proto::client::read_token_file(f)?),
+            (None, None) => None,
+        };
+        Ok(bt_proto::client::ClientOptions {
+            addr: self
+                .coordinator
+                .clone()
+                .or(file.coordinator)
+                .unwrap_or_else(|| "127.0.0.1:7070".into()),
+            token,
+            ca_cert: self.ca_cert.clone().or(file.ca_cert),
+            client_cert: self.client_cert.clone().or(file.client_cert),
+            client_key: self.client_key.clone().or(file.client_key),
+            tls_domain: None,
+            connect_timeout: Some(std::time::Duration::from_secs(5)),
+        })
+    }
+}
+
+pub(crate) type Client = JobServiceClient<bt_proto::client::AuthChannel>;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Format {
@@ -103,30 +174,24 @@ enum Cmd {
     },
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-async fn connect(addr: &str) -> Result<JobServiceClient<Channel>> {
-    let url = endpoint(addr);
-    let ch = Channel::from_shared(url.clone())
-        .with_context(|| format!("bad coordinator address {addr:?}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the coordinator at {url} (set --coordinator or BT_COORDINATOR)")
-        })?;
+async fn connect(conn: &Conn) -> Result<Client> {
+    let opts = conn.options()?;
+    let ch = opts.connect().await.map_err(|e| {
+        anyhow::anyhow!("{e} (set --coordinator or BT_COORDINATOR; with TLS, --ca-cert)")
+    })?;
     Ok(JobServiceClient::new(ch).max_decoding_message_size(64 << 20))
 }
 
 /// Turns a gRPC status into a one-line error a person can act on.
 fn rpc_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    let hint = match s.code() {
+        tonic::Code::Unauthenticated => {
+            " (give a token: --token-file, BT_TOKEN_FILE, BT_TOKEN or token_file in the config file)"
+        }
+        tonic::Code::PermissionDenied => " (your token's role does not allow this)",
+        _ => "",
+    };
+    anyhow::anyhow!("{:?}: {}{hint}", s.code(), s.message())
 }
 
 #[tokio::main]
@@ -157,7 +222,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", spec.to_toml());
                 return Ok(ExitCode::SUCCESS);
             }
-            return submit(&cli.coordinator, &spec, watch).await;
+            return submit(&cli.conn, &spec, watch).await;
         }
         Cmd::Eval {
             checkpoint,
@@ -170,10 +235,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             let spec = bt_common::JobSpec::from_toml_with_overrides(&base, &set)
                 .map_err(|e| anyhow::anyhow!("invalid probe spec: {e}"))?;
-            return submit(&cli.coordinator, &spec, watch).await;
+            return submit(&cli.conn, &spec, watch).await;
         }
         Cmd::List { output } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             let jobs = c
                 .list_jobs(ListJobsRequest::default())
                 .await
@@ -183,7 +248,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::print_jobs(&jobs, output == Format::Json);
         }
         Cmd::Get { job_id, output } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             let job = c
                 .get_job(GetJobRequest { job_id })
                 .await
@@ -196,11 +261,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             from_step,
             plain,
         } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             return watch::watch(&mut c, &job_id, from_step, plain).await;
         }
         Cmd::Cancel { job_id, reason } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             let job = c
                 .cancel_job(CancelJobRequest { job_id, reason })
                 .await
@@ -209,7 +274,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{} {}", job.id, job.state().name());
         }
         Cmd::Workers { output } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             let ws = c
                 .list_workers(ListWorkersRequest {})
                 .await
@@ -219,7 +284,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output::print_workers(&ws, output == Format::Json);
         }
         Cmd::Checkpoints { job_id, output } => {
-            let mut c = connect(&cli.coordinator).await?;
+            let mut c = connect(&cli.conn).await?;
             let cps = c
                 .list_checkpoints(ListCheckpointsRequest { job_id })
                 .await
@@ -233,8 +298,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Sends a validated spec; prints the job id, then follows it when asked.
-async fn submit(addr: &str, spec: &bt_common::JobSpec, watch: bool) -> Result<ExitCode> {
-    let mut c = connect(addr).await?;
+async fn submit(conn: &Conn, spec: &bt_common::JobSpec, watch: bool) -> Result<ExitCode> {
+    let mut c = connect(conn).await?;
     let job = c
         .submit_job(SubmitJobRequest {
             spec_toml: spec.to_toml(),

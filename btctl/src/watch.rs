@@ -4,15 +4,13 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use bt_proto::job_event::Kind;
-use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::*;
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
 use crate::output::eval_line;
 
 pub async fn watch(
-    c: &mut JobServiceClient<Channel>,
+    c: &mut crate::Client,
     job_id: &str,
     from_step: u64,
     plain: bool,

@@ -1,10 +1,26 @@
 //! bt-common: job spec types and validation, configuration loading, tracing setup, ids, shutdown.
 pub mod config;
 pub mod ids;
+pub mod paths;
 pub mod spec;
 
 pub use ids::{AttemptEpoch, JobId, WorkerId};
 pub use spec::{JobKind, JobSpec, SpecError};
+
+/// A secret from configuration (a token): its Debug output never shows it.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<empty>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

@@ -379,6 +379,19 @@ impl JobSpec {
         p
     }
 
+    /// The paths on the workers' disks this job reads, by field: what the coordinator and the
+    /// daemons confine to their allowed roots.
+    pub fn read_paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = Vec::new();
+        if self.data.source != "synthetic" {
+            v.push(("data.path", self.data.path.as_str()));
+        }
+        if self.kind == JobKind::LinearProbe {
+            v.push(("eval.checkpoint", self.eval.checkpoint.as_str()));
+        }
+        v
+    }
+
     /// The canonical TOML text of this spec (every field explicit).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a job spec always serializes")

@@ -19,6 +19,84 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout_ms: u64,
     /// Events buffered per `WatchJob` subscriber before it gets a `Missed` event.
     pub watch_buffer: usize,
+    /// Roots a job's `data.path` must lie under (besides the checkpoint root, always allowed).
+    pub data_roots: Vec<PathBuf>,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+}
+
+/// `auth.mode`: bearer tokens required (`on`, the default) or not checked at all (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// A TOML file of `[[tokens]]` entries (name, role, sha256 of the token); re-read when it
+    /// changes. A Kubernetes Secret mounted as a file in deploy/.
+    pub tokens_file: Option<PathBuf>,
+    /// The same TOML text inline (for example from `BT_COORDINATOR_AUTH__TOKENS`).
+    pub tokens: String,
+    /// Health and reflection need a token too (they are open to probes by default).
+    pub protect_probes: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Server certificate chain and private key (PEM): TLS on every listener when set.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA (PEM) for client certificates: mutual TLS. Daemons must then present a certificate it
+    /// signed to use the worker service; other clients may connect without one.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
+/// Bounds on what a peer can make the coordinator hold; each has a clear error when exceeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest job spec accepted (bytes of TOML).
+    pub max_spec_bytes: usize,
+    /// Largest gRPC message accepted (bytes).
+    pub max_message_bytes: usize,
+    /// Concurrent `WatchJob` streams per job, and in total.
+    pub max_watchers_per_job: usize,
+    pub max_watchers: usize,
+    /// Metric reports accepted per trainer per second (more are dropped, with one warning).
+    pub max_metrics_per_sec: u32,
+    /// Metric events kept per job; beyond it the oldest metric events are thinned (every other
+    /// one dropped), state changes, evaluations, checkpoints and notices are always kept.
+    pub max_metric_events_per_job: u64,
+    /// Jobs waiting (queued or restarting) per owner.
+    pub max_queued_per_owner: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_spec_bytes: 64 << 10,
+            max_message_bytes: 4 << 20,
+            max_watchers_per_job: 64,
+            max_watchers: 1024,
+            max_metrics_per_sec: 50,
+            max_metric_events_per_job: 100_000,
+            max_queued_per_owner: 1000,
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -30,6 +108,10 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 10_000,
             watch_buffer: 256,
+            data_roots: vec!["/usr/share/datasets".into()],
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -54,6 +136,30 @@ impl CoordinatorConfig {
         }
         if self.checkpoint_root.as_os_str().is_empty() {
             return Err("checkpoint_root: must not be empty".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("tls.cert: the certificate and tls.key must be set together".into());
+        }
+        if self.tls.client_ca.is_some() && !self.tls.enabled() {
+            return Err("tls.client_ca: mutual TLS needs tls.cert and tls.key".into());
+        }
+        let l = &self.limits;
+        for (k, v) in [
+            ("limits.max_spec_bytes", l.max_spec_bytes),
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_watchers_per_job", l.max_watchers_per_job),
+            ("limits.max_watchers", l.max_watchers),
+            ("limits.max_queued_per_owner", l.max_queued_per_owner),
+        ] {
+            if v == 0 {
+                return Err(format!("{k}: must be greater than 0"));
+            }
+        }
+        if l.max_metrics_per_sec == 0 {
+            return Err("limits.max_metrics_per_sec: must be greater than 0".into());
+        }
+        if l.max_metric_events_per_job < 100 {
+            return Err("limits.max_metric_events_per_job: must be at least 100".into());
         }
         Ok(())
     }

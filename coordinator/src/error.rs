@@ -13,6 +13,10 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("corrupt record in the store: {0}")]
     Corrupt(String),
     #[error("the coordinator is shutting down")]
@@ -36,6 +40,8 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound { .. } => Status::not_found(e.to_string()),
             Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+            Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
             Error::ShuttingDown => Status::unavailable(e.to_string()),
             Error::Store(_) | Error::Corrupt(_) | Error::Internal(_) => {
                 tracing::error!(error = %e, "internal error");

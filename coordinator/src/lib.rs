@@ -1,9 +1,11 @@
 //! bt-coordinator: the gRPC coordinator of bt — job and worker services, the durable state store,
 //! the gang scheduler, rendezvous hand-out and metric fan-out.
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod error;
 pub mod scheduler;
+pub mod secrets;
 mod server;
 mod service;
 pub mod store;

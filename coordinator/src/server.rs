@@ -1,5 +1,6 @@
 //! `run`: the whole coordinator on a bound listener, with health, reflection and one shutdown path.
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bt_proto::job_service_server::JobServiceServer;
@@ -8,13 +9,35 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
-use crate::config::CoordinatorConfig;
+use crate::auth::{AuthLayer, Authenticator};
+use crate::config::{CoordinatorConfig, TlsConfig};
 use crate::core::Core;
 use crate::service::{JobSvc, WorkerSvc};
 use crate::store::SqliteStore;
 
 /// How long in-flight RPCs get to finish after shutdown began.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The listener's TLS settings (None: plain TCP). Files that cannot be read are errors naming them.
+fn tls_config(c: &TlsConfig) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&c.cert, &c.key) else {
+        return Ok(None);
+    };
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("tls.{what}: cannot read {}", p.display()))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+    if let Some(ca) = &c.client_ca {
+        // Client certificates are verified when presented; the worker service requires one.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("client_ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
+}
 
 /// Runs the coordinator on `listener` until `shutdown` resolves, then drains with a deadline.
 pub async fn run(
@@ -31,10 +54,15 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
         .await?
         .with_context(|| format!("opening the state database {}", config.db_path.display()))?;
+    let auth = Arc::new(
+        Authenticator::new(&config.auth, config.tls.client_ca.is_some())
+            .map_err(anyhow::Error::msg)?,
+    );
+    let tls = tls_config(&config.tls)?;
     let core = Core::new(config.clone(), Box::new(store)).context("recovering state")?;
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, db = %config.db_path.display(), checkpoint_root = %config.checkpoint_root.display(),
-          "coordinator listening");
+          tls = tls.is_some(), mutual_tls = config.tls.client_ca.is_some(), "coordinator listening");
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobSvc>>().await;
@@ -79,14 +107,28 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let max_msg = config.limits.max_message_bytes;
+    let server = builder
+        .layer(AuthLayer(auth))
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(JobServiceServer::new(JobSvc { core: core.clone() }))
-        .add_service(WorkerServiceServer::new(WorkerSvc { core: core.clone() }))
+        .add_service(
+            JobServiceServer::new(JobSvc { core: core.clone() })
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg.max(16 << 20)),
+        )
+        .add_service(
+            WorkerServiceServer::new(WorkerSvc { core: core.clone() })
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg.max(16 << 20)),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });

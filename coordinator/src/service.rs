@@ -18,6 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::principal;
 use crate::core::{is_terminal_event, Core};
 use crate::error::Error;
 
@@ -34,9 +35,12 @@ pub(crate) struct JobSvc {
 #[tonic::async_trait]
 impl JobService for JobSvc {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let who = principal(&req);
         let spec = req.into_inner().spec_toml;
-        let job = self.core.call(move |c| c.submit(&spec)).await?;
-        info!(job_id = %job.id, name = %job.name, world_size = job.world_size, "job submitted");
+        let owner = who.name.clone();
+        let job = self.core.call(move |c| c.submit(&spec, &owner)).await?;
+        info!(job_id = %job.id, name = %job.name, world_size = job.world_size, owner = %who.name,
+              "job submitted");
         Ok(Response::new(job))
     }
 
@@ -67,9 +71,15 @@ impl JobService for JobSvc {
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let who = principal(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
-        let job = self.core.call(move |c| c.cancel(id, &req.reason)).await?;
+        let scope = who.cancel_scope().map(str::to_string);
+        let job = self
+            .core
+            .call(move |c| c.cancel(id, &req.reason, scope.as_deref()))
+            .await?;
+        info!(job_id = %job.id, by = %who.name, "job cancel requested");
         Ok(Response::new(job))
     }
 
@@ -82,12 +92,14 @@ impl JobService for JobSvc {
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let from_step = req.from_step;
+        let slot = self.core.watch_slot(id)?;
         let start = self.core.call(move |c| c.watch(id, from_step)).await?;
         // A small hand-off buffer: the per-subscriber bound is the broadcast capacity, so a slow
         // watcher lags (and gets `Missed`) instead of holding anything up.
         let (tx, rx) = mpsc::channel(16);
         let follow = req.follow;
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = 0u64;
             let mut ended = false;
             for ev in start.replay {
@@ -101,7 +113,12 @@ impl JobService for JobSvc {
                 return;
             };
             loop {
-                match live.recv().await {
+                // A watcher that went away frees its slot even when the job is quiet.
+                let next = tokio::select! {
+                    r = live.recv() => r,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(ev) => {
                         if ev.seq <= last {
                             continue;

@@ -99,6 +99,19 @@ impl Cluster {
             heartbeat_timeout_ms,
             port_base,
         };
+        // Every cluster runs secured, as a user would deploy it: a CA and certificates from
+        // `bt-coordinator init-secrets`, TLS with client certificates for daemons, tokens.
+        let out = Command::new(bin("bt-coordinator"))
+            .arg("init-secrets")
+            .arg("--dir")
+            .arg(c.path("secrets"))
+            .output()
+            .expect("run bt-coordinator init-secrets");
+        assert!(
+            out.status.success(),
+            "init-secrets failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         c.start_coordinator();
         for i in 0..workers {
             c.workers.push(None);
@@ -132,7 +145,15 @@ impl Cluster {
             .arg("--checkpoint-root")
             .arg(self.path("checkpoints"))
             .arg("--heartbeat-timeout-ms")
-            .arg(self.heartbeat_timeout_ms.to_string());
+            .arg(self.heartbeat_timeout_ms.to_string())
+            .arg("--tokens-file")
+            .arg(self.path("secrets/tokens.toml"))
+            .arg("--tls-cert")
+            .arg(self.path("secrets/server.pem"))
+            .arg("--tls-key")
+            .arg(self.path("secrets/server.key"))
+            .arg("--tls-client-ca")
+            .arg(self.path("secrets/ca.pem"));
         let p = spawn("coordinator", &mut cmd, self.path("coordinator.log"));
         self.coordinator = Some(p);
         let addr = wait_for(
@@ -170,6 +191,16 @@ impl Cluster {
             .arg(self.path(&format!("worker-{i}")))
             .arg("--stop-grace-ms")
             .arg("5000")
+            .arg("--checkpoint-root")
+            .arg(self.path("checkpoints"))
+            .arg("--token-file")
+            .arg(self.path("secrets/worker.token"))
+            .arg("--ca-cert")
+            .arg(self.path("secrets/ca.pem"))
+            .arg("--client-cert")
+            .arg(self.path("secrets/worker.pem"))
+            .arg("--client-key")
+            .arg(self.path("secrets/worker.key"))
             .env("RUST_LOG", "info");
         let p = spawn(
             &format!("worker-{i}"),
@@ -205,6 +236,9 @@ impl Cluster {
         Command::new(bin("btctl"))
             .args(args)
             .env("BT_COORDINATOR", &self.addr)
+            .env("BT_TOKEN_FILE", self.path("secrets/admin.token"))
+            .env("BT_CA_CERT", self.path("secrets/ca.pem"))
+            .env_remove("BT_TOKEN")
             .stdin(Stdio::null())
             .output()
             .expect("run btctl")

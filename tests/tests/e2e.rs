@@ -358,12 +358,18 @@ fn committed_checkpoint_is_evaluated_on_request() {
     assert_eq!(cp["eval_state"], "done", "{cp}");
     assert_eq!(cp["eval_job_id"], probe.as_str());
     assert!(cp["eval"]["top1"].as_f64().unwrap_or(0.0) > 0.1, "{cp}");
-    // A probe of a checkpoint that is not there fails with the path in the reason.
+    // A probe of a path outside the checkpoint root is refused at submission, naming the field.
     let out = c.btctl(&["eval", "/no/such/checkpoint"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("eval.checkpoint"), "{}", stderr(&out));
+    // A probe of a checkpoint that is not there fails with the path in the reason.
+    let missing = std::path::Path::new(&path).with_file_name("999");
+    let missing = missing.to_str().expect("utf8");
+    let out = c.btctl(&["eval", missing]);
     let bad = stdout(&out).trim().to_string();
     let job = c.wait_state(&bad, &["failed"], MINUTE);
     let reason = job["failure_reason"].as_str().unwrap_or("");
-    assert!(reason.contains("/no/such/checkpoint"), "{reason}");
+    assert!(reason.contains(missing), "{reason}");
 }
 
 #[test]

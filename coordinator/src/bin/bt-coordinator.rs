@@ -36,6 +36,55 @@ struct Args {
     /// After binding, write the bound address (host:port) to this file, atomically.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Bearer-token authentication: on (the default; needs a tokens file) or off (trusted
+    /// single-user machines only: anyone who reaches the port can do anything).
+    #[arg(long, value_name = "on|off")]
+    auth: Option<String>,
+    /// Tokens file (TOML `[[tokens]]` with name, role, sha256); re-read when it changes.
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    /// Server certificate (PEM): TLS on the listener. Needs --tls-key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) for client certificates: daemons must then present one it signed (mutual TLS).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Create what a secured cluster needs in DIR: a CA, a server certificate for the given hosts,
+    /// a client certificate for daemons, and admin and worker tokens (tokens.toml keeps only their
+    /// hashes; the tokens themselves go to admin.token and worker.token, readable by you only).
+    InitSecrets {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names and addresses the server certificate is valid for (localhost and 127.0.0.1 are
+        /// always included).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Add a token to a tokens file (the running coordinator picks it up within a second) and
+    /// print it once.
+    AddToken {
+        #[arg(long)]
+        tokens_file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// admin, submitter, viewer or worker.
+        #[arg(long)]
+        role: String,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
 }
 
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
@@ -61,6 +110,33 @@ async fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match &args.cmd {
+        Some(Cmd::InitSecrets { dir, hosts, force }) => {
+            return bt_coordinator::secrets::init_secrets(dir, hosts, *force)
+        }
+        Some(Cmd::AddToken {
+            tokens_file,
+            name,
+            role,
+            token_out,
+        }) => {
+            let role = role.parse().map_err(anyhow::Error::msg)?;
+            let token = bt_coordinator::secrets::add_token(tokens_file, name, role)?;
+            match token_out {
+                Some(p) => {
+                    bt_coordinator::secrets::write_private(p, &format!("{token}\n"))?;
+                    println!(
+                        "token for {name} ({}) written to {}",
+                        role.name(),
+                        p.display()
+                    );
+                }
+                None => println!("{token}"),
+            }
+            return Ok(());
+        }
+        None => {}
+    }
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.listen {
         overrides.push(("listen".into(), v.clone()));
@@ -79,6 +155,19 @@ async fn real_main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.watch_buffer {
         overrides.push(("watch_buffer".into(), v.to_string()));
+    }
+    if let Some(v) = &args.auth {
+        overrides.push(("auth.mode".into(), v.clone()));
+    }
+    for (k, v) in [
+        ("auth.tokens_file", &args.tokens_file),
+        ("tls.cert", &args.tls_cert),
+        ("tls.key", &args.tls_key),
+        ("tls.client_ca", &args.tls_client_ca),
+    ] {
+        if let Some(v) = v {
+            overrides.push((k.into(), v.display().to_string()));
+        }
     }
     let config: CoordinatorConfig =
         bt_common::config::load(args.config.as_deref(), "BT_COORDINATOR", &overrides)

@@ -9,6 +9,7 @@ use bt_proto::{
 use tracing::{info, warn};
 
 use super::{emit, Core, Effects};
+use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 use crate::scheduler::{plan, FreeWorker, QueuedJob};
 use crate::store::{AttemptRecord, JobRecord, RankRecord, Tx, WorkerRecord};
@@ -167,6 +168,7 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
         placement,
         evals,
         rendezvous,
+        owner: job.owner.clone(),
     })
 }
 
@@ -184,7 +186,12 @@ pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointI
 }
 
 /// A new QUEUED job for a validated spec, inside the caller's transaction.
-pub(crate) fn insert_job(tx: &mut dyn Tx, fx: &mut Effects, spec: &JobSpec) -> Result<JobRecord> {
+pub(crate) fn insert_job(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    spec: &JobSpec,
+    owner: &str,
+) -> Result<JobRecord> {
     let now = now_ms();
     let mut job = JobRecord {
         id: JobId::new(),
@@ -203,6 +210,7 @@ pub(crate) fn insert_job(tx: &mut dyn Tx, fx: &mut Effects, spec: &JobSpec) -> R
         failure_reason: String::new(),
         total_steps: 0,
         last_metrics: None,
+        owner: owner.to_string(),
     };
     set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
     fx.schedule = true;
@@ -248,6 +256,33 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
     Ok(())
 }
 
+/// The paths a job reads must lie under the allowed data roots (data) or the checkpoint root
+/// (data, and the checkpoint a probe reads).
+pub(crate) fn check_read_paths(config: &CoordinatorConfig, spec: &JobSpec) -> Result<()> {
+    for (field, p) in spec.read_paths() {
+        let path = std::path::Path::new(p);
+        if field == "eval.checkpoint" {
+            bt_common::paths::lexically_within(field, path, &config.checkpoint_root).map_err(
+                |e| Error::invalid(field, e.split_once(": ").map_or(e.clone(), |x| x.1.into())),
+            )?;
+            continue;
+        }
+        let mut roots = config.data_roots.clone();
+        roots.push(config.checkpoint_root.clone());
+        if !bt_common::paths::lexically_under_any(path, &roots) {
+            let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "{p} is outside the allowed data roots ({}; the coordinator's data_roots)",
+                    list.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn kind_name(spec: &JobSpec) -> String {
     match spec.kind {
         bt_common::JobKind::Pretrain => "pretrain".into(),
@@ -256,14 +291,39 @@ fn kind_name(spec: &JobSpec) -> String {
 }
 
 impl Core {
-    /// Validates the spec (the authoritative check) and queues the job.
-    pub fn submit(&self, spec_toml: &str) -> Result<Job> {
+    /// Validates the spec (the authoritative check: size, fields, the paths it reads) and queues
+    /// the job for `owner`, within the owner's queue limit.
+    pub fn submit(&self, spec_toml: &str, owner: &str) -> Result<Job> {
+        let limits = &self.config.limits;
+        if spec_toml.len() > limits.max_spec_bytes {
+            return Err(Error::invalid(
+                "spec_toml",
+                format!(
+                    "{} bytes is over the limit of {} (limits.max_spec_bytes)",
+                    spec_toml.len(),
+                    limits.max_spec_bytes
+                ),
+            ));
+        }
         let spec = JobSpec::from_toml_str(spec_toml).map_err(|e| Error::InvalidArgument {
             field: e.field,
             message: e.message,
         })?;
+        check_read_paths(&self.config, &spec)?;
+        let max_queued = limits.max_queued_per_owner;
         self.transition(|_, _, tx, fx| {
-            let job = insert_job(tx, fx, &spec)?;
+            let waiting = tx
+                .list_jobs(&[JobState::Queued, JobState::Restarting])?
+                .iter()
+                .filter(|j| j.owner == owner)
+                .count();
+            if waiting >= max_queued {
+                return Err(Error::ResourceExhausted(format!(
+                    "{} already has {waiting} jobs waiting (limits.max_queued_per_owner = {max_queued})",
+                    if owner.is_empty() { "this user" } else { owner }
+                )));
+            }
+            let job = insert_job(tx, fx, &spec, owner)?;
             job_view(tx, &job)
         })
     }
@@ -302,7 +362,9 @@ impl Core {
 
     /// Queued → CANCELLED at once; scheduled/running → its ranks are cancelled, then CANCELLED;
     /// a terminal job is returned unchanged.
-    pub fn cancel(&self, id: JobId, reason: &str) -> Result<Job> {
+    ///
+    /// With `only_owner` (a submitter), a job of anyone else is refused.
+    pub fn cancel(&self, id: JobId, reason: &str, only_owner: Option<&str>) -> Result<Job> {
         let reason = if reason.trim().is_empty() {
             "cancelled by user".to_string()
         } else {
@@ -310,6 +372,11 @@ impl Core {
         };
         self.transition(|_, _, tx, fx| {
             let mut job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
+            if only_owner.is_some_and(|o| o != job.owner) {
+                return Err(Error::PermissionDenied(
+                    "a submitter may cancel only its own jobs".into(),
+                ));
+            }
             if job.state.is_terminal() {
                 return job_view(tx, &job);
             }
@@ -434,6 +501,8 @@ impl Core {
                 );
                 set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
                 let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
+                // A fresh secret per attempt: the ranks' keys in rank 0's store live under it.
+                let store_prefix = hex::encode(rand::random::<[u8; 16]>());
                 for r in &attempt.ranks {
                     fx.messages.push((
                         r.worker_id,
@@ -449,6 +518,7 @@ impl Core {
                                 spec_toml: job.spec_toml.clone(),
                                 checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
                                 resume_from: resume_from.clone(),
+                                store_prefix: store_prefix.clone(),
                             })),
                         },
                     ));

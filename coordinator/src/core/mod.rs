@@ -1,6 +1,8 @@
 //! The coordinator's state machine. All transitions run synchronously under one lock, inside one
 //! store transaction each, on a blocking thread (`Core::call`); their side effects (events for
 //! watchers, messages down worker sessions, a scheduling pass) are applied only after the commit.
+#[cfg(test)]
+mod fuzz_tests;
 mod jobs;
 mod reports;
 mod workers;
@@ -38,7 +40,54 @@ struct Runtime {
     /// Ranks of active attempts that were not running when their worker reconnected:
     /// (job, epoch, rank) → deadline for their exit report.
     vanished: HashMap<(JobId, u64, u32), i64>,
+    /// Metric reports of each attempt's rank 0 in the current one-second window: (window start,
+    /// count, warned).
+    metric_rate: HashMap<(JobId, u64), (i64, u32, bool)>,
+    /// Metric events appended per job since the last history-size check.
+    metric_appends: HashMap<JobId, u32>,
     shutting_down: bool,
+}
+
+/// Metric events appended between two checks of a job's history size.
+const THIN_CHECK_EVERY: u32 = 256;
+
+impl Runtime {
+    /// Whether one more metric report of this attempt fits in its per-second budget.
+    fn metrics_allowed(&mut self, job_id: JobId, epoch: u64, per_sec: u32) -> bool {
+        let now = now_ms();
+        if self.metric_rate.len() > 4096 {
+            self.metric_rate.retain(|_, e| now - e.0 < 60_000);
+        }
+        let e = self
+            .metric_rate
+            .entry((job_id, epoch))
+            .or_insert((now, 0, false));
+        if now - e.0 >= 1000 {
+            *e = (now, 0, false);
+        }
+        if e.1 < per_sec {
+            e.1 += 1;
+            return true;
+        }
+        if !e.2 {
+            e.2 = true;
+            tracing::warn!(job_id = %job_id, epoch, limit = per_sec,
+                           "metric reports over limits.max_metrics_per_sec; dropping the excess");
+        }
+        false
+    }
+
+    /// Counts an appended metric event; true when the history size is due for a check.
+    fn metric_appended(&mut self, job_id: JobId) -> bool {
+        let n = self.metric_appends.entry(job_id).or_insert(0);
+        *n += 1;
+        if *n >= THIN_CHECK_EVERY {
+            *n = 0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 struct Inner {
@@ -61,6 +110,27 @@ pub struct Core {
     inner: Mutex<Inner>,
     /// Wakes the scheduling loop.
     pub(crate) schedule_notify: Notify,
+    /// Open `WatchJob` streams per job (apart from the state lock: a closing stream never waits
+    /// on a transaction).
+    watching: Mutex<HashMap<JobId, usize>>,
+}
+
+/// One open `WatchJob` stream, counted against the watcher limits until dropped.
+pub(crate) struct WatchSlot {
+    core: Arc<Core>,
+    job_id: JobId,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut w = self.core.watching.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get_mut(&self.job_id) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.job_id);
+            }
+        }
+    }
 }
 
 /// What a `WatchJob` call starts from.
@@ -90,6 +160,7 @@ impl Core {
                 rt: Runtime::default(),
             }),
             schedule_notify: Notify::new(),
+            watching: Mutex::new(HashMap::new()),
         });
         core.recover()?;
         Ok(core)
@@ -200,6 +271,32 @@ impl Core {
             s.kill.notify_one();
         }
         rt.watchers.clear();
+    }
+
+    /// Takes a watcher slot for `job_id`, within `limits.max_watchers_per_job` and
+    /// `limits.max_watchers`.
+    pub(crate) fn watch_slot(self: &Arc<Self>, job_id: JobId) -> Result<WatchSlot> {
+        let l = &self.config.limits;
+        let mut w = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = w.values().sum();
+        if total >= l.max_watchers {
+            return Err(Error::ResourceExhausted(format!(
+                "{total} watch streams are open (limits.max_watchers = {})",
+                l.max_watchers
+            )));
+        }
+        let n = w.entry(job_id).or_insert(0);
+        if *n >= l.max_watchers_per_job {
+            return Err(Error::ResourceExhausted(format!(
+                "job {job_id} already has {} watch streams (limits.max_watchers_per_job)",
+                *n
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            core: self.clone(),
+            job_id,
+        })
     }
 
     /// Subscribes to the job's live events first, then reads the persisted history, so no event

@@ -1,10 +1,11 @@
 //! Trainer reports relayed by a daemon: fenced by the attempt epoch, validated, persisted as events.
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{
     coordinator_message, job_event, trainer_report, CoordinatorMessage, DeleteCheckpoints,
-    JobState, TrainerExit, TrainerReport,
+    JobState, Notice, TrainerExit, TrainerReport,
 };
 use tracing::{debug, info, warn};
 
@@ -144,11 +145,18 @@ pub(crate) fn handle_report(
                 debug!(job_id = %job_id, rank, "metrics from a rank other than 0 ignored");
                 return Ok(());
             }
+            if !rt.metrics_allowed(job_id, epoch, config.limits.max_metrics_per_sec) {
+                return Ok(());
+            }
             job.total_steps = m.total_steps.max(job.total_steps);
             job.last_metrics = Some(m);
             job.updated_ms = now_ms();
             tx.put_job(&job)?;
-            emit(tx, fx, job_id, m.step, job_event::Kind::Metrics(m))
+            emit(tx, fx, job_id, m.step, job_event::Kind::Metrics(m))?;
+            if rt.metric_appended(job_id) {
+                thin_metrics(config, tx, job_id)?;
+            }
+            Ok(())
         }
         trainer_report::Body::Eval(ev) => {
             if rank != 0 {
@@ -170,6 +178,24 @@ pub(crate) fn handle_report(
             if c.path.trim().is_empty() {
                 warn!(job_id = %job_id, step = c.step, "checkpoint report without a path ignored");
                 return Ok(());
+            }
+            let job_root = config.checkpoint_root.join(job_id.to_string());
+            if let Err(e) =
+                bt_common::paths::lexically_within("checkpoint.path", Path::new(&c.path), &job_root)
+            {
+                warn!(job_id = %job_id, worker_id = %worker_id, step = c.step, error = %e,
+                      "checkpoint report refused");
+                let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
+                return emit(
+                    tx,
+                    fx,
+                    job_id,
+                    step,
+                    job_event::Kind::Notice(Notice {
+                        level: "warn".into(),
+                        message: format!("checkpoint report refused: {e}"),
+                    }),
+                );
             }
             let rec = CheckpointRecord {
                 job_id,
@@ -197,13 +223,26 @@ pub(crate) fn handle_report(
             if let Ok(spec) = JobSpec::from_toml_str(&job.spec_toml) {
                 if spec.checkpoint.auto_eval {
                     let probe = spec.probe_for(&rec.path);
-                    let probe_job = super::jobs::insert_job(tx, fx, &probe)?;
+                    let probe_job = super::jobs::insert_job(tx, fx, &probe, &job.owner)?;
                     info!(job_id = %job_id, probe_job = %probe_job.id, path = %rec.path, "checkpoint evaluation queued");
                 }
             }
             apply_retention(config, tx, fx, &job, &attempt, worker_id)
         }
     }
+}
+
+/// Keeps a job's metric history within `limits.max_metric_events_per_job`: past it, every other
+/// one of the older half of its metric events is dropped (the curve keeps its shape, coarser in
+/// the past). State changes, evaluations, checkpoints and notices are never dropped.
+fn thin_metrics(config: &CoordinatorConfig, tx: &mut dyn Tx, job_id: JobId) -> Result<()> {
+    let max = config.limits.max_metric_events_per_job;
+    let n = tx.count_events(job_id, "metrics")?;
+    if n > max {
+        let dropped = tx.thin_metric_events(job_id, n / 2)?;
+        info!(job_id = %job_id, metric_events = n, dropped, "metric history thinned");
+    }
+    Ok(())
 }
 
 /// Which checkpoints (by index in `ckpts`, sorted by step) retention keeps: the last `keep_last`
@@ -281,7 +320,11 @@ fn apply_retention(
             worker_id,
             CoordinatorMessage {
                 msg: Some(coordinator_message::Msg::DeleteCheckpoints(
-                    DeleteCheckpoints { paths },
+                    DeleteCheckpoints {
+                        paths,
+                        job_id: job.id.to_string(),
+                        epoch: attempt.epoch,
+                    },
                 )),
             },
         ));

@@ -29,6 +29,8 @@ pub struct JobRecord {
     pub failure_reason: String,
     pub total_steps: u64,
     pub last_metrics: Option<TrainMetrics>,
+    /// Who submitted it (a token's name; empty with authentication off).
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +131,10 @@ pub trait Tx {
         from_step: u64,
         only_kind: Option<&str>,
     ) -> Result<Vec<JobEvent>>;
+    /// How many events of `kind` a job has.
+    fn count_events(&mut self, job_id: JobId, kind: &str) -> Result<u64>;
+    /// Deletes every other one of the job's `oldest` oldest metric events; returns how many went.
+    fn thin_metric_events(&mut self, job_id: JobId, oldest: u64) -> Result<u64>;
     fn commit(self: Box<Self>) -> Result<()>;
 }
 

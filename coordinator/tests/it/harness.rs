@@ -34,6 +34,18 @@ pub fn test_config(dir: &std::path::Path) -> CoordinatorConfig {
         heartbeat_interval_ms: 200,
         heartbeat_timeout_ms: 2000,
         watch_buffer: 256,
+        // The scripted daemons and clients of these tests send no token; tests/it/auth.rs
+        // covers authentication.
+        auth: bt_coordinator::config::AuthConfig {
+            mode: bt_coordinator::config::AuthMode::Off,
+            ..Default::default()
+        },
+        // Scripted daemons report in bursts far above a trainer's rate.
+        limits: bt_coordinator::config::Limits {
+            max_metrics_per_sec: 1_000_000,
+            ..Default::default()
+        },
+        ..Default::default()
     }
 }
 

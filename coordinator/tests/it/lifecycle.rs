@@ -345,7 +345,7 @@ async fn state_survives_a_restart() {
         &a,
         trainer_report::Body::Checkpoint(CheckpointInfo {
             step: 5,
-            path: "/ck/5".into(),
+            path: format!("{}/5", a.checkpoint_dir),
             ..Default::default()
         }),
     )

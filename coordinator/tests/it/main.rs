@@ -1,5 +1,6 @@
 //! In-process integration tests: `bt_coordinator::run` on 127.0.0.1:0 with a temporary database,
 //! driven by the generated tonic clients and a scripted fake daemon.
+mod auth;
 mod faults;
 mod harness;
 mod lifecycle;

@@ -20,7 +20,7 @@ async fn start(dir: &std::path::Path) -> (Proc, String) {
     let addr_file = dir.join("addr");
     let _ = std::fs::remove_file(&addr_file);
     let child = Command::new(env!("CARGO_BIN_EXE_bt-coordinator"))
-        .args(["--listen", "127.0.0.1:0", "--addr-file"])
+        .args(["--auth", "off", "--listen", "127.0.0.1:0", "--addr-file"])
         .arg(&addr_file)
         .arg("--db")
         .arg(dir.join("state.db"))

@@ -4,7 +4,7 @@
 mod supervisor;
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bt_proto::coordinator_message::Msg as Down;
@@ -52,6 +52,29 @@ pub struct WorkerConfig {
     /// Reports kept while the coordinator is unreachable.
     #[serde(default = "d::max_buffered")]
     pub max_buffered_reports: usize,
+    /// Checkpoint storage (the coordinator's checkpoint root, mounted here at the same path): the
+    /// only place this daemon lets trainers write checkpoints and deletes them on request.
+    #[serde(default = "d::checkpoint_root")]
+    pub checkpoint_root: PathBuf,
+    /// Roots a job's data may be read from (besides the checkpoint root).
+    #[serde(default = "d::data_roots")]
+    pub data_roots: Vec<PathBuf>,
+    /// The worker token (`BT_WORKER_TOKEN`), or a file holding it.
+    #[serde(default)]
+    pub token: bt_common::Secret,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the coordinator's: TLS, with the server verified.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// This daemon's client certificate and key (PEM), for mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Name to verify in the coordinator's certificate (default: the address's host).
+    #[serde(default)]
+    pub tls_domain: Option<String>,
 }
 
 mod d {
@@ -80,9 +103,33 @@ mod d {
     pub fn max_buffered() -> usize {
         10_000
     }
+    pub fn checkpoint_root() -> PathBuf {
+        PathBuf::from("checkpoints")
+    }
+    pub fn data_roots() -> Vec<PathBuf> {
+        vec![PathBuf::from("/usr/share/datasets")]
+    }
 }
 
 impl WorkerConfig {
+    /// How to reach the coordinator: address, TLS and the token (read from its file now).
+    pub fn client_options(&self) -> anyhow::Result<bt_proto::client::ClientOptions> {
+        let token = match (&self.token_file, self.token.0.trim()) {
+            (Some(f), _) => Some(bt_proto::client::read_token_file(f)?),
+            (None, "") => None,
+            (None, t) => Some(t.to_string()),
+        };
+        Ok(bt_proto::client::ClientOptions {
+            addr: self.coordinator.clone(),
+            token,
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            tls_domain: self.tls_domain.clone(),
+            connect_timeout: Some(Duration::from_secs(3)),
+        })
+    }
+
     fn resolved_name(&self) -> String {
         if !self.name.is_empty() {
             return self.name.clone();
@@ -116,14 +163,6 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
         .collect()
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// Events the daemon's main loop handles, from trainer supervisors.
 #[derive(Debug)]
 pub(crate) enum Local {
@@ -137,6 +176,7 @@ pub(crate) enum Local {
 
 struct Daemon {
     cfg: WorkerConfig,
+    client: bt_proto::client::ClientOptions,
     name: String,
     devices: Vec<Device>,
     trainers: HashMap<(String, u64, u32), TrainerHandle>,
@@ -163,12 +203,22 @@ pub async fn run(
     );
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| anyhow::anyhow!("cannot create work_dir {}: {e}", cfg.work_dir.display()))?;
+    std::fs::create_dir_all(&cfg.checkpoint_root).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create checkpoint_root {}: {e}",
+            cfg.checkpoint_root.display()
+        )
+    })?;
+    // Fails early on an unreadable token or certificate file.
+    let client = cfg.client_options()?;
+    client.endpoint()?;
     let trainer_bin = match &cfg.trainer_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?,
     };
     let (local_tx, mut local_rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
+        client,
         name: cfg.resolved_name(),
         cfg,
         devices,
@@ -217,11 +267,7 @@ impl Daemon {
         &mut self,
         local_rx: &mut mpsc::UnboundedReceiver<Local>,
     ) -> anyhow::Result<()> {
-        let url = endpoint(&self.cfg.coordinator);
-        let channel = tonic::transport::Endpoint::from_shared(url)?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await?;
+        let channel = self.client.connect().await?;
         let mut client = WorkerServiceClient::new(channel);
         let reg = client
             .register(RegisterRequest {
@@ -237,6 +283,16 @@ impl Daemon {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
                 tracing::error!(message = %s.message(), "coordinator refused registration");
+                anyhow::bail!("registration refused: {}", s.message());
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                tracing::error!(message = %s.message(),
+                    "coordinator refused our credentials (set token / token_file to a worker token)");
+                anyhow::bail!("registration refused: {}", s.message());
+            }
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                tracing::error!(message = %s.message(),
+                    "coordinator refused registration: the token's role is not `worker`");
                 anyhow::bail!("registration refused: {}", s.message());
             }
             Err(s) => anyhow::bail!("register: {s}"),
@@ -355,12 +411,21 @@ impl Daemon {
             }
             Some(Down::DeleteCheckpoints(d)) => {
                 for p in d.paths {
-                    let path = PathBuf::from(&p);
-                    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
-                        Ok(()) => info!(path = %path.display(), "deleted checkpoint"),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            warn!(path = %path.display(), error = %e, "cannot delete checkpoint")
+                    let root = self.cfg.checkpoint_root.clone();
+                    let notices = self.local_tx.clone();
+                    let (job_id, epoch) = (d.job_id.clone(), d.epoch);
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(why) = delete_checkpoint(&p, &root) {
+                            warn!(error = %why, "checkpoint deletion refused");
+                            let _ = notices.send(Local::Report(Box::new(TrainerReport {
+                                job_id,
+                                epoch,
+                                rank: 0,
+                                body: Some(trainer_report::Body::Notice(Notice {
+                                    level: "warn".into(),
+                                    message: format!("checkpoint deletion refused: {why}"),
+                                })),
+                            })));
                         }
                     });
                 }
@@ -379,17 +444,14 @@ impl Daemon {
                 device = a.device,
                 "assignment names a device this node does not have"
             );
-            let _ = self.local_tx.send(Local::Report(Box::new(TrainerReport {
-                job_id: a.job_id.clone(),
-                epoch: a.epoch,
-                rank: a.rank,
-                body: Some(trainer_report::Body::Exit(TrainerExit {
-                    success: false,
-                    code: -1,
-                    reason: format!("device {} does not exist on worker {}", a.device, self.name),
-                    ..Default::default()
-                })),
-            })));
+            let why = format!("device {} does not exist on worker {}", a.device, self.name);
+            self.refuse(&a, why, false);
+            return;
+        }
+        if let Err(why) = confine_assignment(&a, &self.cfg) {
+            warn!(job_id = %a.job_id, error = %why, "assignment refused");
+            let why = format!("worker {} refused the assignment: {why}", self.name);
+            self.refuse(&a, why, true);
             return;
         }
         let kind = self
@@ -399,6 +461,11 @@ impl Daemon {
             .map(|d| d.kind.clone())
             .unwrap_or_default();
         info!(job_id = %a.job_id, epoch = a.epoch, rank = a.rank, world_size = a.world_size, "starting trainer");
+        let a_ref = Assignment {
+            spec_toml: String::new(),
+            store_prefix: String::new(),
+            ..a.clone()
+        };
         match supervisor::spawn(
             &self.trainer_bin,
             &self.cfg.work_dir,
@@ -409,8 +476,40 @@ impl Daemon {
             Ok(h) => {
                 self.trainers.insert(key, h);
             }
-            Err(e) => warn!(error = %e, "cannot start trainer"),
+            Err(e) => {
+                warn!(error = %e, "cannot start trainer");
+                let why = format!("worker {} cannot start a trainer: {e}", self.name);
+                self.refuse(&a_ref, why, false);
+            }
         }
+    }
+
+    /// Reports that the rank of `a` will not run here: a notice for the job, then its exit.
+    /// `user_error`: the job's own fault (no restart helps).
+    fn refuse(&self, a: &Assignment, reason: String, user_error: bool) {
+        let report = |body| {
+            Local::Report(Box::new(TrainerReport {
+                job_id: a.job_id.clone(),
+                epoch: a.epoch,
+                rank: a.rank,
+                body: Some(body),
+            }))
+        };
+        let _ = self
+            .local_tx
+            .send(report(trainer_report::Body::Notice(Notice {
+                level: "error".into(),
+                message: reason.clone(),
+            })));
+        let _ = self
+            .local_tx
+            .send(report(trainer_report::Body::Exit(TrainerExit {
+                success: false,
+                code: -1,
+                user_error,
+                reason,
+                ..Default::default()
+            })));
     }
 
     async fn stop_all(&mut self) {
@@ -423,4 +522,71 @@ impl Daemon {
             let _ = tokio::time::timeout_at(deadline, t.wait()).await;
         }
     }
+}
+
+/// Deletes one checkpoint directory if it lies inside `root` (resolved on disk: no `..`, no
+/// symbolic link out, not a link itself); a path outside is refused and nothing is touched.
+fn delete_checkpoint(path: &str, root: &Path) -> Result<(), String> {
+    let Some(target) = bt_common::paths::deletable_within("checkpoint", Path::new(path), root)?
+    else {
+        return Ok(());
+    };
+    match std::fs::remove_dir_all(&target) {
+        Ok(()) => {
+            info!(path = %target.display(), "deleted checkpoint");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            warn!(path = %target.display(), error = %e, "cannot delete checkpoint");
+            Ok(())
+        }
+    }
+}
+
+/// Every path an assignment names must lie inside this daemon's roots: the checkpoint directory
+/// and the checkpoint it resumes from under the checkpoint root, the data under a data root (or
+/// the checkpoint root), the checkpoint a probe reads under the checkpoint root.
+pub fn confine_assignment(a: &Assignment, cfg: &WorkerConfig) -> Result<(), String> {
+    use bt_common::paths::resolve_within;
+    let root = &cfg.checkpoint_root;
+    resolve_within("checkpoint_dir", Path::new(&a.checkpoint_dir), root)?;
+    if !a.resume_from.is_empty() {
+        resolve_within("resume_from", Path::new(&a.resume_from), root)?;
+    }
+    let spec = bt_common::JobSpec::from_toml_str(&a.spec_toml).map_err(|e| e.to_string())?;
+    for (field, p) in spec.read_paths() {
+        let p = Path::new(p);
+        let ok = if field == "eval.checkpoint" {
+            resolve_within(field, p, root).is_ok()
+        } else {
+            cfg.data_roots
+                .iter()
+                .chain(std::iter::once(root))
+                .filter(|r| r.exists())
+                .any(|r| resolve_within(field, p, r).is_ok())
+        };
+        if !ok {
+            return Err(format!(
+                "{field}: {} is outside this daemon's {} ({})",
+                p.display(),
+                if field == "eval.checkpoint" {
+                    "checkpoint root"
+                } else {
+                    "data roots"
+                },
+                if field == "eval.checkpoint" {
+                    root.display().to_string()
+                } else {
+                    cfg.data_roots
+                        .iter()
+                        .chain(std::iter::once(root))
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ));
+        }
+    }
+    Ok(())
 }

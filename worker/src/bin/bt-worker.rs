@@ -39,6 +39,21 @@ struct DaemonArgs {
     /// Milliseconds a trainer gets after SIGTERM before SIGKILL.
     #[arg(long)]
     stop_grace_ms: Option<u64>,
+    /// Checkpoint storage (the coordinator's checkpoint root, at the same path): trainers write
+    /// and the daemon deletes checkpoints only inside it.
+    #[arg(long)]
+    checkpoint_root: Option<PathBuf>,
+    /// File holding the worker token (or set BT_WORKER_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of the coordinator: TLS, with the server verified.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[arg(long)]
+    client_cert: Option<PathBuf>,
+    #[arg(long)]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +96,12 @@ fn daemon(a: DaemonArgs) -> anyhow::Result<()> {
     set("cpu_slots", a.cpu_slots.map(|v| v.to_string()));
     set("work_dir", a.work_dir.map(|p| p.display().to_string()));
     set("stop_grace_ms", a.stop_grace_ms.map(|v| v.to_string()));
+    let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
+    set("checkpoint_root", path(a.checkpoint_root));
+    set("token_file", path(a.token_file));
+    set("ca_cert", path(a.ca_cert));
+    set("client_cert", path(a.client_cert));
+    set("client_key", path(a.client_key));
     if let Some(r) = a.port_range {
         let (s, e) = r
             .split_once('-')

@@ -36,6 +36,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        schema::migrate(&conn)?;
         Ok(SqliteStore { conn })
     }
 }
@@ -171,7 +172,7 @@ impl Tx for SqliteTx<'_> {
         self.tx.execute(
             &format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
             ),
             params![
                 j.id.to_string(),
@@ -190,6 +191,7 @@ impl Tx for SqliteTx<'_> {
                 j.failure_reason,
                 j.total_steps as i64,
                 metrics,
+                j.owner,
             ],
         )?;
         Ok(())
@@ -408,6 +410,26 @@ impl Tx for SqliteTx<'_> {
                 Ok(ev)
             })
             .collect()
+    }
+
+    fn count_events(&mut self, job_id: JobId, kind: &str) -> Result<u64> {
+        let n: i64 = self.tx.query_row(
+            "SELECT COUNT(*) FROM events WHERE job_id = ?1 AND kind = ?2",
+            params![job_id.to_string(), kind],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    fn thin_metric_events(&mut self, job_id: JobId, oldest: u64) -> Result<u64> {
+        // Every other one of the `oldest` oldest metric events goes; the curve keeps its shape.
+        let n = self.tx.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER \
+             (ORDER BY seq) AS i FROM events WHERE job_id = ?1 AND kind = 'metrics' ORDER BY seq \
+             LIMIT ?2) WHERE i % 2 = 0)",
+            params![job_id.to_string(), oldest.min(i64::MAX as u64) as i64],
+        )?;
+        Ok(n as u64)
     }
 
     fn commit(self: Box<Self>) -> Result<()> {

@@ -20,7 +20,7 @@ pub(super) fn job_state(v: i32) -> Result<JobState> {
 }
 
 pub(super) const JOB_COLS: &str = "id, name, kind, spec_toml, priority, world_size, state, created_ms, \
-    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics";
+    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner";
 
 pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRaw)> {
     Ok((
@@ -41,6 +41,7 @@ pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRa
             failure_reason: r.get(13)?,
             total_steps: r.get::<_, i64>(14)? as u64,
             last_metrics: r.get(15)?,
+            owner: r.get(16)?,
         },
     ))
 }
@@ -61,6 +62,7 @@ pub(super) struct JobRecordRaw {
     failure_reason: String,
     total_steps: u64,
     last_metrics: Option<Vec<u8>>,
+    owner: String,
 }
 
 pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
@@ -88,6 +90,7 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
         failure_reason: r.failure_reason,
         total_steps: r.total_steps,
         last_metrics,
+        owner: r.owner,
     })
 }
 

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     max_restarts INTEGER NOT NULL,
     failure_reason TEXT NOT NULL,
     total_steps INTEGER NOT NULL,
-    last_metrics BLOB
+    last_metrics BLOB,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_ms);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -82,3 +83,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 "#;
+
+/// Brings a database written by an earlier version up to this schema (idempotent).
+pub(super) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let has_owner = conn
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?
+        .exists([])?;
+    if !has_owner {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';")?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);")
+}

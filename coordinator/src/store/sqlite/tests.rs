@@ -21,6 +21,7 @@ fn job(id: JobId, created_ms: i64) -> JobRecord {
         failure_reason: String::new(),
         total_steps: 0,
         last_metrics: None,
+        owner: String::new(),
     }
 }
 
