@@ -590,3 +590,90 @@ pub fn confine_assignment(a: &Assignment, cfg: &WorkerConfig) -> Result<(), Stri
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(root: &Path, data: &Path) -> WorkerConfig {
+        let mut c: WorkerConfig =
+            bt_common::config::load(None, "BT_AGENTTEST_UNUSED", &[]).expect("defaults");
+        c.checkpoint_root = root.to_path_buf();
+        c.data_roots = vec![data.to_path_buf()];
+        c
+    }
+
+    /// A forged deletion of `/`, of a path with `..` or through a symbolic link deletes nothing.
+    #[test]
+    fn deletions_outside_the_checkpoint_root_touch_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("ckpt");
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(root.join("job/10")).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("precious"), "x").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("job/link")).unwrap();
+        std::os::unix::fs::symlink(d.path(), root.join("up")).unwrap();
+        let forged = [
+            "/".to_string(),
+            format!("{}/../victim", root.display()),
+            format!("{}/job/link", root.display()),
+            format!("{}/up/victim", root.display()),
+            victim.display().to_string(),
+            root.display().to_string(),
+        ];
+        for p in &forged {
+            assert!(delete_checkpoint(p, &root).is_err(), "{p} was accepted");
+        }
+        assert!(victim.join("precious").exists());
+        assert!(root.join("job/10").exists());
+        // A real checkpoint inside the root is deleted; a missing one is fine.
+        delete_checkpoint(&format!("{}/job/10", root.display()), &root).unwrap();
+        assert!(!root.join("job/10").exists());
+        delete_checkpoint(&format!("{}/job/11", root.display()), &root).unwrap();
+    }
+
+    #[test]
+    fn assignments_naming_paths_outside_the_roots_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, data) = (d.path().join("ckpt"), d.path().join("data"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(data.join("set")).unwrap();
+        let c = cfg(&root, &data);
+        let spec = |extra: &str| {
+            format!(
+                "[data]\nsource = \"image-folder\"\npath = \"{}\"\n{extra}",
+                data.join("set").display()
+            )
+        };
+        let ok = Assignment {
+            job_id: "j".into(),
+            checkpoint_dir: root.join("j").display().to_string(),
+            spec_toml: spec(""),
+            ..Default::default()
+        };
+        confine_assignment(&ok, &c).unwrap();
+        let bad = [
+            Assignment {
+                checkpoint_dir: "/etc/bt".into(),
+                ..ok.clone()
+            },
+            Assignment {
+                resume_from: format!("{}/../x", root.display()),
+                ..ok.clone()
+            },
+            Assignment {
+                spec_toml: "[data]\nsource = \"image-folder\"\npath = \"/etc\"\n".into(),
+                ..ok.clone()
+            },
+            Assignment {
+                spec_toml: "kind = \"linear_probe\"\n[eval]\ncheckpoint = \"/etc/x\"\n".into(),
+                ..ok.clone()
+            },
+        ];
+        for a in &bad {
+            let e = confine_assignment(a, &c).unwrap_err();
+            assert!(e.contains("outside") || e.contains(".."), "{e}");
+        }
+    }
+}
