@@ -237,10 +237,17 @@ pub(crate) fn handle_report(
 /// the past). State changes, evaluations, checkpoints and notices are never dropped.
 fn thin_metrics(config: &CoordinatorConfig, tx: &mut dyn Tx, job_id: JobId) -> Result<()> {
     let max = config.limits.max_metric_events_per_job;
-    let n = tx.count_events(job_id, "metrics")?;
-    if n > max {
+    let mut n = tx.count_events(job_id, "metrics")?;
+    let before = n;
+    while n > max {
         let dropped = tx.thin_metric_events(job_id, n / 2)?;
-        info!(job_id = %job_id, metric_events = n, dropped, "metric history thinned");
+        if dropped == 0 {
+            break;
+        }
+        n -= dropped;
+    }
+    if n != before {
+        info!(job_id = %job_id, metric_events = before, kept = n, "metric history thinned");
     }
     Ok(())
 }

@@ -444,3 +444,47 @@ async fn metric_reports_over_the_rate_limit_are_dropped() {
     // 40 reports sent within a few windows of one second: most were dropped.
     assert!((5..40).contains(&metrics), "{metrics} metric events kept");
 }
+
+#[tokio::test]
+async fn metric_history_is_thinned_past_its_limit() {
+    let c = Coord::start_with(|c: &mut CoordinatorConfig| {
+        c.limits.max_metric_events_per_job = 100
+    })
+    .await;
+    let mut d = FakeDaemon::connect(&c, "w1", 1).await;
+    let job = c.submit(&spec(1, 0)).await;
+    let a = d.next_assignment().await;
+    d.started(&a).await;
+    let n = 600;
+    for step in 1..=n {
+        d.report_step(&a, step).await;
+    }
+    d.exit_ok(&a).await;
+    c.wait_state(&job.id, JobState::Succeeded).await;
+    let mut s = c
+        .jobs()
+        .await
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+            from_step: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut steps, mut states) = (vec![], 0);
+    while let Some(ev) = s.message().await.unwrap() {
+        match ev.kind {
+            Some(job_event::Kind::Metrics(m)) => steps.push(m.step),
+            Some(job_event::Kind::State(_)) => states += 1,
+            _ => {}
+        }
+    }
+    // At most the limit plus one check interval (256 appends) is kept, the newest always, in
+    // order, and no state change is lost (queued, scheduled, running, succeeded).
+    assert!(steps.len() <= 100 + 256, "{} kept", steps.len());
+    assert!(steps.len() >= 50, "{} kept", steps.len());
+    assert_eq!(*steps.last().unwrap(), n);
+    assert!(steps.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(states, 4);
+}
