@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub struct CoordinatorConfig {
     /// gRPC listen address (the binary binds it; `run` takes a bound listener).
     pub listen: String,
+    /// A second, plain-text listener serving only the gRPC health service (for Kubernetes'
+    /// built-in gRPC probes, which cannot speak TLS); empty: none.
+    pub health_listen: String,
     /// SQLite database file.
     pub db_path: PathBuf,
     /// Root of the checkpoint storage; a job's checkpoints go to `<root>/<job_id>`.
@@ -103,6 +106,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             listen: "127.0.0.1:7070".into(),
+            health_listen: String::new(),
             db_path: "bt-coordinator.db".into(),
             checkpoint_root: "checkpoints".into(),
             heartbeat_interval_ms: 1000,

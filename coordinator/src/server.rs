@@ -106,6 +106,21 @@ pub async fn run(
         });
     }
 
+    if !config.health_listen.is_empty() {
+        // Health only, no TLS, no token: what a kubelet's gRPC probe can reach.
+        let l = TcpListener::bind(&config.health_listen)
+            .await
+            .with_context(|| format!("health_listen: binding {}", config.health_listen))?;
+        info!(addr = ?l.local_addr().ok(), "health service listening (plain text)");
+        let health_only = tonic::transport::Server::builder()
+            .add_service(health_svc.clone())
+            .serve_with_incoming(TcpListenerStream::new(l));
+        background.spawn(async move {
+            if let Err(e) = health_only.await {
+                error!(error = %e, "health listener failed");
+            }
+        });
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

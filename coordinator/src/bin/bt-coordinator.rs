@@ -18,6 +18,9 @@ struct Args {
     /// Listen address, e.g. 0.0.0.0:7070 (port 0 picks a free port; see --addr-file).
     #[arg(long)]
     listen: Option<String>,
+    /// Plain-text listener for the gRPC health service only (Kubernetes probes), e.g. 0.0.0.0:7071.
+    #[arg(long)]
+    health_listen: Option<String>,
     /// SQLite state database.
     #[arg(long = "db")]
     db: Option<PathBuf>,
@@ -140,6 +143,9 @@ async fn real_main() -> anyhow::Result<()> {
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.listen {
         overrides.push(("listen".into(), v.clone()));
+    }
+    if let Some(v) = &args.health_listen {
+        overrides.push(("health_listen".into(), v.clone()));
     }
     if let Some(v) = &args.db {
         overrides.push(("db_path".into(), v.display().to_string()));
