@@ -413,6 +413,26 @@ async fn watchers_are_bounded() {
     .await;
 }
 
+/// The job's whole persisted history (no follow).
+async fn history(c: &Coord, id: &str) -> Vec<JobEvent> {
+    let mut s = c
+        .jobs()
+        .await
+        .watch_job(WatchJobRequest {
+            job_id: id.into(),
+            from_step: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = vec![];
+    while let Some(ev) = s.message().await.unwrap() {
+        out.push(ev);
+    }
+    out
+}
+
 #[tokio::test]
 async fn metric_reports_over_the_rate_limit_are_dropped() {
     let c = Coord::start_with(|c: &mut CoordinatorConfig| c.limits.max_metrics_per_sec = 5).await;
@@ -425,32 +445,19 @@ async fn metric_reports_over_the_rate_limit_are_dropped() {
     }
     d.exit_ok(&a).await;
     c.wait_state(&job.id, JobState::Succeeded).await;
-    let mut jobs = c.jobs().await;
-    let mut s = jobs
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: false,
-        })
+    let metrics = history(&c, &job.id)
         .await
-        .unwrap()
-        .into_inner();
-    let mut metrics = 0;
-    while let Some(ev) = s.message().await.unwrap() {
-        if matches!(ev.kind, Some(job_event::Kind::Metrics(_))) {
-            metrics += 1;
-        }
-    }
+        .iter()
+        .filter(|ev| matches!(ev.kind, Some(job_event::Kind::Metrics(_))))
+        .count();
     // 40 reports sent within a few windows of one second: most were dropped.
     assert!((5..40).contains(&metrics), "{metrics} metric events kept");
 }
 
 #[tokio::test]
 async fn metric_history_is_thinned_past_its_limit() {
-    let c = Coord::start_with(|c: &mut CoordinatorConfig| {
-        c.limits.max_metric_events_per_job = 100
-    })
-    .await;
+    let c = Coord::start_with(|c: &mut CoordinatorConfig| c.limits.max_metric_events_per_job = 100)
+        .await;
     let mut d = FakeDaemon::connect(&c, "w1", 1).await;
     let job = c.submit(&spec(1, 0)).await;
     let a = d.next_assignment().await;
@@ -461,19 +468,8 @@ async fn metric_history_is_thinned_past_its_limit() {
     }
     d.exit_ok(&a).await;
     c.wait_state(&job.id, JobState::Succeeded).await;
-    let mut s = c
-        .jobs()
-        .await
-        .watch_job(WatchJobRequest {
-            job_id: job.id.clone(),
-            from_step: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let (mut steps, mut states) = (vec![], 0);
-    while let Some(ev) = s.message().await.unwrap() {
+    for ev in history(&c, &job.id).await {
         match ev.kind {
             Some(job_event::Kind::Metrics(m)) => steps.push(m.step),
             Some(job_event::Kind::State(_)) => states += 1,
