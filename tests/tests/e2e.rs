@@ -246,6 +246,77 @@ fn bad_input_gets_clear_errors() {
     assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
 }
 
+/// btctl against the secured cluster with the wrong credentials, and a token added while the
+/// coordinator runs (`bt-coordinator add-token`: no restart).
+#[test]
+fn tokens_roles_and_rotation_through_the_real_binaries() {
+    let c = Cluster::start(1, 1);
+    let as_token = |token_file: Option<&std::path::Path>, ca: bool, args: &[&str]| {
+        let mut cmd = std::process::Command::new(bt_tests::bin("btctl"));
+        cmd.args(args)
+            .env("BT_COORDINATOR", &c.addr)
+            .env_remove("BT_TOKEN")
+            .env_remove("BT_TOKEN_FILE")
+            .env_remove("BT_CA_CERT")
+            .env("HOME", c.path(""));
+        if let Some(f) = token_file {
+            cmd.env("BT_TOKEN_FILE", f);
+        }
+        if ca {
+            cmd.env("BT_CA_CERT", c.path("secrets/ca.pem"));
+        }
+        cmd.output().expect("btctl")
+    };
+    let out = as_token(None, true, &["list"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Unauthenticated") && stderr(&out).contains("--token-file"),
+        "{}",
+        stderr(&out)
+    );
+    let admin = c.path("secrets/admin.token");
+    let out = as_token(Some(&admin), false, &["list"]);
+    assert!(!out.status.success(), "plain text reached the TLS listener");
+    let worker = c.path("secrets/worker.token");
+    let out = as_token(Some(&worker), true, &["list"]);
+    assert!(
+        stderr(&out).contains("PermissionDenied"),
+        "{}",
+        stderr(&out)
+    );
+    // A viewer added to the live tokens file reads, and cannot submit.
+    let viewer = c.path("viewer.token");
+    let out = std::process::Command::new(bt_tests::bin("bt-coordinator"))
+        .args([
+            "add-token",
+            "--name",
+            "dash",
+            "--role",
+            "viewer",
+            "--tokens-file",
+        ])
+        .arg(c.path("secrets/tokens.toml"))
+        .arg("--token-out")
+        .arg(&viewer)
+        .output()
+        .expect("add-token");
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the new token to be accepted", MINUTE, || {
+        as_token(Some(&viewer), true, &["list"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let spec = c.path("job.toml");
+    std::fs::write(&spec, TINY).unwrap();
+    let out = as_token(Some(&viewer), true, &["submit", spec.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("PermissionDenied"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn four_rank_job_over_two_daemons_succeeds() {
     let c = Cluster::start(2, 2);
