@@ -324,7 +324,8 @@ fn manifests_validate_and_run_a_job_as_rendered() {
     procs.start("coordinator", &c, d.join("coordinator.log"));
 
     // Two "nodes": each daemon on loopback with a port range of its own (one host here).
-    let base = 21000 + (std::process::id() % 300) * 100;
+    // Above the kernel's ephemeral range and apart from the e2e clusters' ranges (20000-59999).
+    let base = 61000 + (std::process::id() % 40) * 100;
     for i in 0..2u32 {
         let ndir = d.join(format!("node-{i}"));
         let vol = volumes(worker, &ndir, &shared, &secrets);
