@@ -485,3 +485,22 @@ fn auto_eval_probes_each_committed_checkpoint_without_stopping_training() {
         .collect();
     assert!(done.contains(&6), "{cps}");
 }
+
+#[test]
+fn a_daemon_whose_trainer_cannot_run_refuses_to_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bt_tests::bin("bt-worker"))
+        .args(["--coordinator", "127.0.0.1:1", "--work-dir"])
+        .arg(tmp.path().join("w"))
+        .arg("--checkpoint-root")
+        .arg(tmp.path().join("c"))
+        .env("BT_WORKER_TRAINER_BIN", "/no/such/bt-worker")
+        .output()
+        .expect("bt-worker");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("trainer_bin /no/such/bt-worker cannot be run"),
+        "{err}"
+    );
+}

@@ -216,6 +216,7 @@ pub async fn run(
         Some(p) => p.clone(),
         None => std::env::current_exe()?,
     };
+    check_trainer_bin(&trainer_bin).await?;
     let (local_tx, mut local_rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         client,
@@ -521,6 +522,35 @@ impl Daemon {
         for (_, t) in self.trainers.drain() {
             let _ = tokio::time::timeout_at(deadline, t.wait()).await;
         }
+    }
+}
+
+/// Refuses to start a daemon whose trainer executable cannot run: it would register, accept work
+/// and fail every rank it is given.
+async fn check_trainer_bin(bin: &Path) -> anyhow::Result<()> {
+    let run = tokio::process::Command::new(bin)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Ok(Ok(s)) if s.success() => Ok(()),
+        Ok(Ok(s)) => anyhow::bail!(
+            "trainer_bin {}: `--version` failed ({s}); set trainer_bin (BT_WORKER_TRAINER_BIN) \
+             to a bt-worker executable",
+            bin.display()
+        ),
+        Ok(Err(e)) => anyhow::bail!(
+            "trainer_bin {} cannot be run: {e}; set trainer_bin (BT_WORKER_TRAINER_BIN) to a \
+             bt-worker executable",
+            bin.display()
+        ),
+        Err(_) => anyhow::bail!(
+            "trainer_bin {}: `--version` did not return within 30 s",
+            bin.display()
+        ),
     }
 }
 
