@@ -22,6 +22,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout_ms: u64,
     /// Events buffered per `WatchJob` subscriber before it gets a `Missed` event.
     pub watch_buffer: usize,
+    /// A placed rank whose trainer has not reported its start this long after placement fails
+    /// its attempt (restarted or failed by the job's restart budget).
+    pub start_deadline_ms: u64,
     /// Roots a job's `data.path` must lie under (besides the checkpoint root, always allowed).
     pub data_roots: Vec<PathBuf>,
     pub auth: AuthConfig,
@@ -112,6 +115,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 10_000,
             watch_buffer: 256,
+            start_deadline_ms: 60_000,
             data_roots: vec!["/usr/share/datasets".into()],
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
@@ -131,6 +135,9 @@ impl CoordinatorConfig {
                 "heartbeat_timeout_ms: must be greater than heartbeat_interval_ms ({})",
                 self.heartbeat_interval_ms
             ));
+        }
+        if self.start_deadline_ms == 0 {
+            return Err("start_deadline_ms: must be greater than 0".into());
         }
         if self.watch_buffer == 0 {
             return Err("watch_buffer: must be greater than 0".into());

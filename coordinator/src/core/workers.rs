@@ -103,6 +103,51 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     Ok(devices)
 }
 
+/// Fails every active attempt with a rank that has not reported its start within
+/// `start_deadline_ms` of placement (its daemon never spawned it, or lost the assignment).
+fn start_deadlines(
+    config: &crate::config::CoordinatorConfig,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    now: i64,
+) -> Result<()> {
+    let deadline = config.start_deadline_ms.min(i64::MAX as u64) as i64;
+    for mut a in tx.open_attempts()? {
+        if !a.is_active() || now - a.started_ms <= deadline {
+            continue;
+        }
+        let Some(i) = a
+            .ranks
+            .iter()
+            .position(|r| r.started_ms.is_none() && r.exited_ms.is_none())
+        else {
+            continue;
+        };
+        let Some(mut job) = tx.get_job(a.job_id)? else {
+            continue;
+        };
+        if job.epoch != a.epoch || job.state.is_terminal() {
+            continue;
+        }
+        let wname = tx
+            .get_worker(a.ranks[i].worker_id)?
+            .map(|w| w.name)
+            .unwrap_or_default();
+        let rank = a.ranks[i].rank;
+        let why = format!(
+            "rank {rank} on worker {wname} did not start within {deadline} ms of its placement \
+             (start_deadline_ms)"
+        );
+        let r = &mut a.ranks[i];
+        r.exited_ms = Some(now);
+        r.exit_success = Some(false);
+        r.exit_info = why.clone();
+        warn!(job_id = %a.job_id, epoch = a.epoch, rank, worker = %wname, "rank did not start");
+        fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
+    }
+    Ok(())
+}
+
 /// The one handler for a lost worker: marks it LOST, ends every active attempt with a rank on it
 /// (cancelling the surviving ranks) and requeues or fails those jobs per their restart budget.
 pub(crate) fn lose_worker(
@@ -467,7 +512,7 @@ impl Core {
                 );
                 fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
             }
-            Ok(())
+            start_deadlines(config, tx, fx, now)
         })
     }
 

@@ -369,3 +369,20 @@ async fn after_a_coordinator_restart_workers_reconnect_or_are_lost() {
     a_node.exit_ok(&assigned[0]).await;
     c.wait_state(&assigned[0].job_id, JobState::Succeeded).await;
 }
+
+#[tokio::test]
+async fn a_rank_that_never_starts_fails_its_attempt_within_the_start_deadline() {
+    let c = Coord::start_with(|c| c.start_deadline_ms = 400).await;
+    let mut d = FakeDaemon::connect(&c, "node-silent", 1).await;
+    let job = c.submit(&spec(1, 0)).await;
+    let a = d.next_assignment().await;
+    assert_eq!(a.job_id, job.id);
+    // The daemon never reports the trainer's start (it could not spawn it, or lost it).
+    let j = c.wait_state(&job.id, JobState::Failed).await;
+    assert!(
+        j.failure_reason
+            .contains("rank 0 on worker node-silent did not start within 400 ms"),
+        "{}",
+        j.failure_reason
+    );
+}
