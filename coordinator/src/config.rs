@@ -77,7 +77,7 @@ impl TlsConfig {
 pub struct Limits {
     /// Largest job spec accepted (bytes of TOML).
     pub max_spec_bytes: usize,
-    /// Largest gRPC message accepted (bytes).
+    /// Largest gRPC message accepted from a peer (bytes; responses are not bounded by it).
     pub max_message_bytes: usize,
     /// Concurrent `WatchJob` streams per job, and in total.
     pub max_watchers_per_job: usize,

@@ -136,13 +136,11 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(
             JobServiceServer::new(JobSvc { core: core.clone() })
-                .max_decoding_message_size(max_msg)
-                .max_encoding_message_size(max_msg.max(16 << 20)),
+                .max_decoding_message_size(max_msg),
         )
         .add_service(
             WorkerServiceServer::new(WorkerSvc { core: core.clone() })
-                .max_decoding_message_size(max_msg)
-                .max_encoding_message_size(max_msg.max(16 << 20)),
+                .max_decoding_message_size(max_msg),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
