@@ -108,6 +108,11 @@ pub struct ModelSpec {
     /// Batch-norm statistics over the global batch (all ranks).
     #[serde(default = "defaults::yes")]
     pub sync_bn: bool,
+    /// Channels of the ResNet's stem and layer1 (64: torchvision's layout); layer k has
+    /// `width · 2^(k-1)` and the representation `8 · width` (ResNet-50: `32 · width`) features.
+    /// Compute and parameters scale with about (width / 64)².
+    #[serde(default = "defaults::width")]
+    pub width: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +262,9 @@ mod defaults {
     }
     pub fn projector() -> Vec<i64> {
         vec![8192, 8192, 8192]
+    }
+    pub fn width() -> u32 {
+        64
     }
     pub fn batch_size() -> u32 {
         256
@@ -524,6 +532,15 @@ impl JobSpec {
                 ),
             );
         }
+        if !(4..=1024).contains(&m.width) {
+            return err(
+                "model.width",
+                format!(
+                    "must be between 4 and 1024 channels (64: torchvision's ResNet), got {}",
+                    m.width
+                ),
+            );
+        }
         if m.projector.is_empty() {
             return err("model.projector", "needs at least one layer width".into());
         }
@@ -641,6 +658,9 @@ mod tests {
             "train.batch_size"
         );
         assert_eq!(field_of("[model]\nbackbone = \"vit\""), "model.backbone");
+        assert_eq!(field_of("[model]\nwidth = 2"), "model.width");
+        assert_eq!(field_of("[model]\nwidth = -8"), "model.width");
+        assert_eq!(JobSpec::default().model.width, 64);
         assert_eq!(field_of("nonsense = ["), "spec");
         assert_eq!(field_of("[train]\nprecision = \"fp16\""), "train.precision");
         assert_eq!(

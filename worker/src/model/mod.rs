@@ -41,6 +41,12 @@ fn default_projector() -> Vec<i64> {
 fn default_true() -> bool {
     true
 }
+fn default_width() -> i64 {
+    STANDARD_WIDTH
+}
+
+/// torchvision's ResNet width: 64 channels in the stem and layer1.
+pub const STANDARD_WIDTH: i64 = 64;
 
 /// Model section of the job config, e.g. `{ backbone = "resnet18", cifar_stem = true,
 /// projector = [2048, 2048] }`.
@@ -59,8 +65,14 @@ pub struct ModelConfig {
     #[serde(default = "default_true")]
     pub sync_bn: bool,
     /// Start the last BN γ of every residual block at 0 (torchvision's `zero_init_residual`).
+    /// A pretraining init: every residual branch starts switched off, so a network built this way
+    /// and never trained is a degenerate feature extractor. Evaluation baselines use
+    /// [`ModelConfig::default_init`] instead.
     #[serde(default = "default_true")]
     pub zero_init_residual: bool,
+    /// Channels of the stem and layer1 (64: torchvision's layout); layer k has `width·2^(k-1)`.
+    #[serde(default = "default_width")]
+    pub width: i64,
 }
 
 impl ModelConfig {
@@ -71,6 +83,16 @@ impl ModelConfig {
             projector: default_projector(),
             sync_bn: true,
             zero_init_residual: true,
+            width: STANDARD_WIDTH,
+        }
+    }
+
+    /// The same architecture with the framework's default random initialization (torchvision's
+    /// `zero_init_residual=False`): what "a random-init network" means as an evaluation baseline.
+    pub fn default_init(&self) -> Self {
+        ModelConfig {
+            zero_init_residual: false,
+            ..self.clone()
         }
     }
 }
@@ -125,6 +147,7 @@ impl BarlowTwinsModel {
             cfg.backbone,
             cfg.cifar_stem,
             cfg.zero_init_residual,
+            cfg.width,
         )?;
         let projector =
             Projector::new(&(vs_root / "projector"), backbone.out_dim(), &cfg.projector)?;

@@ -1,5 +1,9 @@
 //! ResNet-18/34/50 in torchvision's layout and parameter names, without the final `fc` layer.
 //!
+//! `width` is the stem's and layer1's channel count (torchvision: 64); layer2..4 double it each
+//! time, so the representation has `8 × width` features (× 4 for ResNet-50). A width of w costs
+//! about (w/64)² of the standard network's FLOPs and parameters.
+//!
 //! Inputs are always 3-channel (N, 3, H, W) float tensors: the data pipeline replicates grayscale
 //! images to RGB before normalisation, so `conv1` always has 3 input channels, exactly as in
 //! torchvision and the official Barlow Twins code.
@@ -163,8 +167,8 @@ impl Block {
     }
 }
 
-/// The ResNet trunk: stem, layer1..layer4, global average pool; outputs (N, 512) for
-/// ResNet-18/34 and (N, 2048) for ResNet-50.
+/// The ResNet trunk: stem, layer1..layer4, global average pool; outputs (N, 8·width) for
+/// ResNet-18/34 and (N, 32·width) for ResNet-50: 512 and 2048 at torchvision's width 64.
 #[derive(Debug)]
 pub struct ResNet {
     conv1: Conv2d,
@@ -176,13 +180,20 @@ pub struct ResNet {
 
 impl ResNet {
     /// `cifar_stem`: 3×3 stride-1 `conv1` and no max-pool (for 32×32 inputs); the key names are
-    /// unchanged, only `conv1.weight`'s shape differs (64×3×3×3 instead of 64×3×7×7).
+    /// unchanged, only `conv1.weight`'s shape differs (64×3×3×3 instead of 64×3×7×7). `width`:
+    /// channels of the stem and layer1 (64 in torchvision; layer k has `width · 2^(k-1)`).
     pub fn new(
         p: &nn::Path,
         arch: Arch,
         cifar_stem: bool,
         zero_init_residual: bool,
+        width: i64,
     ) -> Result<Self> {
+        if width < 1 {
+            return Err(crate::Error::Config(format!(
+                "model.width: {width} must be positive"
+            )));
+        }
         let (bottleneck, counts): (bool, [usize; 4]) = match arch {
             Arch::Resnet18 => (false, [2, 2, 2, 2]),
             Arch::Resnet34 => (false, [3, 4, 6, 3]),
@@ -190,14 +201,18 @@ impl ResNet {
         };
         let expansion = if bottleneck { 4 } else { 1 };
         let conv1 = if cifar_stem {
-            Conv2d::new(&(p / "conv1"), 3, 64, 3, 1, 1)?
+            Conv2d::new(&(p / "conv1"), 3, width, 3, 1, 1)?
         } else {
-            Conv2d::new(&(p / "conv1"), 3, 64, 7, 2, 3)?
+            Conv2d::new(&(p / "conv1"), 3, width, 7, 2, 3)?
         };
-        let bn1 = BatchNorm::new(&(p / "bn1"), 64, 1.0)?;
-        let mut in_planes = 64;
+        let bn1 = BatchNorm::new(&(p / "bn1"), width, 1.0)?;
+        let mut in_planes = width;
         let mut layers = Vec::with_capacity(4);
-        for (li, (&n, planes)) in counts.iter().zip([64i64, 128, 256, 512]).enumerate() {
+        for (li, (&n, planes)) in counts
+            .iter()
+            .zip([width, 2 * width, 4 * width, 8 * width])
+            .enumerate()
+        {
             let lp = p / format!("layer{}", li + 1);
             let mut blocks = Vec::with_capacity(n);
             for bi in 0..n {
@@ -219,11 +234,11 @@ impl ResNet {
             bn1,
             cifar_stem,
             layers,
-            out_dim: 512 * expansion,
+            out_dim: 8 * width * expansion,
         })
     }
 
-    /// Width of the pooled representation (512 or 2048).
+    /// Width of the pooled representation (512 or 2048 at the standard width).
     pub fn out_dim(&self) -> i64 {
         self.out_dim
     }
