@@ -25,9 +25,13 @@ pub fn metrics_json(m: &TrainMetrics) -> Value {
 }
 
 pub fn eval_json(e: &EvalResult) -> Value {
+    let measured = |v: f64| (e.has_baselines || v > 0.0).then_some(v);
     json!({
         "kind": e.kind, "step": e.step, "epoch": e.epoch, "top1": e.top1, "top5": e.top5,
-        "baseline_top1": e.baseline_top1, "detail": e.detail,
+        "baseline_top1": measured(e.baseline_top1),
+        "raw_pixels_top1": measured(e.raw_pixels_top1),
+        "margin": e.has_baselines.then_some(e.margin),
+        "detail": e.detail,
     })
 }
 
@@ -150,16 +154,53 @@ pub fn eval_line(e: &EvalResult) -> String {
     if e.top5 > 0.0 {
         s += &format!(", top-5 {:.2}%", 100.0 * e.top5);
     }
-    if e.baseline_top1 > 0.0 {
-        s += &format!(
-            "; random-init baseline top-1 {:.2}%",
-            100.0 * e.baseline_top1
-        );
+    if let Some(b) = baselines(e) {
+        s += &format!("; {b}");
     }
     if !e.detail.is_empty() {
         s += &format!(" [{}]", e.detail);
     }
     s
+}
+
+/// "random-init top-1 71.9%, raw pixels 79.4%, margin +6.1 points" (what was measured).
+fn baselines(e: &EvalResult) -> Option<String> {
+    let mut parts = Vec::new();
+    if e.has_baselines || e.baseline_top1 > 0.0 {
+        parts.push(format!(
+            "random-init (default init) top-1 {:.2}%",
+            100.0 * e.baseline_top1
+        ));
+    }
+    if e.has_baselines || e.raw_pixels_top1 > 0.0 {
+        parts.push(format!("raw pixels {:.2}%", 100.0 * e.raw_pixels_top1));
+    }
+    if e.has_baselines {
+        parts.push(format!(
+            "margin {:+.2} points over the better baseline",
+            100.0 * e.margin
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// A checkpoint's evaluation in one short cell: its state, and the probe's result once done.
+fn checkpoint_eval(c: &CheckpointInfo) -> String {
+    let state = if c.eval_state.is_empty() {
+        "-"
+    } else {
+        c.eval_state.as_str()
+    };
+    match &c.eval {
+        Some(e) if c.eval_state == "done" => {
+            let mut s = format!("done: top-1 {:.2}%", 100.0 * e.top1);
+            if let Some(b) = baselines(e) {
+                s += &format!(" ({b})");
+            }
+            s
+        }
+        _ => state.to_string(),
+    }
 }
 
 pub fn print_workers(ws: &[Worker], as_json: bool) {
@@ -216,17 +257,85 @@ pub fn print_checkpoints(cps: &[CheckpointInfo], as_json: bool) {
         return;
     }
     println!(
-        "{:>8} {:>6} {:>10}  {:<12} PATH",
+        "{:>8} {:>6} {:>10}  {:<12} PATH  EVAL",
         "STEP", "EPOCH", "SIZE", "CREATED"
     );
     for c in cps {
         println!(
-            "{:>8} {:>6} {:>9.1}M  {:<12} {}",
+            "{:>8} {:>6} {:>9.1}M  {:<12} {}  {}",
             c.step,
             c.epoch,
             c.size_bytes as f64 / 1e6,
             time(c.created_at_ms),
-            c.path
+            c.path,
+            checkpoint_eval(c)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn knn(has_baselines: bool) -> EvalResult {
+        EvalResult {
+            step: 300,
+            epoch: 2,
+            kind: "knn".into(),
+            top1: 0.861,
+            top5: 0.99,
+            baseline_top1: 0.723,
+            raw_pixels_top1: 0.795,
+            margin: 0.066,
+            has_baselines,
+            detail: "k=200".into(),
+        }
+    }
+
+    #[test]
+    fn evaluations_show_both_baselines_and_the_margin() {
+        let line = eval_line(&knn(true));
+        assert!(line.contains("top-1 86.10%"), "{line}");
+        assert!(
+            line.contains("random-init (default init) top-1 72.30%"),
+            "{line}"
+        );
+        assert!(line.contains("raw pixels 79.50%"), "{line}");
+        assert!(line.contains("margin +6.60 points"), "{line}");
+        let v = eval_json(&knn(true));
+        assert_eq!(v["raw_pixels_top1"], json!(0.795));
+        assert_eq!(v["margin"], json!(0.066));
+        // Not measured: no baseline numbers, no margin.
+        let bare = EvalResult {
+            baseline_top1: 0.0,
+            raw_pixels_top1: 0.0,
+            margin: 0.0,
+            ..knn(false)
+        };
+        assert!(
+            !eval_line(&bare).contains("baseline"),
+            "{}",
+            eval_line(&bare)
+        );
+        assert_eq!(eval_json(&bare)["margin"], Value::Null);
+        let c = CheckpointInfo {
+            eval_state: "done".into(),
+            eval: Some(EvalResult {
+                kind: "linear_probe".into(),
+                ..knn(true)
+            }),
+            ..Default::default()
+        };
+        let cell = checkpoint_eval(&c);
+        assert!(
+            cell.starts_with("done: top-1 86.10%") && cell.contains("raw pixels 79.50%"),
+            "{cell}"
+        );
+        let pending = CheckpointInfo {
+            eval_state: "pending".into(),
+            ..Default::default()
+        };
+        assert_eq!(checkpoint_eval(&pending), "pending");
+        assert_eq!(checkpoint_eval(&CheckpointInfo::default()), "-");
     }
 }

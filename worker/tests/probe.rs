@@ -1,5 +1,6 @@
 //! The linear-probe job on a small real cut of Fashion-MNIST: its loss falls, its accuracy beats
-//! chance, the random-init baseline is reported next to it; a missing checkpoint is a clear error.
+//! chance, both baselines (default-init network, raw pixels) and the margin are reported next to it;
+//! a missing checkpoint is a clear error.
 use bt_proto::trainer_event::Body;
 use bt_proto::EvalResult;
 use bt_worker::trainer::{run, Reporter};
@@ -88,6 +89,20 @@ fn probe_learns_and_reports_baseline() {
     assert!(summary.top1 > 0.3, "top-1 {}", summary.top1);
     assert!(summary.top5 >= summary.top1);
     assert!(summary.baseline_top1 > 0.0, "no baseline");
+    // Both baselines, each the best epoch of its own probe, and the margin over the better.
+    assert!(summary.has_baselines);
+    let best = |kind: &str| {
+        ev.iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.top1)
+            .fold(0.0, f64::max)
+    };
+    assert_eq!(summary.baseline_top1, best("linear_probe_baseline_epoch"));
+    assert_eq!(summary.raw_pixels_top1, best("linear_probe_raw_pixels_epoch"));
+    // Raw pixels of Fashion-MNIST are linearly separable far above chance.
+    assert!(summary.raw_pixels_top1 > 0.5, "{}", summary.raw_pixels_top1);
+    let better = summary.baseline_top1.max(summary.raw_pixels_top1);
+    assert!((summary.margin - (summary.top1 - better)).abs() < 1e-12);
 }
 
 #[test]

@@ -5,6 +5,11 @@
 //!
 //! - `bt-bench step`: one rank's training step: the model's forward + backward alone, the loss in
 //!   both forms, the LARS step, and the whole step fed by the loader, with its breakdown.
+//!
+//! - `bt-bench pretrain SPEC.toml [--set k=v]... [--world N]`: a job spec trained in this process
+//!   (or N processes on loopback), no coordinator or daemon: metrics, kNN evaluations with their
+//!   baselines and checkpoints printed as lines, and the wall time. The quick loop for recipe
+//!   experiments (docs/QUALITY.md).
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -25,6 +30,32 @@ enum Cmd {
     Data(DataArgs),
     /// One rank's training step: model fwd+bwd alone, loss forms, LARS, whole step with breakdown.
     Step(StepArgs),
+    /// Train a job spec here, without a coordinator; events printed as lines.
+    Pretrain(PretrainArgs),
+}
+
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// The job spec (TOML), as `btctl submit` takes it.
+    spec: PathBuf,
+    /// Overrides, `key=value` (as `btctl submit --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Ranks, one process each on loopback (the spec's world_size is set to it).
+    #[arg(long, default_value_t = 1)]
+    world: usize,
+    /// Checkpoints go under this folder (default: a temporary one, removed at the end).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// "cpu" or "cuda".
+    #[arg(long, default_value = "cpu")]
+    device_kind: String,
+    /// (set for the child processes) this process's rank.
+    #[arg(long, hide = true)]
+    rank: Option<usize>,
+    /// (set for the child processes) rank 0's store port.
+    #[arg(long, hide = true)]
+    port: Option<u16>,
 }
 
 #[derive(clap::Args)]
@@ -70,6 +101,9 @@ struct StepArgs {
     /// (set for the child processes) rank 0's store port.
     #[arg(long, hide = true)]
     port: Option<u16>,
+    /// ResNet width (channels of the stem and layer1; 64: torchvision).
+    #[arg(long, default_value_t = 64)]
+    width: i64,
     /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
@@ -140,6 +174,7 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
     let cfg = bt_worker::trainer::bench::StepBenchConfig {
         arch,
         cifar_stem: a.cifar_stem,
+        width: a.width,
         projector: a.projector,
         image_size: a.image_size,
         batch: a.batch,
@@ -264,9 +299,76 @@ fn data(a: DataArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
+    if a.world > 1 && a.rank.is_none() {
+        return spawn_ranks(a.world);
+    }
+    let text = std::fs::read_to_string(&a.spec)
+        .with_context(|| format!("reading {}", a.spec.display()))?;
+    let mut set = a.set.clone();
+    set.push(format!("world_size={}", a.world));
+    let spec = bt_common::JobSpec::from_toml_with_overrides(&text, &set)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.spec.display()))?;
+    let tmp = tempfile_dir()?;
+    let dir = a.work_dir.clone().unwrap_or_else(|| tmp.clone());
+    let rank = a.rank.unwrap_or(0);
+    let assignment = bt_proto::Assignment {
+        job_id: "bench".into(),
+        epoch: 1,
+        rank: rank as u32,
+        world_size: a.world as u32,
+        master_addr: "127.0.0.1".into(),
+        master_port: u32::from(a.port.unwrap_or(0)),
+        store_prefix: "bench-pretrain".into(),
+        spec_toml: spec.to_toml(),
+        checkpoint_dir: dir.display().to_string(),
+        ..Default::default()
+    };
+    if rank == 0 {
+        println!(
+            "# bt-bench pretrain {} ({} rank(s)): {:?}, width {}, cifar_stem {}, projector {:?}, \
+             batch {}, {} epoch(s), {} images",
+            a.spec.display(),
+            a.world,
+            spec.model.backbone,
+            spec.model.width,
+            spec.model.cifar_stem,
+            spec.model.projector,
+            spec.train.batch_size,
+            spec.train.epochs,
+            spec.data.limit
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let mut rep = if rank == 0 {
+        bt_worker::trainer::Reporter::lines()
+    } else {
+        bt_worker::trainer::Reporter::collecting()
+    };
+    let out = bt_worker::trainer::run(&assignment, &a.device_kind, &mut rep);
+    let _ = std::fs::remove_dir_all(&tmp);
+    out.map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
+    if rank == 0 {
+        println!("# done in {:.1}s", t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// A fresh folder under the system's temporary directory.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "bt-bench-pretrain-{}-{}",
+        std::process::id(),
+        bt_common::now_ms()
+    ));
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    Ok(d)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Data(a) => data(a),
         Cmd::Step(a) => step(a),
+        Cmd::Pretrain(a) => pretrain(a),
     }
 }

@@ -21,6 +21,8 @@ use crate::Result;
 pub struct StepBenchConfig {
     pub arch: Arch,
     pub cifar_stem: bool,
+    /// ResNet width (64: torchvision).
+    pub width: i64,
     pub projector: Vec<i64>,
     pub image_size: usize,
     pub batch: usize,
@@ -75,6 +77,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let vs = nn::VarStore::new(dev);
     let mut mcfg = ModelConfig::new(c.arch);
     mcfg.cifar_stem = c.cifar_stem;
+    mcfg.width = c.width;
     mcfg.projector = c.projector.clone();
     let mut model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
     if world > 1 {
@@ -95,8 +98,8 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let b = c.batch as i64;
     let s = c.image_size as i64;
     say!(
-        "# bt-bench step: {:?} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}, {:?}, {:?}",
-        c.arch, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev, c.precision, c.layout
+        "# bt-bench step: {:?} width={} cifar_stem={} projector={:?}, {} params, batch {} per view at {}x{}, {} torch threads, device {:?}, {:?}, {:?}",
+        c.arch, c.width, c.cifar_stem, c.projector, n_params, b, s, s, tch::get_num_threads(), dev, c.precision, c.layout
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));

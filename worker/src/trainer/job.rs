@@ -107,6 +107,7 @@ pub fn model_config(spec: &JobSpec) -> TResult<ModelConfig> {
     cfg.cifar_stem = spec.model.cifar_stem;
     cfg.projector = spec.model.projector.clone();
     cfg.sync_bn = spec.model.sync_bn;
+    cfg.width = i64::from(spec.model.width);
     Ok(cfg)
 }
 
@@ -254,6 +255,20 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         _ => LossForm::Auto,
     };
     let knn_every = u64::from(spec.eval.knn_every_epochs) * steps_per_epoch;
+    let mut monitor = if knn_every > 0 || spec.eval.knn_at_end {
+        Some(eval::KnnMonitor::new(
+            data::open_source(&src_spec, Split::Train)?,
+            data::open_source(&src_spec, Split::Test)?,
+            spec.eval.bank_size as usize,
+            spec.eval.test_size as usize,
+            spec.data.image_size as usize,
+            i64::from(spec.eval.knn_k),
+            spec.eval.knn_temperature,
+            device,
+        )?)
+    } else {
+        None
+    };
     let ckpt = Checkpointer {
         job_id: &a.job_id,
         root: PathBuf::from(&a.checkpoint_dir),
@@ -338,34 +353,27 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
             knn_monitor(
                 rep,
                 &spec,
-                &src_spec,
+                &mut monitor,
                 &model,
-                device,
+                &group,
                 step,
                 steps_per_epoch,
-                is_rank0,
-                false,
             )?;
-            group.barrier()?;
         }
     }
-    if is_rank0 {
-        if step > last_ckpt_step || spec.checkpoint.every_steps == 0 {
-            ckpt.save(rep, &model, &opt, step)?;
-        }
-        if spec.eval.knn_at_end {
-            knn_monitor(
-                rep,
-                &spec,
-                &src_spec,
-                &model,
-                device,
-                step,
-                steps_per_epoch,
-                true,
-                spec.eval.baseline,
-            )?;
-        }
+    if is_rank0 && (step > last_ckpt_step || spec.checkpoint.every_steps == 0) {
+        ckpt.save(rep, &model, &opt, step)?;
+    }
+    if spec.eval.knn_at_end {
+        knn_monitor(
+            rep,
+            &spec,
+            &mut monitor,
+            &model,
+            &group,
+            step,
+            steps_per_epoch,
+        )?;
     }
     group.barrier()?;
     Ok(Outcome::Finished)
@@ -414,76 +422,52 @@ impl Checkpointer<'_> {
     }
 }
 
-/// kNN monitor on rank 0: bank = labelled training images, queries = held-out images.
-#[allow(clippy::too_many_arguments)]
+/// The kNN monitor (bank = labelled training images, queries = held-out images), run by every
+/// rank together; rank 0 reports it with both baselines when `eval.baseline` is set (measured at the
+/// first call, repeated in later reports).
 fn knn_monitor(
     rep: &mut Reporter,
     spec: &JobSpec,
-    src_spec: &SourceSpec,
+    monitor: &mut Option<eval::KnnMonitor>,
     model: &BarlowTwinsModel,
-    device: Device,
+    group: &ProcessGroup,
     step: u64,
     steps_per_epoch: u64,
-    is_rank0: bool,
-    with_baseline: bool,
 ) -> TResult<()> {
-    if !is_rank0 {
+    let Some(monitor) = monitor.as_mut() else {
         return Ok(());
-    }
-    let t0 = Instant::now();
-    let e = &spec.eval;
-    let bank_src = data::open_source(src_spec, Split::Train)?;
-    let test_src = data::open_source(src_spec, Split::Test)?;
-    let (bank, test) = (
-        (0..bank_src.len().min(e.bank_size as usize)).collect::<Vec<_>>(),
-        (0..test_src.len().min(e.test_size as usize)).collect::<Vec<_>>(),
-    );
-    let size = spec.data.image_size as usize;
-    let score = |m: &BarlowTwinsModel| -> TResult<eval::KnnResult> {
-        let f = |x: &Tensor| m.backbone_forward(x, false);
-        let (bf, bl) = eval::extract_features(bank_src.as_ref(), &bank, size, 256, device, f)?;
-        let (qf, ql) = eval::extract_features(test_src.as_ref(), &test, size, 256, device, f)?;
-        let classes = bank_src.num_classes().unwrap_or(10) as i64;
-        Ok(eval::knn_accuracy(
-            &bf,
-            &bl,
-            &qf,
-            &ql,
-            e.knn_k as i64,
-            e.knn_temperature,
-            classes,
-        )?)
     };
-    let trained = tch::no_grad(|| score(model))?;
-    let baseline = if with_baseline {
-        let vs = nn::VarStore::new(device);
-        let fresh = BarlowTwinsModel::new(&vs.root(), model.config())?;
-        Some(tch::no_grad(|| score(&fresh))?)
-    } else {
-        None
+    let e = &spec.eval;
+    // The random-init network's seed: the job's, offset so that it is not the pretraining init.
+    let seed = spec.train.seed as i64 + 1;
+    let Some(r) = monitor.evaluate(model, Some(group), e.baseline, seed)? else {
+        return Ok(());
     };
     let detail = format!(
         "k={} T={} bank={} test={} in {:.1}s",
-        e.knn_k,
-        e.knn_temperature,
-        bank.len(),
-        test.len(),
-        t0.elapsed().as_secs_f64()
+        e.knn_k, e.knn_temperature, r.bank, r.test, r.secs
     );
     info!(
         step,
-        top1 = trained.top1,
-        baseline = baseline.map(|b| b.top1),
+        top1 = r.trained.top1,
+        random_init = r.baselines.map(|b| b.random_init),
+        raw_pixels = r.baselines.map(|b| b.raw_pixels),
+        margin = r.baselines.map(|b| b.margin(r.trained.top1)),
+        secs = r.secs,
         "knn monitor"
     );
-    rep.send(Body::Eval(EvalResult {
+    let mut ev = EvalResult {
         step,
         epoch: (step / steps_per_epoch) as u32,
         kind: "knn".into(),
-        top1: trained.top1,
-        top5: trained.top5,
-        baseline_top1: baseline.map(|b| b.top1).unwrap_or(0.0),
+        top1: r.trained.top1,
+        top5: r.trained.top5,
         detail,
-    }));
+        ..Default::default()
+    };
+    if let Some(b) = r.baselines {
+        b.fill(&mut ev);
+    }
+    rep.send(Body::Eval(ev));
     Ok(())
 }

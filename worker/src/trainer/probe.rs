@@ -1,7 +1,8 @@
 //! The linear-probe job (`kind = "linear_probe"`): a frozen backbone from a committed checkpoint in
 //! eval mode, features computed once and kept in memory, then a linear classifier trained with SGD
 //! (momentum 0.9, cosine learning rate, weight decay 1e-6), reporting top-1/top-5 each epoch and the
-//! best. The same probe on a random-init backbone of the same shape is the baseline.
+//! best. Its baselines (`eval.baseline`): the same probe on an untrained backbone of the same
+//! architecture with the default init, and on the raw pixels (see `eval::baseline`).
 use std::path::Path;
 use std::time::Instant;
 
@@ -75,12 +76,12 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
         meta.step,
         "linear_probe",
     )?;
-    let baseline = if spec.eval.baseline {
-        tch::manual_seed(spec.train.seed as i64 + 1);
-        let vs0 = nn::VarStore::new(device);
-        let fresh = BarlowTwinsModel::new(&vs0.root(), &meta.model_config)?;
+    let baselines = if spec.eval.baseline {
+        // The same architecture with its default init (not zero-init residuals), untrained.
+        let (_vs0, fresh) =
+            eval::random_init_model(&meta.model_config, device, spec.train.seed as i64 + 1)?;
         let (btr, bytr, bte, byte) = features(&fresh)?;
-        Some(train_probe(
+        let random_init = train_probe(
             rep,
             &btr,
             &bytr,
@@ -90,17 +91,38 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
             spec,
             meta.step,
             "linear_probe_baseline",
-        )?)
+        )?;
+        drop((btr, bte));
+        // Raw pixels: the evaluation transform's output, flattened (standardized by the probe).
+        let px = |x: &Tensor| eval::raw_pixels(x);
+        let (ptr, pytr) =
+            eval::extract_features(train_src.as_ref(), &train_idx, image_size, 256, device, px)?;
+        let (pte, pyte) =
+            eval::extract_features(test_src.as_ref(), &test_idx, image_size, 256, device, px)?;
+        let raw = train_probe(
+            rep,
+            &ptr,
+            &pytr,
+            &pte,
+            &pyte,
+            classes,
+            spec,
+            meta.step,
+            "linear_probe_raw_pixels",
+        )?;
+        Some(eval::Baselines {
+            random_init: random_init.best_top1,
+            raw_pixels: raw.best_top1,
+        })
     } else {
         None
     };
-    rep.send(Body::Eval(EvalResult {
+    let mut ev = EvalResult {
         step: meta.step,
         epoch: meta.epoch,
         kind: "linear_probe".into(),
         top1: trained.best_top1,
         top5: trained.best_top5,
-        baseline_top1: baseline.as_ref().map(|b| b.best_top1).unwrap_or(0.0),
         detail: format!(
             "best of {} epochs; checkpoint {} (step {}); {} train / {} test images",
             spec.eval.probe_epochs,
@@ -109,7 +131,19 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
             train_idx.len(),
             test_idx.len()
         ),
-    }));
+        ..Default::default()
+    };
+    if let Some(b) = baselines {
+        info!(
+            top1 = trained.best_top1,
+            random_init = b.random_init,
+            raw_pixels = b.raw_pixels,
+            margin = b.margin(trained.best_top1),
+            "linear probe"
+        );
+        b.fill(&mut ev);
+    }
+    rep.send(Body::Eval(ev));
     Ok(if stop_requested() {
         Outcome::Stopped
     } else {
@@ -134,10 +168,10 @@ pub fn train_probe(
     // Standardize each feature with the training set's statistics (an affine-free batch norm in
     // front of the linear layer, frozen): the raw scale of a frozen backbone's features varies by
     // orders of magnitude between checkpoints, and a fixed learning rate should suit them all.
-    let mean = xtr.mean_dim(0, true, Kind::Float);
-    let std = xtr.std_dim(0, false, true).clamp_min(1e-6);
-    let xtr = &((xtr - &mean) / &std);
-    let xte = &((xte - &mean) / &std);
+    // Features constant on the training split are dropped (see `Standardizer`).
+    let standardize = eval::Standardizer::fit(xtr)?;
+    let xtr = &standardize.apply(xtr)?;
+    let xte = &standardize.apply(xte)?;
     let n = xtr.size()[0];
     let d = xtr.size()[1];
     let epochs = spec.eval.probe_epochs.max(1) as usize;
@@ -198,8 +232,8 @@ pub fn train_probe(
             kind: format!("{kind}_epoch"),
             top1,
             top5,
-            baseline_top1: 0.0,
             detail: format!("epoch {}/{epochs} train loss {mean_loss:.4}", epoch + 1),
+            ..Default::default()
         }));
     }
     Ok(best)

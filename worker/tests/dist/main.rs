@@ -4,6 +4,7 @@
 mod collectives;
 mod faults;
 mod harness;
+mod knn;
 mod store;
 mod sync_bn;
 mod training;
