@@ -135,8 +135,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            JobServiceServer::new(JobSvc { core: core.clone() })
-                .max_decoding_message_size(max_msg),
+            JobServiceServer::new(JobSvc { core: core.clone() }).max_decoding_message_size(max_msg),
         )
         .add_service(
             WorkerServiceServer::new(WorkerSvc { core: core.clone() })

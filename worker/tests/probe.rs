@@ -98,7 +98,10 @@ fn probe_learns_and_reports_baseline() {
             .fold(0.0, f64::max)
     };
     assert_eq!(summary.baseline_top1, best("linear_probe_baseline_epoch"));
-    assert_eq!(summary.raw_pixels_top1, best("linear_probe_raw_pixels_epoch"));
+    assert_eq!(
+        summary.raw_pixels_top1,
+        best("linear_probe_raw_pixels_epoch")
+    );
     // Raw pixels of Fashion-MNIST are linearly separable far above chance.
     assert!(summary.raw_pixels_top1 > 0.5, "{}", summary.raw_pixels_top1);
     let better = summary.baseline_top1.max(summary.raw_pixels_top1);
