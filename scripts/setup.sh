@@ -13,14 +13,15 @@ source scripts/env.sh
 
 want="$BT_TORCH_VERSION"
 if ! "$BT_VENV/bin/python" - "$want" >/dev/null 2>&1 <<'PY'
-import sys, torch, torchvision, numpy, safetensors, kubernetes_validate
+import sys, torch, torchvision, numpy, safetensors, kubernetes_validate, tensorboard
 sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
 PY
 then
   echo "setup: installing torch==$want and torchvision==0.28.0 into $BT_VENV (about 4.7 GB, a few minutes)"
   python3 -m venv "$BT_VENV"
   "$BT_VENV/bin/pip" install --quiet --disable-pip-version-check \
-    "torch==$want" "torchvision==0.28.0" numpy safetensors "kubernetes-validate==1.31.0"
+    "torch==$want" "torchvision==0.28.0" numpy safetensors "kubernetes-validate==1.31.0" \
+    "tensorboard==2.20.0"
 fi
 echo "setup: torch $("$BT_VENV/bin/python" -c 'import torch; print(torch.__version__)') in $BT_VENV"
 if [ -n "${LIBTORCH:-}" ]; then

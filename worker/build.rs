@@ -59,6 +59,7 @@ fn main() {
         .std("c++17")
         .file("csrc/bt_dist.cpp")
         .file("csrc/bt_amp.cpp")
+        .file("csrc/bt_export.cpp")
         .include("csrc/gloo_decl")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

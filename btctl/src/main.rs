@@ -1,5 +1,7 @@
 //! btctl: the command line of bt. Talks to the coordinator over gRPC.
+mod export;
 mod output;
+mod tensorboard;
 mod watch;
 
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::*;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -172,6 +174,30 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Format,
     },
+    /// Export a checkpoint's backbone as a PyTorch state dict with torchvision's key names
+    /// (.pth: torch.save format; .safetensors), after verifying its hashes; prints a snippet
+    /// that loads it.
+    #[command(
+        after_help = "Examples:\n  btctl export JOB -o backbone.pth          the job's newest checkpoint\n  \
+                            btctl export JOB@600 -o backbone.safetensors\n  \
+                            btctl export runs/demo/checkpoints/JOB/00000600 -o b.pth --projector"
+    )]
+    Export {
+        /// A checkpoint directory (as `btctl checkpoints` lists it), `JOB` (its newest committed
+        /// checkpoint) or `JOB@STEP`.
+        checkpoint: String,
+        /// The file to write: .pth / .pt or .safetensors.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Include the projector (keys `projector.*`).
+        #[arg(long)]
+        projector: bool,
+    },
+    /// Write a job's persisted history (training metrics, evaluations) as TensorBoard event
+    /// files under DIR/JOB (view with `tensorboard --logdir DIR`).
+    Tensorboard { job_id: String, dir: PathBuf },
+    /// Print a shell completion script, e.g. `btctl completion bash > ~/.local/share/bash-completion/completions/btctl`.
+    Completion { shell: clap_complete::Shell },
 }
 
 async fn connect(conn: &Conn) -> Result<Client> {
@@ -292,6 +318,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .into_inner()
                 .checkpoints;
             output::print_checkpoints(&cps, output == Format::Json);
+        }
+        Cmd::Export {
+            checkpoint,
+            output,
+            projector,
+        } => export::export(&cli.conn, &checkpoint, &output, projector).await?,
+        Cmd::Tensorboard { job_id, dir } => {
+            tensorboard::tensorboard(&cli.conn, &job_id, &dir).await?
+        }
+        Cmd::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "btctl", &mut std::io::stdout())
         }
     }
     Ok(ExitCode::SUCCESS)

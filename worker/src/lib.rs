@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod export;
 pub mod loss;
 pub mod model;
 pub mod optim;
