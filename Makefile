@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo test bench
+.PHONY: setup build demo quality test bench
 
 setup:
 	scripts/setup.sh
@@ -13,6 +13,10 @@ build: setup
 
 demo: build
 	$(ENV) scripts/demo.sh
+
+# The longer quality run (~45 min on 2 cores): examples/quality.toml, then a linear probe.
+quality: build
+	$(ENV) BT_DEMO_SPEC=examples/quality.toml BT_DEMO_DIR=runs/quality BT_DEMO_PROBE=1 scripts/demo.sh
 
 test: setup
 	$(ENV) cargo fmt --all --check

@@ -4,7 +4,9 @@
 #      nvidia-* packages plus nvidia-cuda-crt / nvidia-cuda-cccl, installed here if missing),
 #   2. a one-GPU NCCL group that really runs its collectives (`--join-alone`): timings,
 #   3. training-step figures of ResNet-50 + 8192-8192-8192 projector on the GPU (bt-bench step), in
-#      fp32 contiguous and in bf16 autocast + channels-last, images/s with the breakdown.
+#      fp32 contiguous and in bf16 autocast + channels-last, images/s with the breakdown,
+#   4. Fashion-MNIST quality on the GPU (examples/gpu.toml): kNN top-1 every 5 epochs next to both
+#      baselines, and the training time (target: >= 90 % within 5 minutes of training).
 # Output goes to stdout; keep it with the device run's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,3 +30,6 @@ for mode in "fp32 contiguous" "bf16 channels-last"; do
     --projector 8192,8192,8192 --image-size 224 --batch 64 --steps 5 --loader-threads 8 \
     --loss-n 256 --loss-d 8192 --precision "$1" --memory-format "$2" || echo "step benchmark failed"
 done
+echo "== Fashion-MNIST Barlow Twins on cuda:0 (examples/gpu.toml; target: kNN >= 90 % within 5 min)"
+timeout 420 target/release/bt-bench pretrain examples/gpu.toml --device-kind cuda \
+  || echo "GPU quality run failed or ran past 7 minutes"
