@@ -109,6 +109,32 @@ enum Format {
     Json,
 }
 
+/// A job state, as `btctl list --state` takes it.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum StateFilter {
+    Queued,
+    Scheduled,
+    Running,
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateFilter> for JobState {
+    fn from(s: StateFilter) -> Self {
+        match s {
+            StateFilter::Queued => JobState::Queued,
+            StateFilter::Scheduled => JobState::Scheduled,
+            StateFilter::Running => JobState::Running,
+            StateFilter::Restarting => JobState::Restarting,
+            StateFilter::Succeeded => JobState::Succeeded,
+            StateFilter::Failed => JobState::Failed,
+            StateFilter::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Submit a job spec (TOML); prints the job id.
@@ -136,10 +162,17 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
-    /// List jobs.
+    /// List jobs, newest first.
+    #[command(after_help = "Examples:\n  btctl list --state running --state queued\n  btctl list --state failed --limit 5 -o json")]
     List {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Format,
+        /// Only jobs in this state (repeatable; default: every state).
+        #[arg(long = "state", value_enum)]
+        states: Vec<StateFilter>,
+        /// At most this many jobs (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
     },
     /// Show one job: state, placement, failure reason, latest metrics and evaluations.
     Get {
@@ -263,10 +296,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("invalid probe spec: {e}"))?;
             return submit(&cli.conn, &spec, watch).await;
         }
-        Cmd::List { output } => {
+        Cmd::List {
+            output,
+            states,
+            limit,
+        } => {
             let mut c = connect(&cli.conn).await?;
             let jobs = c
-                .list_jobs(ListJobsRequest::default())
+                .list_jobs(ListJobsRequest {
+                    states: states
+                        .into_iter()
+                        .map(|s| JobState::from(s) as i32)
+                        .collect(),
+                    limit,
+                })
                 .await
                 .map_err(rpc_err)?
                 .into_inner()
