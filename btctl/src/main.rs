@@ -163,7 +163,9 @@ enum Cmd {
         watch: bool,
     },
     /// List jobs, newest first.
-    #[command(after_help = "Examples:\n  btctl list --state running --state queued\n  btctl list --state failed --limit 5 -o json")]
+    #[command(
+        after_help = "Examples:\n  btctl list --state running --state queued\n  btctl list --state failed --limit 5 -o json"
+    )]
     List {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Format,
