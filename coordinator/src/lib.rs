@@ -4,6 +4,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod metrics;
 pub mod scheduler;
 pub mod secrets;
 mod server;

@@ -1,0 +1,463 @@
+//! Prometheus metrics: `GET /metrics` in the Prometheus text format (encoded by the
+//! `prometheus-client` crate) on a plain-HTTP listener of its own (`metrics_listen`), so a
+//! scraper needs neither the coordinator's TLS nor a token, and the gRPC port stays gRPC.
+//!
+//! What is exported:
+//! - `bt_rpc_requests_total{method, code}` and `bt_rpc_duration_seconds{method}` (time to the
+//!   response headers), recorded by [`RpcMetricsLayer`] in front of every service;
+//! - at scrape time, from the coordinator's state: `bt_jobs{state}`, `bt_queue_length`,
+//!   `bt_workers{state}`, `bt_devices`, `bt_devices_busy`, and per running job
+//!   (`job_id`, `name` labels) the latest `bt_job_step`, `bt_job_loss`, `bt_job_on_diag`,
+//!   `bt_job_off_diag_scaled`, `bt_job_mean_diag`, `bt_job_images_per_second`.
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bt_proto::{Job, JobState, Worker, WorkerState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job_id: String,
+    name: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    rpc_requests: Family<RpcLabels, Counter>,
+    rpc_duration: Family<MethodLabels, Histogram>,
+    jobs: Family<StateLabels, Gauge>,
+    queue_length: Gauge,
+    workers: Family<StateLabels, Gauge>,
+    devices: Gauge,
+    devices_busy: Gauge,
+    job_step: Family<JobLabels, Gauge>,
+    job_loss: Family<JobLabels, FloatGauge>,
+    job_on_diag: Family<JobLabels, FloatGauge>,
+    job_off_diag_scaled: Family<JobLabels, FloatGauge>,
+    job_mean_diag: Family<JobLabels, FloatGauge>,
+    job_images_per_second: Family<JobLabels, FloatGauge>,
+    /// Serializes refresh + encode, so one scrape never mixes two refreshes.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The job states counted by `bt_jobs`, with their label values.
+const JOB_STATES: [(JobState, &str); 7] = [
+    (JobState::Queued, "queued"),
+    (JobState::Scheduled, "scheduled"),
+    (JobState::Running, "running"),
+    (JobState::Restarting, "restarting"),
+    (JobState::Succeeded, "succeeded"),
+    (JobState::Failed, "failed"),
+    (JobState::Cancelled, "cancelled"),
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let rpc_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "bt_rpc_requests",
+            "gRPC requests by method and status code",
+            rpc_requests.clone(),
+        );
+        let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "bt_rpc_duration_seconds",
+            "gRPC time to the response headers, by method",
+            rpc_duration.clone(),
+        );
+        let jobs = Family::<StateLabels, Gauge>::default();
+        registry.register("bt_jobs", "Jobs by state", jobs.clone());
+        let queue_length = Gauge::default();
+        registry.register(
+            "bt_queue_length",
+            "Jobs waiting for devices (queued or restarting)",
+            queue_length.clone(),
+        );
+        let workers = Family::<StateLabels, Gauge>::default();
+        registry.register("bt_workers", "Worker daemons by state", workers.clone());
+        let devices = Gauge::default();
+        registry.register(
+            "bt_devices",
+            "Devices offered by online workers",
+            devices.clone(),
+        );
+        let devices_busy = Gauge::default();
+        registry.register(
+            "bt_devices_busy",
+            "Devices of online workers running a trainer",
+            devices_busy.clone(),
+        );
+        let mut job_gauge = |name: &str, help: &str| {
+            let f = Family::<JobLabels, FloatGauge>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let job_loss = job_gauge("bt_job_loss", "Latest Barlow Twins loss of a running job");
+        let job_on_diag = job_gauge(
+            "bt_job_on_diag",
+            "Latest on-diagonal term, sum of (1 - C_ii)^2",
+        );
+        let job_off_diag_scaled = job_gauge(
+            "bt_job_off_diag_scaled",
+            "Latest off-diagonal term times lambda",
+        );
+        let job_mean_diag = job_gauge("bt_job_mean_diag", "Latest mean C_ii");
+        let job_images_per_second = job_gauge(
+            "bt_job_images_per_second",
+            "Latest training throughput of a running job",
+        );
+        let job_step = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "bt_job_step",
+            "Latest step of a running job",
+            job_step.clone(),
+        );
+        Metrics {
+            registry,
+            rpc_requests,
+            rpc_duration,
+            jobs,
+            queue_length,
+            workers,
+            devices,
+            devices_busy,
+            job_step,
+            job_loss,
+            job_on_diag,
+            job_off_diag_scaled,
+            job_mean_diag,
+            job_images_per_second,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// Counts one RPC.
+    pub fn record_rpc(&self, method: &str, code: &str, seconds: f64) {
+        self.rpc_requests
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Sets the state gauges from the jobs and workers as the service shows them, then encodes.
+    pub fn render(&self, jobs: &[Job], workers: &[Worker]) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        for (state, label) in JOB_STATES {
+            let n = jobs.iter().filter(|j| j.state() == state).count();
+            self.jobs
+                .get_or_create(&StateLabels {
+                    state: label.into(),
+                })
+                .set(n as i64);
+        }
+        let queued = jobs
+            .iter()
+            .filter(|j| matches!(j.state(), JobState::Queued | JobState::Restarting))
+            .count();
+        self.queue_length.set(queued as i64);
+        for (state, label) in [(WorkerState::Online, "online"), (WorkerState::Lost, "lost")] {
+            let n = workers.iter().filter(|w| w.state() == state).count();
+            self.workers
+                .get_or_create(&StateLabels {
+                    state: label.into(),
+                })
+                .set(n as i64);
+        }
+        let online: Vec<&Worker> = workers
+            .iter()
+            .filter(|w| w.state() == WorkerState::Online)
+            .collect();
+        self.devices
+            .set(online.iter().map(|w| w.devices.len()).sum::<usize>() as i64);
+        self.devices_busy.set(
+            online
+                .iter()
+                .map(|w| i64::from(w.busy_devices))
+                .sum::<i64>(),
+        );
+
+        // Per-job series exist only for running jobs: cleared, then set again.
+        self.job_step.clear();
+        for f in [
+            &self.job_loss,
+            &self.job_on_diag,
+            &self.job_off_diag_scaled,
+            &self.job_mean_diag,
+            &self.job_images_per_second,
+        ] {
+            f.clear();
+        }
+        for j in jobs.iter().filter(|j| j.state() == JobState::Running) {
+            let Some(m) = &j.last_metrics else { continue };
+            let l = JobLabels {
+                job_id: j.id.clone(),
+                name: j.name.clone(),
+            };
+            self.job_step.get_or_create(&l).set(m.step as i64);
+            self.job_loss.get_or_create(&l).set(m.loss);
+            self.job_on_diag.get_or_create(&l).set(m.on_diag);
+            self.job_off_diag_scaled
+                .get_or_create(&l)
+                .set(m.off_diag_scaled);
+            self.job_mean_diag.get_or_create(&l).set(m.mean_diag);
+            self.job_images_per_second
+                .get_or_create(&l)
+                .set(m.images_per_sec);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Tower layer that records every RPC's method, gRPC status and time to headers.
+#[derive(Clone)]
+pub struct RpcMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for RpcMetrics<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_string();
+        let metrics = self.metrics.clone();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            // A failed call's status is in the headers (trailers-only response); a success's
+            // comes in the trailers, after the headers this layer sees: "0" (OK).
+            let code = match &res {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_string(),
+                Err(_) => "transport".to_string(),
+            };
+            metrics.record_rpc(&method, &code, start.elapsed().as_secs_f64());
+            res
+        })
+    }
+}
+
+/// Serves `GET /metrics` over plain HTTP/1.1 (hyper) on `listener` until the task is dropped;
+/// `snapshot` returns the jobs and workers as the service shows them.
+pub async fn serve<F, Fut>(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    snapshot: F,
+) -> std::io::Result<()>
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(Vec<Job>, Vec<Worker>), String>> + Send + 'static,
+{
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    let snapshot = snapshot.clone();
+                    async move {
+                        let text = |status: u16, body: String| {
+                            http::Response::builder()
+                                .status(status)
+                                .header("content-type", "text/plain; charset=utf-8")
+                                .body(Full::new(Bytes::from(body)))
+                        };
+                        let resp = match (req.method().as_str(), req.uri().path()) {
+                            ("GET", "/metrics") => match snapshot().await {
+                                Ok((jobs, workers)) => http::Response::builder()
+                                    .header(
+                                        "content-type",
+                                        "text/plain; version=0.0.4; charset=utf-8",
+                                    )
+                                    .body(Full::new(Bytes::from(metrics.render(&jobs, &workers)))),
+                                Err(e) => text(503, format!("state unavailable: {e}\n")),
+                            },
+                            ("GET", "/") => {
+                                text(200, "bt coordinator metrics: GET /metrics\n".into())
+                            }
+                            ("GET", _) => text(404, "not found\n".into()),
+                            _ => text(405, "only GET\n".into()),
+                        };
+                        Ok::<_, Infallible>(resp.unwrap_or_else(|_| {
+                            http::Response::new(Full::new(Bytes::from_static(b"internal error\n")))
+                        }))
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(sock);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(io, svc);
+            let _ = conn.await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bt_proto::{Device, TrainMetrics};
+
+    fn job(id: &str, state: JobState, step: u64) -> Job {
+        let mut j = Job {
+            id: id.into(),
+            name: format!("job-{id}"),
+            last_metrics: Some(TrainMetrics {
+                step,
+                loss: 12.5,
+                on_diag: 2.0,
+                off_diag_scaled: 10.5,
+                mean_diag: 0.9,
+                images_per_sec: 321.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        j.set_state(state);
+        j
+    }
+
+    #[test]
+    fn the_text_format_parses_and_carries_the_state() {
+        let m = Metrics::new();
+        m.record_rpc("/bt.v1.JobService/ListJobs", "0", 0.002);
+        m.record_rpc("/bt.v1.JobService/ListJobs", "0", 0.004);
+        m.record_rpc("/bt.v1.JobService/SubmitJob", "3", 0.001);
+        let mut w = Worker {
+            id: "w1".into(),
+            devices: vec![Device::default(), Device::default()],
+            busy_devices: 1,
+            ..Default::default()
+        };
+        w.set_state(WorkerState::Online);
+        let jobs = vec![
+            job("a", JobState::Running, 40),
+            job("b", JobState::Queued, 0),
+            job("c", JobState::Succeeded, 100),
+        ];
+        let text = m.render(&jobs, &[w]);
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+            let s = scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+                .unwrap_or_else(|| panic!("no sample {name} {label:?} in\n{text}"));
+            match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            }
+        };
+        assert_eq!(value("bt_jobs", Some(("state", "running"))), 1.0);
+        assert_eq!(value("bt_jobs", Some(("state", "queued"))), 1.0);
+        assert_eq!(value("bt_jobs", Some(("state", "failed"))), 0.0);
+        assert_eq!(value("bt_queue_length", None), 1.0);
+        assert_eq!(value("bt_workers", Some(("state", "online"))), 1.0);
+        assert_eq!(value("bt_devices", None), 2.0);
+        assert_eq!(value("bt_devices_busy", None), 1.0);
+        assert_eq!(value("bt_job_step", Some(("job_id", "a"))), 40.0);
+        assert_eq!(value("bt_job_loss", Some(("job_id", "a"))), 12.5);
+        assert_eq!(
+            value("bt_job_images_per_second", Some(("job_id", "a"))),
+            321.0
+        );
+        assert!(
+            !scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "bt_job_loss" && s.labels.get("job_id") == Some("c")),
+            "a finished job has no per-job series"
+        );
+        assert_eq!(
+            value(
+                "bt_rpc_requests_total",
+                Some(("method", "/bt.v1.JobService/ListJobs"))
+            ),
+            2.0
+        );
+        assert_eq!(value("bt_rpc_requests_total", Some(("code", "3"))), 1.0);
+    }
+}
