@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 /// certainly a typo.
 pub const MAX_WORLD_SIZE: u32 = 256;
 
+/// The default λ (`train.lambda`), the weight of the off-diagonal term: the official code's
+/// (the paper gives 5·10⁻³). The one definition; the worker's loss uses it too.
+pub const DEFAULT_LAMBDA: f64 = 0.0051;
+
 /// A spec error that names the field (dotted path) it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -279,7 +283,7 @@ mod defaults {
         1e-6
     }
     pub fn lambda() -> f64 {
-        0.0051
+        super::DEFAULT_LAMBDA
     }
     pub fn warmup_epochs() -> f64 {
         10.0

@@ -27,8 +27,8 @@ use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// The official code's default λ (the paper gives 5·10⁻³).
-pub const DEFAULT_LAMBDA: f64 = 0.0051;
+/// The default λ: the job spec's (`train.lambda`), defined there.
+pub use bt_common::spec::DEFAULT_LAMBDA;
 /// eps of the per-feature standardization (BatchNorm's default).
 pub const STANDARDIZE_EPS: f64 = 1e-5;
 /// Side of the |C| picture returned with the statistics.

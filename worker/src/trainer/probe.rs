@@ -13,8 +13,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
-use super::job::{limited, source_spec, Outcome, TResult};
-use super::{stop_requested, Reporter};
+use super::{limited, source_spec, stop_requested, Outcome, Reporter, TResult};
 use crate::data::{self, Split};
 use crate::model::BarlowTwinsModel;
 use crate::{checkpoint, eval, Error};

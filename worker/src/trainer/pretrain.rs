@@ -1,5 +1,7 @@
-//! The training loop of one rank: data → two views → model → all-gather → global-batch loss →
-//! backward → gradient all-reduce → LARS, with metrics, checkpoints and the kNN monitor.
+//! Barlow Twins pretraining on one rank: the setup, then [`train_step`] (data → two views →
+//! model → all-gather → global-batch loss → backward → gradient all-reduce → LARS) step after
+//! step, with metrics, checkpoints and the kNN monitor. The step benchmark runs the same
+//! [`train_step`].
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,132 +12,177 @@ use bt_proto::{Assignment, CheckpointInfo, EvalResult, TrainMetrics};
 use tch::{nn, Device, Kind, Tensor};
 use tracing::{info, warn};
 
-use super::{stop_requested, Reporter};
+use super::{
+    limited, loss_form, model_config, source_spec, stop_requested, Outcome, Reporter, TResult,
+    TrainerError, GRAD_BUCKET_BYTES,
+};
 use crate::amp::{with_autocast, MemoryFormat, Precision};
-use crate::data::{self, Loader, LoaderConfig, Source, SourceSpec, Split};
-use crate::dist::{ProcessGroup, Rendezvous};
+use crate::data::{self, Loader, LoaderConfig, Split};
+use crate::dist::{GradBuckets, ProcessGroup, Rendezvous};
 use crate::loss::{self, LossForm};
-use crate::model::{Arch, BarlowTwinsModel, ModelConfig};
+use crate::model::BarlowTwinsModel;
 use crate::optim::{Lars, LarsConfig};
 use crate::{checkpoint, eval, Error};
 
-/// Size of the persistent gradient buckets (one all-reduce each).
-const GRAD_BUCKET_BYTES: usize = 25 << 20;
-
-pub enum Outcome {
-    Finished,
-    Stopped,
+/// What one step of a rank needs, fixed for a run: the model, the optimizer and the gradient
+/// buckets it reads, the process group, and the numerics settings.
+pub struct TrainState {
+    // Fields drop in this order: the buckets first, the group last.
+    /// Persistent flat gradient buckets: backward accumulates into them in place.
+    grad_buckets: GradBuckets,
+    pub opt: Lars,
+    pub model: BarlowTwinsModel,
+    pub group: Arc<ProcessGroup>,
+    pub device: Device,
+    pub precision: Precision,
+    pub layout: MemoryFormat,
+    /// λ of the loss.
+    pub lambda: f64,
+    pub form: LossForm,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TrainerError {
-    #[error("job spec: {0}")]
-    Spec(String),
-    #[error(transparent)]
-    Worker(#[from] Error),
+/// The numerics settings of a [`TrainState`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub device: Device,
+    pub precision: Precision,
+    pub layout: MemoryFormat,
+    pub lambda: f64,
+    pub form: LossForm,
 }
 
-impl From<tch::TchError> for TrainerError {
-    fn from(e: tch::TchError) -> Self {
-        TrainerError::Worker(Error::Torch(e))
+impl TrainState {
+    /// Builds the gradient buckets over `opt`'s parameters ([`GRAD_BUCKET_BYTES`] each).
+    pub fn new(
+        model: BarlowTwinsModel,
+        opt: Lars,
+        group: Arc<ProcessGroup>,
+        s: StepSettings,
+    ) -> crate::Result<Self> {
+        let grad_buckets = group.grad_buckets(&opt.param_tensors(), GRAD_BUCKET_BYTES)?;
+        Ok(TrainState {
+            model,
+            opt,
+            group,
+            grad_buckets,
+            device: s.device,
+            precision: s.precision,
+            layout: s.layout,
+            lambda: s.lambda,
+            form: s.form,
+        })
+    }
+
+    /// The model's forward of both views as training runs it: the layout, autocast (bf16 when
+    /// configured), and the embeddings out as fp32, so that the gather, the loss and (outside
+    /// autocast) the backward start from fp32.
+    pub fn forward_views(&self, va: &Tensor, vb: &Tensor) -> crate::Result<(Tensor, Tensor)> {
+        with_autocast(self.precision, self.device, || {
+            let za = self.model.forward(&self.layout.apply(va)?, true)?;
+            let zb = self.model.forward(&self.layout.apply(vb)?, true)?;
+            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
+        })
     }
 }
 
-impl TrainerError {
-    /// Errors in the job itself (spec, data, checkpoint): restarting the attempt cannot help.
-    pub fn is_user_error(&self) -> bool {
+/// The parts of a training step, in order; an observer hears of each as it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    DataWait,
+    DeviceAugment,
+    Forward,
+    Gather,
+    Loss,
+    Backward,
+    AllReduce,
+    Optimizer,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::DataWait,
+        Phase::DeviceAugment,
+        Phase::Forward,
+        Phase::Gather,
+        Phase::Loss,
+        Phase::Backward,
+        Phase::AllReduce,
+        Phase::Optimizer,
+    ];
+
+    pub fn name(self) -> &'static str {
         match self {
-            TrainerError::Spec(_) => true,
-            TrainerError::Worker(e) => matches!(
-                e,
-                Error::Data { .. } | Error::Config(_) | Error::Checkpoint { .. } | Error::Eval(_)
-            ),
+            Phase::DataWait => "data wait",
+            Phase::DeviceAugment => "device augment",
+            Phase::Forward => "forward",
+            Phase::Gather => "gather",
+            Phase::Loss => "loss",
+            Phase::Backward => "backward",
+            Phase::AllReduce => "all-reduce",
+            Phase::Optimizer => "optimizer",
         }
     }
 }
 
-pub(crate) type TResult<T> = std::result::Result<T, TrainerError>;
+/// Hears of each [`Phase`] of [`train_step`] as it ends (the step benchmark's laps).
+pub trait StepObserver {
+    fn phase_done(&mut self, phase: Phase);
+}
 
-/// Data source of a job spec.
-pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
-    let d = &spec.data;
-    Ok(match d.source.as_str() {
-        "fashion-mnist" | "mnist" => SourceSpec::FashionMnist {
-            dir: PathBuf::from(&d.path),
-        },
-        "image-folder" => {
-            let root = PathBuf::from(&d.path);
-            let (train, test) = if root.join("train").is_dir() {
-                (
-                    root.join("train"),
-                    Some(root.join("val")).filter(|p| p.is_dir()),
-                )
-            } else {
-                (root, None)
-            };
-            SourceSpec::ImageFolder { train, test }
+/// What one step produced.
+pub struct StepOutput {
+    pub loss: loss::LossOutput,
+    /// The learning rate of the weights at this step.
+    pub lr: f64,
+    /// Images of the batch the loader skipped (unreadable).
+    pub skipped: u64,
+}
+
+/// One training step: the next batch → two views → model → all-gather → global-batch loss →
+/// backward → gradient all-reduce → LARS step number `step` (counted from 0). With `want_stats`
+/// the loss statistics are filled (one device sync).
+pub fn train_step(
+    st: &mut TrainState,
+    loader: &mut Loader,
+    step: u64,
+    want_stats: bool,
+    mut observer: Option<&mut dyn StepObserver>,
+) -> crate::Result<StepOutput> {
+    let mut lap = |p: Phase| {
+        if let Some(o) = observer.as_deref_mut() {
+            o.phase_done(p);
         }
-        "synthetic" => SourceSpec::Synthetic {
-            train_len: if d.limit > 0 { d.limit as usize } else { 4096 },
-            test_len: 512,
-            image_size: d.image_size as usize,
-            num_classes: 10,
-            seed: spec.train.seed,
-            fail_every: 0,
-        },
-        other => {
-            return Err(TrainerError::Spec(format!(
-                "data.source: unknown source {other:?}"
-            )))
-        }
+    };
+    let batch = loader.next_batch()?;
+    lap(Phase::DataWait);
+    let (va, vb) = batch.views(st.device)?;
+    lap(Phase::DeviceAugment);
+    let (za, zb) = st.forward_views(&va, &vb)?;
+    lap(Phase::Forward);
+    let ga = st.group.all_gather_with_grad(&za)?;
+    let gb = st.group.all_gather_with_grad(&zb)?;
+    lap(Phase::Gather);
+    let out = loss::barlow_twins_loss(&ga, &gb, st.lambda, st.form, want_stats)?;
+    lap(Phase::Loss);
+    st.opt.zero_grad();
+    out.loss.f_backward()?;
+    lap(Phase::Backward);
+    st.grad_buckets.all_reduce()?;
+    lap(Phase::AllReduce);
+    let lr = st.opt.step(step)?;
+    lap(Phase::Optimizer);
+    Ok(StepOutput {
+        loss: out,
+        lr,
+        skipped: batch.skipped,
     })
 }
 
-/// Model config of a job spec.
-pub fn model_config(spec: &JobSpec) -> TResult<ModelConfig> {
-    let arch = match spec.model.backbone.as_str() {
-        "resnet18" => Arch::Resnet18,
-        "resnet34" => Arch::Resnet34,
-        "resnet50" => Arch::Resnet50,
-        other => {
-            return Err(TrainerError::Spec(format!(
-                "model.backbone: unknown backbone {other:?}"
-            )))
-        }
-    };
-    let mut cfg = ModelConfig::new(arch);
-    cfg.cifar_stem = spec.model.cifar_stem;
-    cfg.projector = spec.model.projector.clone();
-    cfg.sync_bn = spec.model.sync_bn;
-    cfg.width = i64::from(spec.model.width);
-    Ok(cfg)
-}
-
-/// The first `limit` items of a source (all when 0).
-pub fn limited(src: Arc<dyn Source>, limit: u64) -> Arc<dyn Source> {
-    if limit == 0 || limit as usize >= src.len() {
-        src
-    } else {
-        Arc::new(data::Subset::new(src, limit as usize))
-    }
-}
-
-pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Outcome> {
-    let spec =
-        JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::Spec(e.to_string()))?;
-    let device = if device_kind == "cuda" {
-        Device::Cuda(a.device as usize)
-    } else {
-        Device::Cpu
-    };
-    if spec.train.torch_threads > 0 {
-        tch::set_num_threads(spec.train.torch_threads as i32);
-    }
-    if spec.kind == bt_common::JobKind::LinearProbe {
-        return super::probe::run(&spec, device, rep);
-    }
+/// Pretraining on this rank: setup (data, rendezvous, model, optimizer, resume), then the steps
+/// with metrics, checkpoints and the kNN monitor.
+pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcome> {
     if a.world_size != spec.world_size || a.rank >= a.world_size {
-        return Err(TrainerError::Spec(format!(
+        return Err(TrainerError::spec(format!(
             "assignment rank {} of {} does not fit world_size {}",
             a.rank, a.world_size, spec.world_size
         )));
@@ -146,7 +193,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     let t = &spec.train;
 
     // Data first: a bad data set is the job's own error and costs no collective.
-    let src_spec = source_spec(&spec)?;
+    let src_spec = source_spec(spec)?;
     let train_src = limited(data::open_source(&src_spec, Split::Train)?, spec.data.limit);
     info!(source = %train_src.describe(), "training data");
     let global_batch = t.batch_size as usize;
@@ -166,6 +213,13 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         total_steps = total_steps.min(t.max_steps);
     }
     let warmup_steps = (t.warmup_epochs * steps_per_epoch as f64).round() as u64;
+    let settings = StepSettings {
+        device,
+        precision: Precision::resolve(&t.precision, device)?,
+        layout: MemoryFormat::resolve(&t.memory_format, device)?,
+        lambda: t.lambda,
+        form: loss_form(spec)?,
+    };
 
     // Rendezvous with the other ranks.
     let t0 = Instant::now();
@@ -183,7 +237,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
 
     tch::manual_seed(t.seed as i64);
     let vs = nn::VarStore::new(device);
-    let mcfg = model_config(&spec)?;
+    let mcfg = model_config(spec)?;
     let mut model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
     if world > 1 && mcfg.sync_bn {
         model.set_group(Some(group.clone()));
@@ -199,8 +253,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     group.check_agreement("job config and model shape", &agreement)?;
     group.broadcast_params(&state, 0)?;
 
-    let precision = Precision::resolve(&t.precision, device)?;
-    let layout = MemoryFormat::resolve(&t.memory_format, device)?;
+    let (precision, layout) = (settings.precision, settings.layout);
     layout.apply_to_weights(&state)?;
     if precision != Precision::Fp32 || layout != MemoryFormat::Contiguous {
         info!(?precision, ?layout, "mixed precision / memory format");
@@ -214,13 +267,12 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         loss_scale: t.loss_scale,
         ..LarsConfig::default()
     };
-    let mut opt = Lars::new(&params, lars_cfg, global_batch, warmup_steps, total_steps);
-    // Gradients live in persistent flat buckets: backward accumulates into them in place.
-    let mut grad_buckets = group.grad_buckets(&opt.param_tensors(), GRAD_BUCKET_BYTES)?;
+    let opt = Lars::new(&params, lars_cfg, global_batch, warmup_steps, total_steps);
+    let mut st = TrainState::new(model, opt, group, settings)?;
 
     let mut start_step = 0u64;
     if !a.resume_from.is_empty() {
-        let ck = checkpoint::load(Path::new(&a.resume_from), &model, &mut opt)?;
+        let ck = checkpoint::load(Path::new(&a.resume_from), &st.model, &mut st.opt)?;
         start_step = ck.step;
         info!(step = start_step, path = %a.resume_from, "resumed from checkpoint");
         rep.notice(
@@ -249,11 +301,6 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
         colour_on_cpu: device == Device::Cpu,
     };
     let mut loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
-    let form = match t.loss_form.as_str() {
-        "cross" => LossForm::Cross,
-        "gram" => LossForm::Gram,
-        _ => LossForm::Auto,
-    };
     let knn_every = u64::from(spec.eval.knn_every_epochs) * steps_per_epoch;
     let mut monitor = if knn_every > 0 || spec.eval.knn_at_end {
         Some(eval::KnnMonitor::new(
@@ -272,7 +319,7 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     let ckpt = Checkpointer {
         job_id: &a.job_id,
         root: PathBuf::from(&a.checkpoint_dir),
-        spec: &spec,
+        spec,
         steps_per_epoch,
     };
 
@@ -285,35 +332,21 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
     while step < total_steps {
         if stop_requested() {
             if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
-                ckpt.save(rep, &model, &opt, step)?;
+                ckpt.save(rep, &st.model, &st.opt, step)?;
             }
             return Ok(Outcome::Stopped);
         }
         let step_start = Instant::now();
-        let batch = loader.next_batch()?;
-        skipped_total += batch.skipped;
-        let (va, vb) = batch.views(device)?;
-        // Forward under autocast (bf16 when configured); the embeddings leave it as fp32, so
-        // the gather, the loss and (outside autocast) the backward start from fp32.
-        let (za, zb) = with_autocast(precision, device, || {
-            let za = model.forward(&layout.apply(&va)?, true)?;
-            let zb = model.forward(&layout.apply(&vb)?, true)?;
-            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
-        })?;
-        let ga = group.all_gather_with_grad(&za)?;
-        let gb = group.all_gather_with_grad(&zb)?;
         let want_stats = is_rank0
             && ((step + 1).is_multiple_of(u64::from(t.log_every)) || step + 1 == total_steps);
-        let out = loss::barlow_twins_loss(&ga, &gb, t.lambda, form, want_stats)?;
-        opt.zero_grad();
-        out.loss.f_backward()?;
-        grad_buckets.all_reduce()?;
-        let lr = opt.step(step)?;
+        let out = train_step(&mut st, &mut loader, step, want_stats, None)?;
+        skipped_total += out.skipped;
+        let lr = out.lr;
         step += 1;
         window_imgs += global_batch as u64;
         if want_stats {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let s = &out.stats;
+            let s = &out.loss.stats;
             let m = TrainMetrics {
                 step,
                 epoch: (step.saturating_sub(1) / steps_per_epoch) as u32,
@@ -346,36 +379,36 @@ pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Out
             && step.is_multiple_of(spec.checkpoint.every_steps)
             && step < total_steps
         {
-            ckpt.save(rep, &model, &opt, step)?;
+            ckpt.save(rep, &st.model, &st.opt, step)?;
             last_ckpt_step = step;
         }
         if knn_every > 0 && step.is_multiple_of(knn_every) && step < total_steps {
             knn_monitor(
                 rep,
-                &spec,
+                spec,
                 &mut monitor,
-                &model,
-                &group,
+                &st.model,
+                &st.group,
                 step,
                 steps_per_epoch,
             )?;
         }
     }
     if is_rank0 && (step > last_ckpt_step || spec.checkpoint.every_steps == 0) {
-        ckpt.save(rep, &model, &opt, step)?;
+        ckpt.save(rep, &st.model, &st.opt, step)?;
     }
     if spec.eval.knn_at_end {
         knn_monitor(
             rep,
-            &spec,
+            spec,
             &mut monitor,
-            &model,
-            &group,
+            &st.model,
+            &st.group,
             step,
             steps_per_epoch,
         )?;
     }
-    group.barrier()?;
+    st.group.barrier()?;
     Ok(Outcome::Finished)
 }
 
