@@ -23,12 +23,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bt_common::spec::{self, DataSource};
 use bt_common::{JobKind, JobSpec};
 use bt_proto::Assignment;
 use prost::Message;
 use tch::Device;
 use tracing::{error, info};
 
+use crate::amp::{MemoryFormat, Precision};
 use crate::data::{self, Source, SourceSpec};
 use crate::loss::LossForm;
 use crate::model::{Arch, ModelConfig};
@@ -139,13 +141,13 @@ impl From<tch::TchError> for TrainerError {
 pub type TResult<T> = std::result::Result<T, TrainerError>;
 
 /// Data source of a job spec.
-pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
+pub fn source_spec(spec: &JobSpec) -> SourceSpec {
     let d = &spec.data;
-    Ok(match d.source.as_str() {
-        "fashion-mnist" | "mnist" => SourceSpec::FashionMnist {
+    match d.source {
+        DataSource::FashionMnist | DataSource::Mnist => SourceSpec::FashionMnist {
             dir: PathBuf::from(&d.path),
         },
-        "image-folder" => {
+        DataSource::ImageFolder => {
             let root = PathBuf::from(&d.path);
             let (train, test) = if root.join("train").is_dir() {
                 (
@@ -157,7 +159,7 @@ pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
             };
             SourceSpec::ImageFolder { train, test }
         }
-        "synthetic" => SourceSpec::Synthetic {
+        DataSource::Synthetic => SourceSpec::Synthetic {
             train_len: if d.limit > 0 { d.limit as usize } else { 4096 },
             test_len: 512,
             image_size: d.image_size as usize,
@@ -165,43 +167,43 @@ pub fn source_spec(spec: &JobSpec) -> TResult<SourceSpec> {
             seed: spec.train.seed,
             fail_every: 0,
         },
-        other => {
-            return Err(TrainerError::spec(format!(
-                "data.source: unknown source {other:?}"
-            )))
-        }
-    })
+    }
 }
 
 /// Model config of a job spec.
-pub fn model_config(spec: &JobSpec) -> TResult<ModelConfig> {
-    let arch = match spec.model.backbone.as_str() {
-        "resnet18" => Arch::Resnet18,
-        "resnet34" => Arch::Resnet34,
-        "resnet50" => Arch::Resnet50,
-        other => {
-            return Err(TrainerError::spec(format!(
-                "model.backbone: unknown backbone {other:?}"
-            )))
-        }
-    };
-    let mut cfg = ModelConfig::new(arch);
+pub fn model_config(spec: &JobSpec) -> ModelConfig {
+    let mut cfg = ModelConfig::new(Arch::from(spec.model.backbone));
     cfg.cifar_stem = spec.model.cifar_stem;
     cfg.projector = spec.model.projector.clone();
     cfg.sync_bn = spec.model.sync_bn;
     cfg.width = i64::from(spec.model.width);
-    Ok(cfg)
+    cfg
 }
 
-/// The loss form of a job spec.
-pub fn loss_form(spec: &JobSpec) -> TResult<LossForm> {
-    match spec.train.loss_form.as_str() {
-        "auto" => Ok(LossForm::Auto),
-        "cross" => Ok(LossForm::Cross),
-        "gram" => Ok(LossForm::Gram),
-        other => Err(TrainerError::spec(format!(
-            "train.loss_form: unknown form {other:?}"
-        ))),
+/// The loss form of `train.loss_form`.
+pub fn loss_form(f: spec::LossForm) -> LossForm {
+    match f {
+        spec::LossForm::Auto => LossForm::Auto,
+        spec::LossForm::Cross => LossForm::Cross,
+        spec::LossForm::Gram => LossForm::Gram,
+    }
+}
+
+/// The precision of `train.precision` on `device` (auto: bf16 on CUDA, fp32 elsewhere).
+pub fn precision(p: spec::Precision, device: Device) -> Precision {
+    match p {
+        spec::Precision::Auto if device.is_cuda() => Precision::Bf16,
+        spec::Precision::Auto | spec::Precision::Fp32 => Precision::Fp32,
+        spec::Precision::Bf16 => Precision::Bf16,
+    }
+}
+
+/// The memory format of `train.memory_format` on `device` (auto: channels-last on CUDA only).
+pub fn memory_format(m: spec::MemoryFormat, device: Device) -> MemoryFormat {
+    match m {
+        spec::MemoryFormat::Auto if device.is_cuda() => MemoryFormat::ChannelsLast,
+        spec::MemoryFormat::Auto | spec::MemoryFormat::Contiguous => MemoryFormat::Contiguous,
+        spec::MemoryFormat::ChannelsLast => MemoryFormat::ChannelsLast,
     }
 }
 
@@ -283,6 +285,35 @@ pub fn main(device_kind: &str) -> u8 {
                 Fault::Job => EXIT_USER_ERROR,
                 Fault::Infra => EXIT_INFRA_ERROR,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spec's closed sets map to the library's settings as the library's own parsers of the
+    /// same spellings do, on either device.
+    #[test]
+    fn spec_settings_map_like_the_library_parses_them() {
+        for device in [Device::Cpu, Device::Cuda(0)] {
+            for &p in spec::Precision::ALL {
+                let parsed = Precision::resolve(p.as_str(), device).unwrap();
+                assert_eq!(precision(p, device), parsed, "{p} on {device:?}");
+            }
+            for &m in spec::MemoryFormat::ALL {
+                let parsed = MemoryFormat::resolve(m.as_str(), device).unwrap();
+                assert_eq!(memory_format(m, device), parsed, "{m} on {device:?}");
+            }
+        }
+        for &f in spec::LossForm::ALL {
+            let parsed: LossForm = serde_json::from_value(serde_json::json!(f.as_str())).unwrap();
+            assert_eq!(loss_form(f), parsed, "{f}");
+        }
+        for &b in spec::Backbone::ALL {
+            let parsed: Arch = serde_json::from_value(serde_json::json!(b.as_str())).unwrap();
+            assert_eq!(Arch::from(b), parsed, "{b}");
         }
     }
 }

@@ -13,8 +13,8 @@ use tch::{nn, Device, Kind, Tensor};
 use tracing::{info, warn};
 
 use super::{
-    limited, loss_form, model_config, source_spec, stop_requested, Outcome, Reporter, TResult,
-    TrainerError, GRAD_BUCKET_BYTES,
+    limited, loss_form, memory_format, model_config, precision, source_spec, stop_requested,
+    Outcome, Reporter, TResult, TrainerError, GRAD_BUCKET_BYTES,
 };
 use crate::amp::{with_autocast, MemoryFormat, Precision};
 use crate::data::{self, Loader, LoaderConfig, Split};
@@ -193,7 +193,7 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     let t = &spec.train;
 
     // Data first: a bad data set is the job's own error and costs no collective.
-    let src_spec = source_spec(spec)?;
+    let src_spec = source_spec(spec);
     let train_src = limited(data::open_source(&src_spec, Split::Train)?, spec.data.limit);
     info!(source = %train_src.describe(), "training data");
     let global_batch = t.batch_size as usize;
@@ -215,10 +215,10 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     let warmup_steps = (t.warmup_epochs * steps_per_epoch as f64).round() as u64;
     let settings = StepSettings {
         device,
-        precision: Precision::resolve(&t.precision, device)?,
-        layout: MemoryFormat::resolve(&t.memory_format, device)?,
+        precision: precision(t.precision, device),
+        layout: memory_format(t.memory_format, device),
         lambda: t.lambda,
-        form: loss_form(spec)?,
+        form: loss_form(t.loss_form),
     };
 
     // Rendezvous with the other ranks.
@@ -237,7 +237,7 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
 
     tch::manual_seed(t.seed as i64);
     let vs = nn::VarStore::new(device);
-    let mcfg = model_config(spec)?;
+    let mcfg = model_config(spec);
     let mut model = BarlowTwinsModel::new(&vs.root(), &mcfg)?;
     if world > 1 && mcfg.sync_bn {
         model.set_group(Some(group.clone()));

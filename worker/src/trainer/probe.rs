@@ -32,7 +32,7 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
     let ck = Path::new(&spec.eval.checkpoint);
     // Refuse a missing or corrupt checkpoint before any device time is spent.
     let meta = checkpoint::verify(ck)?;
-    let src_spec = source_spec(spec)?;
+    let src_spec = source_spec(spec);
     let train_src = limited(data::open_source(&src_spec, Split::Train)?, spec.data.limit);
     let test_src = data::open_source(&src_spec, Split::Test)?;
     let classes = train_src.num_classes().ok_or_else(|| Error::Data {
