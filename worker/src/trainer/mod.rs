@@ -280,18 +280,63 @@ pub fn main(device_kind: &str) -> u8 {
             EXIT_STOPPED
         }
         Err(e) => {
-            error!("error: {e}");
-            match e.fault() {
-                Fault::Job => EXIT_USER_ERROR,
-                Fault::Infra => EXIT_INFRA_ERROR,
-            }
+            error!(fault = ?e.fault(), "error: {e}");
+            exit_code(&e)
         }
+    }
+}
+
+/// The exit code of a failed run: its fault's.
+pub fn exit_code(e: &TrainerError) -> u8 {
+    match e.fault() {
+        Fault::Job => EXIT_USER_ERROR,
+        Fault::Infra => EXIT_INFRA_ERROR,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure's fault is fixed where it is made: by the constructor, or by the kind of the
+    /// library error it wraps; the exit code follows from it.
+    #[test]
+    fn faults_are_classed_where_made() {
+        let spec = TrainerError::spec("train.batch_size: too small");
+        assert_eq!(spec.fault(), Fault::Job);
+        assert_eq!(spec.to_string(), "job spec: train.batch_size: too small");
+        assert_eq!(exit_code(&spec), EXIT_USER_ERROR);
+        let data = Error::Data {
+            path: "/d".into(),
+            message: "empty".into(),
+        };
+        let ck = Error::Checkpoint {
+            path: "/c".into(),
+            message: "bad hash".into(),
+        };
+        for (e, fault) in [
+            (data, Fault::Job),
+            (ck, Fault::Job),
+            (Error::Config("x".into()), Fault::Job),
+            (Error::Eval("x".into()), Fault::Job),
+            (Error::Dist("timeout".into()), Fault::Infra),
+            (Error::io("/x", std::io::Error::other("disk")), Fault::Infra),
+            (Error::Other("x".into()), Fault::Infra),
+        ] {
+            let msg = e.to_string();
+            let t = TrainerError::from(e);
+            assert_eq!(t.fault(), fault, "{msg}");
+            assert_eq!(t.to_string(), msg);
+            assert_eq!(t.is_user_error(), fault == Fault::Job);
+        }
+        let infra = TrainerError::infra(Error::Config("peer sent a bad config".into()));
+        assert_eq!(infra.fault(), Fault::Infra);
+        assert_eq!(exit_code(&infra), EXIT_INFRA_ERROR);
+        assert_eq!(
+            TrainerError::job(Error::Dist("x".into())).fault(),
+            Fault::Job
+        );
+    }
 
     /// The spec's closed sets map to the library's settings as the library's own parsers of the
     /// same spellings do, on either device.

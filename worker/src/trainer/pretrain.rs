@@ -198,14 +198,13 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     info!(source = %train_src.describe(), "training data");
     let global_batch = t.batch_size as usize;
     if train_src.len() < global_batch {
-        return Err(Error::Data {
+        return Err(TrainerError::job(Error::Data {
             path: PathBuf::from(&spec.data.path),
             message: format!(
                 "{} training images is fewer than one global batch of {global_batch}",
                 train_src.len()
             ),
-        }
-        .into());
+        }));
     }
     let steps_per_epoch = (train_src.len() / global_batch) as u64;
     let mut total_steps = steps_per_epoch * u64::from(t.epochs);
