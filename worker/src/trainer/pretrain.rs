@@ -178,9 +178,142 @@ pub fn train_step(
     })
 }
 
-/// Pretraining on this rank: setup (data, rendezvous, model, optimizer, resume), then the steps
-/// with metrics, checkpoints and the kNN monitor.
+/// A run of this rank, set up for its first step.
+struct Setup {
+    /// The variables' store, kept for the run like the model it made.
+    vs: nn::VarStore,
+    st: TrainState,
+    loader: Loader,
+    monitor: Option<eval::KnnMonitor>,
+    global_batch: usize,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    /// The step to start from (the checkpoint's when resuming).
+    start_step: u64,
+}
+
+/// Pretraining on this rank: [`setup`], then the steps with metrics, checkpoints and the kNN
+/// monitor.
 pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcome> {
+    let Setup {
+        vs: _vs,
+        mut st,
+        mut loader,
+        mut monitor,
+        global_batch,
+        steps_per_epoch,
+        total_steps,
+        start_step,
+    } = setup(a, spec, device, rep)?;
+    let is_rank0 = a.rank == 0;
+    let t = &spec.train;
+    let knn_every = knn_every(spec, steps_per_epoch);
+    let ckpt = Checkpointer {
+        job_id: &a.job_id,
+        root: PathBuf::from(&a.checkpoint_dir),
+        spec,
+        steps_per_epoch,
+    };
+
+    let mut skipped_total = 0u64;
+    let mut window_imgs = 0u64;
+    let mut window_start = Instant::now();
+    let mut last_ckpt_step = start_step;
+    let mut step = start_step;
+    info!(total_steps, steps_per_epoch, start_step, "training");
+    while step < total_steps {
+        if stop_requested() {
+            if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
+                ckpt.save(rep, &st.model, &st.opt, step)?;
+            }
+            return Ok(Outcome::Stopped);
+        }
+        let step_start = Instant::now();
+        let want_stats = is_rank0
+            && ((step + 1).is_multiple_of(u64::from(t.log_every)) || step + 1 == total_steps);
+        let out = train_step(&mut st, &mut loader, step, want_stats, None)?;
+        skipped_total += out.skipped;
+        let lr = out.lr;
+        step += 1;
+        window_imgs += global_batch as u64;
+        if want_stats {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let s = &out.loss.stats;
+            let m = TrainMetrics {
+                step,
+                epoch: (step.saturating_sub(1) / steps_per_epoch) as u32,
+                total_steps,
+                loss: s.loss,
+                on_diag: s.on_diag,
+                off_diag: s.off_diag,
+                off_diag_scaled: s.off_diag_scaled,
+                mean_diag: s.mean_diag,
+                mean_abs_off_diag: s.mean_abs_off_diag,
+                max_abs_off_diag: s.max_abs_off_diag,
+                lr,
+                images_per_sec: window_imgs as f64 / secs,
+                skipped_images: skipped_total,
+                step_time_ms: step_start.elapsed().as_secs_f64() * 1e3,
+            };
+            info!(
+                step,
+                loss = s.loss,
+                lr,
+                images_per_sec = m.images_per_sec,
+                "step"
+            );
+            rep.send(Body::Metrics(m));
+            window_imgs = 0;
+            window_start = Instant::now();
+        }
+        if is_rank0
+            && spec.checkpoint.every_steps > 0
+            && step.is_multiple_of(spec.checkpoint.every_steps)
+            && step < total_steps
+        {
+            ckpt.save(rep, &st.model, &st.opt, step)?;
+            last_ckpt_step = step;
+        }
+        if knn_every > 0 && step.is_multiple_of(knn_every) && step < total_steps {
+            knn_monitor(
+                rep,
+                spec,
+                &mut monitor,
+                &st.model,
+                &st.group,
+                step,
+                steps_per_epoch,
+            )?;
+        }
+    }
+    if is_rank0 && (step > last_ckpt_step || spec.checkpoint.every_steps == 0) {
+        ckpt.save(rep, &st.model, &st.opt, step)?;
+    }
+    if spec.eval.knn_at_end {
+        knn_monitor(
+            rep,
+            spec,
+            &mut monitor,
+            &st.model,
+            &st.group,
+            step,
+            steps_per_epoch,
+        )?;
+    }
+    st.group.barrier()?;
+    Ok(Outcome::Finished)
+}
+
+/// Steps between kNN monitor runs (0: none before the end).
+fn knn_every(spec: &JobSpec, steps_per_epoch: u64) -> u64 {
+    u64::from(spec.eval.knn_every_epochs) * steps_per_epoch
+}
+
+/// Checks the assignment against the spec, opens the data (a bad data set is the job's own error
+/// and costs no collective), joins the process group, builds the model (rank 0's weights on every
+/// rank), the optimizer and the gradient buckets, resumes from the assignment's checkpoint, and
+/// starts the loader and the kNN monitor.
+fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Setup> {
     if a.world_size != spec.world_size || a.rank >= a.world_size {
         return Err(TrainerError::spec(format!(
             "assignment rank {} of {} does not fit world_size {}",
@@ -189,7 +322,6 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     }
     let rank = a.rank as usize;
     let world = a.world_size as usize;
-    let is_rank0 = rank == 0;
     let t = &spec.train;
 
     // Data first: a bad data set is the job's own error and costs no collective.
@@ -299,9 +431,8 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
         drop_last: true,
         colour_on_cpu: device == Device::Cpu,
     };
-    let mut loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
-    let knn_every = u64::from(spec.eval.knn_every_epochs) * steps_per_epoch;
-    let mut monitor = if knn_every > 0 || spec.eval.knn_at_end {
+    let loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
+    let monitor = if knn_every(spec, steps_per_epoch) > 0 || spec.eval.knn_at_end {
         Some(eval::KnnMonitor::new(
             data::open_source(&src_spec, Split::Train)?,
             data::open_source(&src_spec, Split::Test)?,
@@ -315,100 +446,16 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     } else {
         None
     };
-    let ckpt = Checkpointer {
-        job_id: &a.job_id,
-        root: PathBuf::from(&a.checkpoint_dir),
-        spec,
+    Ok(Setup {
+        vs,
+        st,
+        loader,
+        monitor,
+        global_batch,
         steps_per_epoch,
-    };
-
-    let mut skipped_total = 0u64;
-    let mut window_imgs = 0u64;
-    let mut window_start = Instant::now();
-    let mut last_ckpt_step = start_step;
-    let mut step = start_step;
-    info!(total_steps, steps_per_epoch, start_step, "training");
-    while step < total_steps {
-        if stop_requested() {
-            if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
-                ckpt.save(rep, &st.model, &st.opt, step)?;
-            }
-            return Ok(Outcome::Stopped);
-        }
-        let step_start = Instant::now();
-        let want_stats = is_rank0
-            && ((step + 1).is_multiple_of(u64::from(t.log_every)) || step + 1 == total_steps);
-        let out = train_step(&mut st, &mut loader, step, want_stats, None)?;
-        skipped_total += out.skipped;
-        let lr = out.lr;
-        step += 1;
-        window_imgs += global_batch as u64;
-        if want_stats {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let s = &out.loss.stats;
-            let m = TrainMetrics {
-                step,
-                epoch: (step.saturating_sub(1) / steps_per_epoch) as u32,
-                total_steps,
-                loss: s.loss,
-                on_diag: s.on_diag,
-                off_diag: s.off_diag,
-                off_diag_scaled: s.off_diag_scaled,
-                mean_diag: s.mean_diag,
-                mean_abs_off_diag: s.mean_abs_off_diag,
-                max_abs_off_diag: s.max_abs_off_diag,
-                lr,
-                images_per_sec: window_imgs as f64 / secs,
-                skipped_images: skipped_total,
-                step_time_ms: step_start.elapsed().as_secs_f64() * 1e3,
-            };
-            info!(
-                step,
-                loss = s.loss,
-                lr,
-                images_per_sec = m.images_per_sec,
-                "step"
-            );
-            rep.send(Body::Metrics(m));
-            window_imgs = 0;
-            window_start = Instant::now();
-        }
-        if is_rank0
-            && spec.checkpoint.every_steps > 0
-            && step.is_multiple_of(spec.checkpoint.every_steps)
-            && step < total_steps
-        {
-            ckpt.save(rep, &st.model, &st.opt, step)?;
-            last_ckpt_step = step;
-        }
-        if knn_every > 0 && step.is_multiple_of(knn_every) && step < total_steps {
-            knn_monitor(
-                rep,
-                spec,
-                &mut monitor,
-                &st.model,
-                &st.group,
-                step,
-                steps_per_epoch,
-            )?;
-        }
-    }
-    if is_rank0 && (step > last_ckpt_step || spec.checkpoint.every_steps == 0) {
-        ckpt.save(rep, &st.model, &st.opt, step)?;
-    }
-    if spec.eval.knn_at_end {
-        knn_monitor(
-            rep,
-            spec,
-            &mut monitor,
-            &st.model,
-            &st.group,
-            step,
-            steps_per_epoch,
-        )?;
-    }
-    st.group.barrier()?;
-    Ok(Outcome::Finished)
+        total_steps,
+        start_step,
+    })
 }
 
 /// Rank 0's checkpoint writer: `<root>/<step>/`, reported to the daemon when written.
