@@ -2,8 +2,9 @@
 //! backward alone, the loss in both forms, the LARS step, and the whole step fed by the real loader
 //! with its breakdown (data wait / device augmentations / forward / gather / loss / backward /
 //! all-reduce / optimizer). The whole step is the trainer's own [`train_step`], timed by an
-//! observer, so the benchmark measures what trains. With a rendezvous, every rank runs it in a real process group (the
-//! trainer's all-gather with grad, SyncBN and bucketed gradient all-reduce) and rank 0 prints.
+//! observer, so the benchmark measures what trains. With a rendezvous, every rank runs it in a
+//! real process group (the trainer's all-gather with grad, SyncBN and bucketed gradient
+//! all-reduce) and rank 0 prints.
 use std::sync::Arc;
 use std::time::Instant;
 
