@@ -60,7 +60,7 @@ struct PretrainArgs {
 
 #[derive(clap::Args)]
 struct StepArgs {
-    /// resnet18, resnet34 or resnet50.
+    /// The backbone, spelled as `model.backbone` in a job spec (resnet18, resnet34, ...).
     #[arg(long, default_value = "resnet18")]
     backbone: String,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -104,10 +104,10 @@ struct StepArgs {
     /// ResNet width (channels of the stem and layer1; 64: torchvision).
     #[arg(long, default_value_t = 64)]
     width: i64,
-    /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+    /// As `train.precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// auto (channels-last on CUDA), contiguous or channels-last.
+    /// As `train.memory_format`: auto (channels-last on CUDA), contiguous or channels-last.
     #[arg(long, default_value = "auto")]
     memory_format: String,
 }
