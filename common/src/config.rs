@@ -33,7 +33,38 @@ pub fn load<T: DeserializeOwned>(
             .map_err(|e| format!("{k}: {e}"))?;
     }
     let cfg = b.build().map_err(|e| e.to_string())?;
-    cfg.try_deserialize::<T>().map_err(|e| e.to_string())
+    serde_path_to_error::deserialize::<_, T>(cfg).map_err(keyed)
+}
+
+/// A deserialization error as `<key>: <message>` (like the job spec's errors): the key is the
+/// dotted path of the value that is wrong, the message says what is wrong with it and where the
+/// value came from (the file or the environment).
+fn keyed(e: serde_path_to_error::Error<config::ConfigError>) -> String {
+    use config::ConfigError;
+    let path = e.path().to_string();
+    let in_origin = |origin: Option<String>| origin.map(|o| format!(" in {o}")).unwrap_or_default();
+    let (key, message) = match e.into_inner() {
+        ConfigError::Type {
+            origin,
+            unexpected,
+            expected,
+            key,
+        } => (
+            key,
+            format!(
+                "invalid type: {unexpected}, expected {expected}{}",
+                in_origin(origin)
+            ),
+        ),
+        ConfigError::At { error, origin, key } => (key, format!("{error}{}", in_origin(origin))),
+        // Every other error carries no key of its own: the path says where it is.
+        other => (None, other.to_string()),
+    };
+    let key = key
+        .filter(|k| !k.is_empty())
+        .or_else(|| Some(path).filter(|p| !p.is_empty() && p != "."))
+        .unwrap_or_else(|| "config".to_string());
+    format!("{key}: {}", message.trim())
 }
 
 #[cfg(test)]
@@ -62,5 +93,56 @@ mod tests {
         std::fs::write(&f, "lisen = \"a\"\n").unwrap();
         let e = load::<Demo>(Some(&f), "BT_CFGTEST", &[]).unwrap_err();
         assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nested {
+        #[serde(default)]
+        heartbeat_ms: u64,
+        #[serde(default)]
+        limits: Limits,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Limits {
+        #[serde(default)]
+        max_jobs: u32,
+    }
+
+    /// An invalid value is an error that starts with its key, like `heartbeat_ms: invalid type`,
+    /// from a file, from an override and from the environment, nested keys included.
+    #[test]
+    fn errors_name_their_key() {
+        let dir = std::env::temp_dir().join(format!("btcfg-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "heartbeat_ms = \"soon\"\n").unwrap();
+        let e = load::<Nested>(Some(&f), "BT_CFGKEYTEST", &[]).unwrap_err();
+        assert!(e.starts_with("heartbeat_ms: invalid type"), "{e}");
+        assert!(e.contains("soon"), "{e}");
+
+        std::fs::write(&f, "[limits]\nmax_jobs = -3\n").unwrap();
+        let e = load::<Nested>(Some(&f), "BT_CFGKEYTEST", &[]).unwrap_err();
+        assert!(e.starts_with("limits.max_jobs: "), "{e}");
+
+        let o = [("heartbeat_ms".to_string(), "often".to_string())];
+        let e = load::<Nested>(None, "BT_CFGKEYTEST", &o).unwrap_err();
+        assert!(e.starts_with("heartbeat_ms: "), "{e}");
+        assert!(e.contains("often"), "{e}");
+
+        std::fs::write(&f, "[limits]\nmax_job = 3\n").unwrap();
+        let e = load::<Nested>(Some(&f), "BT_CFGKEYTEST", &[]).unwrap_err();
+        // An unknown key is named by its table and the message.
+        assert!(e.starts_with("limits: unknown field `max_job`"), "{e}");
+
+        let d: Nested = load(
+            None,
+            "BT_CFGKEYTEST",
+            &[("limits.max_jobs".into(), "7".into())],
+        )
+        .unwrap();
+        assert_eq!((d.heartbeat_ms, d.limits.max_jobs), (0, 7));
     }
 }

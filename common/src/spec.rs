@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 /// certainly a typo.
 pub const MAX_WORLD_SIZE: u32 = 256;
 
+/// The default λ (`train.lambda`), the weight of the off-diagonal term: the official code's
+/// (the paper gives 5·10⁻³). The one definition; the worker's loss uses it too.
+pub const DEFAULT_LAMBDA: f64 = 0.0051;
+
 /// A spec error that names the field (dotted path) it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -22,6 +26,113 @@ impl SpecError {
             field: field.into(),
             message: message.into(),
         }
+    }
+}
+
+/// A closed set of spellings as an enum: each variant's TOML spelling is given once and serves
+/// serde, [`as_str`](DataSource::as_str), `Display` and `FromStr`. A spelling outside the set is a
+/// parse error at the field's path that lists the valid ones.
+macro_rules! closed_set {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $spelling:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $spelling)] $variant, )+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The spelling in a job spec.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $spelling, )+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| {
+                        let all: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                        format!("unknown value {s:?}, expected one of {}", all.join(", "))
+                    })
+            }
+        }
+    };
+}
+
+closed_set! {
+    /// `data.source`: where the images come from.
+    pub enum DataSource {
+        /// Fashion-MNIST IDX files.
+        FashionMnist = "fashion-mnist",
+        /// MNIST IDX files (read like Fashion-MNIST's).
+        Mnist = "mnist",
+        /// An ImageFolder tree (`train/` and `val/`, or one folder of class folders).
+        ImageFolder = "image-folder",
+        /// Generated images (tests and benchmarks).
+        Synthetic = "synthetic",
+    }
+}
+
+closed_set! {
+    /// `model.backbone`: the ResNet.
+    pub enum Backbone {
+        Resnet18 = "resnet18",
+        Resnet34 = "resnet34",
+        Resnet50 = "resnet50",
+    }
+}
+
+closed_set! {
+    /// `train.loss_form`: how the loss's off-diagonal sum is computed.
+    pub enum LossForm {
+        /// Gram when the global batch is smaller than the embedding, else cross.
+        Auto = "auto",
+        /// Through the D × D cross-correlation matrix.
+        Cross = "cross",
+        /// Through the two N × N Gram matrices.
+        Gram = "gram",
+    }
+}
+
+closed_set! {
+    /// `train.precision`: numeric precision of forward and backward.
+    pub enum Precision {
+        /// bf16 autocast on CUDA, fp32 on CPU.
+        Auto = "auto",
+        Fp32 = "fp32",
+        /// bf16 autocast on any device (on CPU only for checks: it is slower there).
+        Bf16 = "bf16",
+    }
+}
+
+closed_set! {
+    /// `train.memory_format`: memory format of images and convolution weights.
+    pub enum MemoryFormat {
+        /// Channels-last on CUDA, contiguous on CPU.
+        Auto = "auto",
+        Contiguous = "contiguous",
+        ChannelsLast = "channels-last",
     }
 }
 
@@ -69,7 +180,7 @@ pub struct JobSpec {
 pub struct DataSpec {
     /// "fashion-mnist", "mnist", "image-folder" or "synthetic".
     #[serde(default = "defaults::source")]
-    pub source: String,
+    pub source: DataSource,
     /// Directory of the data set (IDX files, or an ImageFolder tree).
     #[serde(default = "defaults::data_path")]
     pub path: String,
@@ -98,7 +209,7 @@ pub struct DataSpec {
 pub struct ModelSpec {
     /// "resnet18", "resnet34" or "resnet50".
     #[serde(default = "defaults::backbone")]
-    pub backbone: String,
+    pub backbone: Backbone,
     /// 3×3 stride-1 first convolution and no max-pool (for small images).
     #[serde(default = "defaults::yes")]
     pub cifar_stem: bool,
@@ -147,19 +258,19 @@ pub struct TrainSpec {
     pub log_every: u32,
     /// "auto", "cross" or "gram".
     #[serde(default = "defaults::loss_form")]
-    pub loss_form: String,
+    pub loss_form: LossForm,
     /// Intra-op threads per trainer (0: libtorch's default).
     #[serde(default = "defaults::one")]
     pub torch_threads: u32,
     /// Numeric precision of forward and backward: "auto" (bf16 autocast on CUDA, fp32 on CPU),
     /// "fp32", or "bf16" (autocast on any device; on CPU only for checks, it is slower there).
     /// The loss and the optimizer always run in fp32 on fp32 master weights.
-    #[serde(default = "defaults::auto")]
-    pub precision: String,
+    #[serde(default = "defaults::precision")]
+    pub precision: Precision,
     /// Memory format of images and convolution weights: "auto" (channels-last on CUDA,
     /// contiguous on CPU), "contiguous" or "channels-last".
-    #[serde(default = "defaults::auto")]
-    pub memory_format: String,
+    #[serde(default = "defaults::memory_format")]
+    pub memory_format: MemoryFormat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +338,8 @@ pub struct EvalSpec {
 }
 
 mod defaults {
+    use super::{Backbone, DataSource, LossForm, MemoryFormat, Precision};
+
     pub fn name() -> String {
         "barlow-twins".into()
     }
@@ -239,8 +352,8 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
-    pub fn source() -> String {
-        "fashion-mnist".into()
+    pub fn source() -> DataSource {
+        DataSource::FashionMnist
     }
     pub fn data_path() -> String {
         "/usr/share/datasets/fashion-mnist".into()
@@ -257,8 +370,8 @@ mod defaults {
     pub fn prefetch() -> u32 {
         4
     }
-    pub fn backbone() -> String {
-        "resnet18".into()
+    pub fn backbone() -> Backbone {
+        Backbone::Resnet18
     }
     pub fn projector() -> Vec<i64> {
         vec![8192, 8192, 8192]
@@ -279,7 +392,7 @@ mod defaults {
         1e-6
     }
     pub fn lambda() -> f64 {
-        0.0051
+        super::DEFAULT_LAMBDA
     }
     pub fn warmup_epochs() -> f64 {
         10.0
@@ -287,11 +400,14 @@ mod defaults {
     pub fn log_every() -> u32 {
         10
     }
-    pub fn loss_form() -> String {
-        "auto".into()
+    pub fn loss_form() -> LossForm {
+        LossForm::Auto
     }
-    pub fn auto() -> String {
-        "auto".into()
+    pub fn precision() -> Precision {
+        Precision::Auto
+    }
+    pub fn memory_format() -> MemoryFormat {
+        MemoryFormat::Auto
     }
     pub fn keep_last() -> u32 {
         3
@@ -391,7 +507,7 @@ impl JobSpec {
     /// daemons confine to their allowed roots.
     pub fn read_paths(&self) -> Vec<(&'static str, &str)> {
         let mut v = Vec::new();
-        if self.data.source != "synthetic" {
+        if self.data.source != DataSource::Synthetic {
             v.push(("data.path", self.data.path.as_str()));
         }
         if self.kind == JobKind::LinearProbe {
@@ -467,38 +583,8 @@ impl JobSpec {
         if t.log_every == 0 {
             return err("train.log_every", "must be greater than 0".into());
         }
-        if !["auto", "cross", "gram"].contains(&t.loss_form.as_str()) {
-            return err(
-                "train.loss_form",
-                format!("must be auto, cross or gram, got {:?}", t.loss_form),
-            );
-        }
-        if !["auto", "fp32", "bf16"].contains(&t.precision.as_str()) {
-            return err(
-                "train.precision",
-                format!("must be auto, fp32 or bf16, got {:?}", t.precision),
-            );
-        }
-        if !["auto", "contiguous", "channels-last"].contains(&t.memory_format.as_str()) {
-            return err(
-                "train.memory_format",
-                format!(
-                    "must be auto, contiguous or channels-last, got {:?}",
-                    t.memory_format
-                ),
-            );
-        }
         let d = &self.data;
-        if !["fashion-mnist", "mnist", "image-folder", "synthetic"].contains(&d.source.as_str()) {
-            return err(
-                "data.source",
-                format!(
-                    "must be fashion-mnist, mnist, image-folder or synthetic, got {:?}",
-                    d.source
-                ),
-            );
-        }
-        if d.source != "synthetic" && d.path.trim().is_empty() {
+        if d.source != DataSource::Synthetic && d.path.trim().is_empty() {
             return err("data.path", "must name the data set directory".into());
         }
         if !(8..=1024).contains(&d.image_size) {
@@ -523,15 +609,6 @@ impl JobSpec {
             return err("data.prefetch", "must be greater than 0".into());
         }
         let m = &self.model;
-        if !["resnet18", "resnet34", "resnet50"].contains(&m.backbone.as_str()) {
-            return err(
-                "model.backbone",
-                format!(
-                    "must be resnet18, resnet34 or resnet50, got {:?}",
-                    m.backbone
-                ),
-            );
-        }
         if !(4..=1024).contains(&m.width) {
             return err(
                 "model.width",
@@ -674,6 +751,71 @@ mod tests {
         assert_eq!(
             (s.train.precision.as_str(), s.train.memory_format.as_str()),
             ("bf16", "channels-last")
+        );
+    }
+
+    /// A closed set's bad value is a parse error naming the field and listing the valid values;
+    /// every valid spelling parses to itself.
+    fn check_closed_set<T>(table: &str, key: &str, all: &[T], get: impl Fn(&JobSpec) -> T)
+    where
+        T: Copy + std::fmt::Display + std::fmt::Debug + PartialEq + std::str::FromStr<Err = String>,
+    {
+        let e = JobSpec::from_toml_str(&format!("[{table}]\n{key} = \"resnet9000\"")).unwrap_err();
+        assert_eq!(e.field, format!("{table}.{key}"), "{e}");
+        for v in all {
+            assert!(e.message.contains(&format!("`{v}`")), "{v} missing in: {e}");
+        }
+        let e =
+            JobSpec::from_toml_with_overrides("", &[format!("{table}.{key}=bogus")]).unwrap_err();
+        assert_eq!(e.field, format!("{table}.{key}"), "{e}");
+        for v in all {
+            let s = JobSpec::from_toml_str(&format!("[{table}]\n{key} = \"{v}\"")).unwrap();
+            assert_eq!(get(&s), *v);
+            assert!(s.to_toml().contains(&format!("{key} = \"{v}\"")));
+            assert_eq!(v.to_string().parse::<T>().unwrap(), *v);
+        }
+    }
+
+    #[test]
+    fn backbone_is_a_closed_set() {
+        check_closed_set("model", "backbone", Backbone::ALL, |s| s.model.backbone);
+        assert_eq!("resnet50".parse::<Backbone>().unwrap(), Backbone::Resnet50);
+        assert!("resnet9000"
+            .parse::<Backbone>()
+            .unwrap_err()
+            .contains("resnet18, resnet34, resnet50"));
+    }
+
+    #[test]
+    fn data_source_is_a_closed_set() {
+        check_closed_set("data", "source", DataSource::ALL, |s| s.data.source);
+        let spellings: Vec<&str> = DataSource::ALL.iter().map(|v| v.as_str()).collect();
+        assert_eq!(
+            spellings,
+            ["fashion-mnist", "mnist", "image-folder", "synthetic"]
+        );
+    }
+
+    #[test]
+    fn loss_form_is_a_closed_set() {
+        check_closed_set("train", "loss_form", LossForm::ALL, |s| s.train.loss_form);
+        assert_eq!(JobSpec::default().train.loss_form, LossForm::Auto);
+    }
+
+    #[test]
+    fn precision_is_a_closed_set() {
+        check_closed_set("train", "precision", Precision::ALL, |s| s.train.precision);
+        assert_eq!(JobSpec::default().train.precision, Precision::Auto);
+    }
+
+    #[test]
+    fn memory_format_is_a_closed_set() {
+        check_closed_set("train", "memory_format", MemoryFormat::ALL, |s| {
+            s.train.memory_format
+        });
+        assert_eq!(
+            "channels-last".parse::<MemoryFormat>().unwrap(),
+            MemoryFormat::ChannelsLast
         );
     }
 

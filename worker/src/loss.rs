@@ -27,8 +27,8 @@ use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// The official code's default λ (the paper gives 5·10⁻³).
-pub const DEFAULT_LAMBDA: f64 = 0.0051;
+/// The default λ: the job spec's (`train.lambda`), defined there.
+pub use bt_common::spec::DEFAULT_LAMBDA;
 /// eps of the per-feature standardization (BatchNorm's default).
 pub const STANDARDIZE_EPS: f64 = 1e-5;
 /// Side of the |C| picture returned with the statistics.
@@ -166,11 +166,10 @@ pub fn standardize(z: &Tensor) -> Result<Tensor> {
     Ok(centered.f_div(&var.f_add_scalar(STANDARDIZE_EPS)?.f_sqrt()?)?)
 }
 
-/// C = AᵀB / N of the standardized embeddings (D × D), computed like the loss (fp32 at least).
-pub fn cross_correlation(z_a: &Tensor, z_b: &Tensor) -> Result<Tensor> {
-    let (a, b) = prepare(z_a, z_b)?;
+/// C = AᵀB / N (D × D) of standardized embeddings `a`, `b` (N × D).
+fn cross_correlation(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let n = a.size()[0] as f64;
-    Ok(a.f_tr()?.f_mm(&b)?.f_div_scalar(n)?)
+    Ok(a.f_tr()?.f_mm(b)?.f_div_scalar(n)?)
 }
 
 fn prepare(z_a: &Tensor, z_b: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -200,12 +199,13 @@ pub fn barlow_twins_loss_with(
     let form = opts.form.resolve(n, d);
     let (diag, total_sq, c) = match form {
         LossForm::Cross => {
-            let c = a.f_tr()?.f_mm(&b)?.f_div_scalar(nf)?;
+            let c = cross_correlation(&a, &b)?;
             let diag = c.f_diagonal(0, 0, 1)?;
             let total = c.f_square()?.f_sum(c.kind())?;
             (diag, total, Some(c))
         }
-        _ => {
+        // `resolve` never returns Auto.
+        LossForm::Gram | LossForm::Auto => {
             let ga = a.f_mm(&a.f_tr()?)?;
             let gb = b.f_mm(&b.f_tr()?)?;
             let total = ga.f_mul(&gb)?.f_sum(ga.kind())?.f_div_scalar(nf * nf)?;
@@ -233,7 +233,7 @@ pub fn barlow_twins_loss_with(
         if opts.c_stats || opts.picture {
             let c = match c {
                 Some(c) => c.f_detach()?,
-                None => a.f_tr()?.f_mm(&b)?.f_div_scalar(nf)?,
+                None => cross_correlation(&a, &b)?,
             };
             let mut ac = c.f_abs()?; // a new tensor: safe to edit in place
             if opts.picture {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bt_worker::loss::{barlow_twins_loss_with, LossForm, LossOptions};
+use bt_worker::loss::{barlow_twins_loss_with, LossForm, LossOptions, DEFAULT_LAMBDA};
 use bt_worker::model::{Arch, BarlowTwinsModel, ModelConfig, NamedTensor, TensorRole};
 use bt_worker::optim::{Lars, LarsConfig};
 use tch::{nn, Device, Kind, Tensor};
@@ -170,7 +170,7 @@ fn backbone_matches_torchvision() {
 /// form's (Σ C² − Σ C_ii²) subtraction loses at most a few digits at these sizes.
 #[test]
 fn loss_and_gradients_match_reference() {
-    for (n, d, lambda) in [(6, 10, 0.0051), (12, 5, 0.005), (8, 8, 0.1)] {
+    for (n, d, lambda) in [(6, 10, DEFAULT_LAMBDA), (12, 5, 0.005), (8, 8, 0.1)] {
         tch::manual_seed(n);
         let za = Tensor::randn([n, d], (Kind::Double, Device::Cpu));
         let zb = &za * 0.7 + Tensor::randn([n, d], (Kind::Double, Device::Cpu)) * 0.5;
@@ -257,7 +257,7 @@ fn training_step_matches_reference() {
     let za = m.forward(&xa, true).unwrap();
     let zb = m.forward(&xb, true).unwrap();
     let opts = LossOptions {
-        lambda: 0.0051,
+        lambda: DEFAULT_LAMBDA,
         form: LossForm::Auto,
         ..LossOptions::default()
     };
@@ -273,7 +273,7 @@ fn training_step_matches_reference() {
         "step",
         dir.path(),
         serde_json::json!({
-            "arch": "resnet18", "cifar_stem": true, "projector": [32, 16], "lambda": 0.0051,
+            "arch": "resnet18", "cifar_stem": true, "projector": [32, 16], "lambda": DEFAULT_LAMBDA,
             "lr_weights": lars_cfg.lr_weights, "lr_biases": lars_cfg.lr_biases,
             "weight_decay": lars_cfg.weight_decay, "momentum": lars_cfg.momentum,
             "eta": lars_cfg.eta, "loss_scale": lars_cfg.loss_scale,

@@ -60,7 +60,7 @@ struct PretrainArgs {
 
 #[derive(clap::Args)]
 struct StepArgs {
-    /// resnet18, resnet34 or resnet50.
+    /// The backbone, spelled as `model.backbone` in a job spec (resnet18, resnet34, ...).
     #[arg(long, default_value = "resnet18")]
     backbone: String,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -104,10 +104,10 @@ struct StepArgs {
     /// ResNet width (channels of the stem and layer1; 64: torchvision).
     #[arg(long, default_value_t = 64)]
     width: i64,
-    /// auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
+    /// As `train.precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// auto (channels-last on CUDA), contiguous or channels-last.
+    /// As `train.memory_format`: auto (channels-last on CUDA), contiguous or channels-last.
     #[arg(long, default_value = "auto")]
     memory_format: String,
 }
@@ -142,17 +142,18 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
     if a.world > 1 && a.rank.is_none() {
         return spawn_ranks(a.world);
     }
-    use bt_worker::model::Arch;
-    let arch = match a.backbone.as_str() {
-        "resnet18" => Arch::Resnet18,
-        "resnet34" => Arch::Resnet34,
-        "resnet50" => Arch::Resnet50,
-        o => anyhow::bail!("--backbone {o}: expected resnet18, resnet34 or resnet50"),
-    };
+    use bt_common::spec;
+    let parse = |flag: &str, e: String| anyhow::anyhow!("--{flag}: {e}");
+    let backbone: spec::Backbone = a.backbone.parse().map_err(|e| parse("backbone", e))?;
+    let arch = bt_worker::model::Arch::from(backbone);
+    let precision: spec::Precision = a.precision.parse().map_err(|e| parse("precision", e))?;
+    let memory_format: spec::MemoryFormat = a
+        .memory_format
+        .parse()
+        .map_err(|e| parse("memory-format", e))?;
     if a.torch_threads > 0 {
         tch::set_num_threads(a.torch_threads);
     }
-    use bt_worker::amp::{MemoryFormat, Precision};
     let mut device = parse_device(a.device.as_deref())?;
     let rendezvous = match (a.rank, a.port) {
         (Some(rank), Some(port)) if a.world > 1 => {
@@ -184,8 +185,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         loss_n: a.loss_n,
         loss_d: a.loss_d,
         device,
-        precision: Precision::resolve(&a.precision, device)?,
-        layout: MemoryFormat::resolve(&a.memory_format, device)?,
+        precision: bt_worker::trainer::precision(precision, device),
+        layout: bt_worker::trainer::memory_format(memory_format, device),
         rendezvous,
     };
     bt_worker::trainer::bench::run_step_bench(&cfg).context("step benchmark")

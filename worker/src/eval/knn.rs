@@ -200,8 +200,8 @@ pub fn extract_features(
                 b.len()
             )));
         }
-        feats.push(y.flatten(1, -1).to_kind(Kind::Float));
-        labels.push(l.to_device(device));
+        feats.push(y.f_flatten(1, -1)?.f_to_kind(Kind::Float)?);
+        labels.push(l.f_to_device(device)?);
     }
     if feats.is_empty() {
         return Err(Error::Eval(format!(
@@ -210,7 +210,7 @@ pub fn extract_features(
             source.describe()
         )));
     }
-    Ok((Tensor::cat(&feats, 0), Tensor::cat(&labels, 0)))
+    Ok((Tensor::f_cat(&feats, 0)?, Tensor::f_cat(&labels, 0)?))
 }
 
 #[cfg(test)]

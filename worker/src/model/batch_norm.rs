@@ -15,7 +15,8 @@ pub const BN_MOMENTUM: f64 = 0.1;
 /// `num_batches_tracked`, created under the given path so VarStore keys read `bn1.weight` etc.
 #[derive(Debug)]
 pub struct BatchNorm {
-    /// None for an affine-free normaliser.
+    /// Always set by [`BatchNorm::new`]; optional for the functional batch norms it feeds
+    /// (an affine-free normaliser is the loss's standardization, not a `BatchNorm`).
     pub weight: Option<Tensor>,
     pub bias: Option<Tensor>,
     pub running_mean: Tensor,
@@ -31,11 +32,6 @@ impl BatchNorm {
         let weight = p.f_var("weight", &[features], nn::Init::Const(gamma_init))?;
         let bias = p.f_zeros("bias", &[features])?;
         Self::with_affine(p, features, Some(weight), Some(bias))
-    }
-
-    /// A normaliser without γ/β.
-    pub fn affine_free(p: &nn::Path, features: i64) -> Result<Self> {
-        Self::with_affine(p, features, None, None)
     }
 
     fn with_affine(

@@ -35,6 +35,18 @@ pub enum Arch {
     Resnet50,
 }
 
+impl From<bt_common::spec::Backbone> for Arch {
+    /// The architecture of a job spec's `model.backbone`.
+    fn from(b: bt_common::spec::Backbone) -> Self {
+        use bt_common::spec::Backbone;
+        match b {
+            Backbone::Resnet18 => Arch::Resnet18,
+            Backbone::Resnet34 => Arch::Resnet34,
+            Backbone::Resnet50 => Arch::Resnet50,
+        }
+    }
+}
+
 fn default_projector() -> Vec<i64> {
     vec![8192, 8192, 8192]
 }

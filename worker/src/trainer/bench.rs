@@ -1,14 +1,19 @@
 //! `bt-bench step`: timings of one rank's training step and its parts — the model's forward +
 //! backward alone, the loss in both forms, the LARS step, and the whole step fed by the real loader
 //! with its breakdown (data wait / device augmentations / forward / gather / loss / backward /
-//! all-reduce / optimizer). With a rendezvous, every rank runs it in a real process group (the
-//! trainer's all-gather with grad, SyncBN and bucketed gradient all-reduce) and rank 0 prints.
+//! all-reduce / optimizer). The whole step is the trainer's own [`train_step`], timed by an
+//! observer, so the benchmark measures what trains. With a rendezvous, every rank runs it in a
+//! real process group (the trainer's all-gather with grad, SyncBN and bucketed gradient
+//! all-reduce) and rank 0 prints.
 use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::amp::{with_autocast, MemoryFormat, Precision};
+use bt_common::spec::DEFAULT_LAMBDA;
+
+use super::pretrain::{train_step, Phase, StepObserver, StepSettings, TrainState};
+use crate::amp::{MemoryFormat, Precision};
 use crate::data::{self, AugmentConfig, Loader, LoaderConfig, SourceSpec, Split};
 use crate::dist::bench::median;
 use crate::dist::{ProcessGroup, Rendezvous};
@@ -42,6 +47,25 @@ pub struct StepBenchConfig {
 fn sync(dev: Device) {
     if let Device::Cuda(i) = dev {
         tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Lap times of the phases of [`train_step`] (each lap waits for queued device work first).
+struct Laps {
+    device: Device,
+    t: Instant,
+    /// Milliseconds per phase, summed over the recorded steps.
+    ms: [f64; Phase::ALL.len()],
+    record: bool,
+}
+
+impl StepObserver for Laps {
+    fn phase_done(&mut self, phase: Phase) {
+        sync(self.device);
+        if self.record {
+            self.ms[phase as usize] += self.t.elapsed().as_secs_f64() * 1e3;
+        }
+        self.t = Instant::now();
     }
 }
 
@@ -86,14 +110,6 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let state: Vec<Tensor> = model.state().into_iter().map(|n| n.tensor).collect();
     c.layout.apply_to_weights(&state)?;
     let params = model.parameters();
-    // Forward of both views as the trainer runs it: layout, autocast, fp32 embeddings out.
-    let forward2 = |xa: &Tensor, xb: &Tensor| {
-        with_autocast(c.precision, dev, || {
-            let za = model.forward(&c.layout.apply(xa)?, true)?;
-            let zb = model.forward(&c.layout.apply(xb)?, true)?;
-            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
-        })
-    };
     let n_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let b = c.batch as i64;
     let s = c.image_size as i64;
@@ -103,18 +119,25 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
-    let mut opt = Lars::new(&params, LarsConfig::default(), c.batch * world, 0, 1000);
-    let mut buckets = group.grad_buckets(&opt.param_tensors(), 25 << 20)?;
+    let opt = Lars::new(&params, LarsConfig::default(), c.batch * world, 0, 1000);
+    let settings = StepSettings {
+        device: dev,
+        precision: c.precision,
+        layout: c.layout,
+        lambda: DEFAULT_LAMBDA,
+        form: LossForm::Auto,
+    };
+    let mut st = TrainState::new(model, opt, group.clone(), settings)?;
 
-    // 1. the model alone: forward both views, a trivial scalar, backward.
-    let model_alone = |opt: &mut Lars| -> Result<()> {
-        opt.zero_grad();
-        let (za, zb) = forward2(&xa, &xb)?;
+    // 1. the model alone: forward both views (as training runs it), a trivial scalar, backward.
+    let model_alone = |st: &mut TrainState| -> Result<()> {
+        st.opt.zero_grad();
+        let (za, zb) = st.forward_views(&xa, &xb)?;
         (za * zb).mean(Kind::Float).f_backward()?;
         sync(dev);
         Ok(())
     };
-    let model_ms = time_it(c.steps, || model_alone(&mut opt))?;
+    let model_ms = time_it(c.steps, || model_alone(&mut st))?;
     say!(
         "model forward+backward (2 views)      {model_ms:>9.1} ms   {:>8.1} img/s",
         b as f64 * 1e3 / model_ms
@@ -126,7 +149,7 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     let mut loss_ms = Vec::new();
     for form in [LossForm::Cross, LossForm::Gram] {
         let ms = time_it(c.steps.min(5), || {
-            let out = barlow_twins_loss(&za, &zb, 0.0051, form, false)?;
+            let out = barlow_twins_loss(&za, &zb, st.lambda, form, false)?;
             out.loss.f_backward()?;
             let _ = za.grad().zero_();
             let _ = zb.grad().zero_();
@@ -148,14 +171,14 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
 
     // 3. the optimizer step alone (gradients from the last backward are still there).
     {
-        opt.zero_grad();
-        let (za, _) = forward2(&xa, &xb)?;
+        st.opt.zero_grad();
+        let (za, _) = st.forward_views(&xa, &xb)?;
         za.mean(Kind::Float).f_backward()?;
     }
-    let mut st = 0u64;
+    let mut step_no = 0u64;
     let opt_ms = time_it(c.steps, || {
-        st += 1;
-        opt.step(st)?;
+        step_no += 1;
+        st.opt.step(step_no)?;
         sync(dev);
         Ok(())
     })?;
@@ -175,59 +198,27 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     lc.prefetch = 4;
     lc.colour_on_cpu = dev == Device::Cpu;
     let mut loader = Loader::new(Arc::clone(&src), lc, 0)?;
-    let mut parts = [0f64; 8];
-    let names = [
-        "data wait",
-        "device augment",
-        "forward",
-        "gather",
-        "loss",
-        "backward",
-        "all-reduce",
-        "optimizer",
-    ];
+    let mut laps = Laps {
+        device: dev,
+        t: Instant::now(),
+        ms: [0.0; Phase::ALL.len()],
+        record: false,
+    };
     group.barrier()?;
     // Each whole step follows one model-alone step, so that both figures see the same machine
     // state (a shared 2-core machine drifts by ±20% over the seconds the sections take); the
-    // comparison uses the medians of the pairs.
+    // comparison uses the medians of the pairs. Step 0 is a warm-up, not recorded.
     let (mut whole, mut alone) = (Vec::new(), Vec::new());
     for i in 0..=c.steps {
         let t_alone = Instant::now();
-        model_alone(&mut opt)?;
+        model_alone(&mut st)?;
         if i > 0 {
             alone.push(t_alone.elapsed().as_secs_f64() * 1e3);
         }
-        let mut t = Instant::now();
-        let lap = |k: usize, parts: &mut [f64; 8], t: &mut Instant| {
-            if i > 0 {
-                parts[k] += t.elapsed().as_secs_f64() * 1e3;
-            }
-            *t = Instant::now();
-        };
+        laps.record = i > 0;
         let step_t = Instant::now();
-        let batch = loader.next_batch()?;
-        lap(0, &mut parts, &mut t);
-        let (va, vb) = batch.views(dev)?;
-        sync(dev);
-        lap(1, &mut parts, &mut t);
-        let (za, zb) = forward2(&va, &vb)?;
-        sync(dev);
-        lap(2, &mut parts, &mut t);
-        let ga = group.all_gather_with_grad(&za)?;
-        let gb = group.all_gather_with_grad(&zb)?;
-        lap(3, &mut parts, &mut t);
-        let out = barlow_twins_loss(&ga, &gb, 0.0051, LossForm::Auto, false)?;
-        sync(dev);
-        lap(4, &mut parts, &mut t);
-        opt.zero_grad();
-        out.loss.f_backward()?;
-        sync(dev);
-        lap(5, &mut parts, &mut t);
-        buckets.all_reduce()?;
-        lap(6, &mut parts, &mut t);
-        opt.step(i as u64 + 1)?;
-        sync(dev);
-        lap(7, &mut parts, &mut t);
+        laps.t = step_t;
+        train_step(&mut st, &mut loader, i as u64 + 1, false, Some(&mut laps))?;
         if i > 0 {
             whole.push(step_t.elapsed().as_secs_f64() * 1e3);
         }
@@ -238,8 +229,12 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         c.loader_threads,
         b as f64 * 1e3 / step_ms
     );
-    for (n, v) in names.iter().zip(parts) {
-        say!("  {n:<18}                  {:>9.1} ms", v / c.steps as f64);
+    for (p, v) in Phase::ALL.iter().zip(laps.ms) {
+        say!(
+            "  {:<18}                  {:>9.1} ms",
+            p.name(),
+            v / c.steps as f64
+        );
     }
     let (whole_med, alone_med) = (median(&mut whole), median(&mut alone));
     say!("median whole step / model alone, interleaved {whole_med:>9.1} / {alone_med:.1} ms");

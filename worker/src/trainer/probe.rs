@@ -9,12 +9,11 @@ use std::time::Instant;
 use bt_common::JobSpec;
 use bt_proto::trainer_event::Body;
 use bt_proto::EvalResult;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 use tracing::info;
 
-use super::job::{limited, source_spec, Outcome, TResult};
-use super::{stop_requested, Reporter};
+use super::{limited, source_spec, stop_requested, Outcome, Reporter, TResult};
 use crate::data::{self, Split};
 use crate::model::BarlowTwinsModel;
 use crate::{checkpoint, eval, Error};
@@ -23,6 +22,7 @@ use crate::{checkpoint, eval, Error};
 const LR: f64 = 0.3;
 const BATCH: i64 = 256;
 const WEIGHT_DECAY: f64 = 1e-6;
+const MOMENTUM: f64 = 0.9;
 
 pub struct ProbeResult {
     pub best_top1: f64,
@@ -33,7 +33,7 @@ pub fn run(spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Outcom
     let ck = Path::new(&spec.eval.checkpoint);
     // Refuse a missing or corrupt checkpoint before any device time is spent.
     let meta = checkpoint::verify(ck)?;
-    let src_spec = source_spec(spec)?;
+    let src_spec = source_spec(spec);
     let train_src = limited(data::open_source(&src_spec, Split::Train)?, spec.data.limit);
     let test_src = data::open_source(&src_spec, Split::Test)?;
     let classes = train_src.num_classes().ok_or_else(|| Error::Data {
@@ -175,27 +175,7 @@ pub fn train_probe(
     let n = xtr.size()[0];
     let d = xtr.size()[1];
     let epochs = spec.eval.probe_epochs.max(1) as usize;
-    let vs = nn::VarStore::new(device);
-    let lin = nn::linear(
-        vs.root() / "fc",
-        d,
-        classes,
-        nn::LinearConfig {
-            ws_init: nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        },
-    );
-    let mut opt = nn::Sgd {
-        momentum: 0.9,
-        dampening: 0.0,
-        wd: WEIGHT_DECAY,
-        nesterov: false,
-    }
-    .build(&vs, LR)?;
+    let mut lin = Probe::new(device, d, classes)?;
     let steps_per_epoch = (n + BATCH - 1) / BATCH;
     let total = (epochs as i64 * steps_per_epoch) as f64;
     let mut best = ProbeResult {
@@ -207,19 +187,25 @@ pub fn train_probe(
         if stop_requested() {
             break;
         }
-        let perm = Tensor::randperm(n, (Kind::Int64, device));
+        let perm = Tensor::f_randperm(n, (Kind::Int64, device))?;
         let mut loss_sum = 0.0;
         for s in 0..steps_per_epoch {
-            let idx = perm.narrow(0, s * BATCH, BATCH.min(n - s * BATCH));
-            let x = xtr.index_select(0, &idx);
-            let y = ytr.index_select(0, &idx);
-            opt.set_lr(LR * 0.5 * (1.0 + (std::f64::consts::PI * step / total).cos()));
-            let loss = lin.forward(&x).cross_entropy_for_logits(&y);
-            opt.backward_step(&loss);
-            loss_sum += loss.double_value(&[]);
+            let idx = perm.f_narrow(0, s * BATCH, BATCH.min(n - s * BATCH))?;
+            let x = xtr.f_index_select(0, &idx)?;
+            let y = ytr.f_index_select(0, &idx)?;
+            let lr = LR * 0.5 * (1.0 + (std::f64::consts::PI * step / total).cos());
+            let loss = lin
+                .forward(&x)?
+                .f_log_softmax(-1, Kind::Float)?
+                .f_nll_loss::<Tensor>(&y, None, tch::Reduction::Mean, -100)?;
+            lin.backward_step(&loss, lr)?;
+            loss_sum += loss.f_double_value(&[])?;
             step += 1.0;
         }
-        let (top1, top5) = tch::no_grad(|| accuracy(&lin.forward(xte), yte))?;
+        let (top1, top5) = {
+            let _no_grad = tch::no_grad_guard();
+            accuracy(&lin.forward(xte)?, yte)?
+        };
         if top1 > best.best_top1 {
             best.best_top1 = top1;
         }
@@ -239,14 +225,89 @@ pub fn train_probe(
     Ok(best)
 }
 
+/// The probe's linear classifier (weights N(0, 0.01²), zero bias) and its SGD (momentum 0.9,
+/// no dampening, weight decay [`WEIGHT_DECAY`], PyTorch's update rule), every libtorch call
+/// fallible.
+struct Probe {
+    _vs: nn::VarStore,
+    ws: Tensor,
+    bs: Tensor,
+    /// Momentum buffers of `ws` and `bs`, from the first step on.
+    momentum: Option<(Tensor, Tensor)>,
+}
+
+impl Probe {
+    fn new(device: Device, d: i64, classes: i64) -> TResult<Self> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root() / "fc";
+        let bs = root.f_var("bias", &[classes], nn::Init::Const(0.0))?;
+        let ws = root.f_var(
+            "weight",
+            &[classes, d],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        )?;
+        Ok(Probe {
+            _vs: vs,
+            ws,
+            bs,
+            momentum: None,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> TResult<Tensor> {
+        Ok(x.f_linear(&self.ws, Some(&self.bs))?)
+    }
+
+    /// Zeroes the gradients, back-propagates `loss`, and takes one SGD step at `lr`.
+    fn backward_step(&mut self, loss: &Tensor, lr: f64) -> TResult<()> {
+        for p in [&mut self.ws, &mut self.bs] {
+            let mut g = p.f_grad()?;
+            if g.defined() {
+                let _ = g.f_zero_()?;
+            }
+        }
+        loss.f_backward()?;
+        let _no_grad = tch::no_grad_guard();
+        let mut d = Vec::with_capacity(2);
+        for p in [&self.ws, &self.bs] {
+            // d_p = grad + weight_decay · p
+            d.push(p.f_grad()?.f_add(&p.f_mul_scalar(WEIGHT_DECAY)?)?);
+        }
+        let bufs = match self.momentum.take() {
+            None => (d[0].f_detach_copy()?, d[1].f_detach_copy()?),
+            Some((mut bw, mut bb)) => {
+                for (b, g) in [(&mut bw, &d[0]), (&mut bb, &d[1])] {
+                    let _ = b.f_mul_scalar_(MOMENTUM)?.f_add_(g)?;
+                }
+                (bw, bb)
+            }
+        };
+        let _ = self.ws.f_sub_(&bufs.0.f_mul_scalar(lr)?)?;
+        let _ = self.bs.f_sub_(&bufs.1.f_mul_scalar(lr)?)?;
+        self.momentum = Some(bufs);
+        Ok(())
+    }
+}
+
 /// Top-1 and top-5 accuracy of `logits` against `labels`.
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> TResult<(f64, f64)> {
     let n = labels.size()[0].max(1) as f64;
     let k = logits.size()[1].min(5);
     let top = logits.f_topk(k, 1, true, true)?.1;
-    let hit = top.eq_tensor(&labels.unsqueeze(1));
-    let top1 = hit.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]) / n;
-    let top5 = hit.any_dim(1, false).sum(Kind::Float).double_value(&[]) / n;
+    let hit = top.f_eq_tensor(&labels.f_unsqueeze(1)?)?;
+    let top1 = hit
+        .f_narrow(1, 0, 1)?
+        .f_sum(Kind::Float)?
+        .f_double_value(&[])?
+        / n;
+    let top5 = hit
+        .f_any_dim(1, false)?
+        .f_sum(Kind::Float)?
+        .f_double_value(&[])?
+        / n;
     Ok((top1, top5))
 }
 
