@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo quality test bench
+.PHONY: setup build demo quality test bench dashboard
 
 setup:
 	scripts/setup.sh
@@ -31,3 +31,7 @@ bench: setup
 	$(ENV) target/release/bt-bench step
 	$(ENV) target/release/bt-bench step --world 2 --torch-threads 1
 	$(ENV) PROBE=target/release/bt-dist-probe bench/dist_bench.sh
+
+# Rebuild the dashboard's assets (dashboard/dist/, embedded in bt-coordinator; commit them).
+dashboard: setup
+	cd dashboard && npm run build

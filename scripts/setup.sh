@@ -40,3 +40,33 @@ if ! ls "$fm"/train-images-idx3-ubyte* >/dev/null 2>&1; then
   fi
 fi
 echo "setup: Fashion-MNIST in $fm"
+
+# The web dashboard: Node (npm) for its dependencies, the browser test's Chromium (Debian's; the
+# test drives it with playwright-core, which downloads nothing). The coordinator embeds the
+# committed dashboard/dist/, so building the coordinator needs neither.
+as_root_apt() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    return 1
+  fi
+}
+if ! command -v npm >/dev/null; then
+  echo "setup: installing Node.js and npm (Debian's) for the dashboard"
+  as_root_apt nodejs npm ||
+    echo "setup: npm is missing (install Node.js 20 or later); the dashboard's tests will fail" >&2
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing Debian's chromium for the dashboard's browser test"
+  as_root_apt chromium ||
+    echo "setup: /usr/bin/chromium is missing (sudo apt-get install chromium); the browser test will be skipped" >&2
+fi
+if command -v npm >/dev/null; then
+  if [ ! -f dashboard/node_modules/.package-lock.json ] ||
+    [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then
+    echo "setup: installing the dashboard's npm dependencies (npm ci)"
+    (cd dashboard && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  echo "setup: dashboard dependencies in dashboard/node_modules (node $(node --version))"
+fi

@@ -30,6 +30,27 @@ pub struct CoordinatorConfig {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub limits: Limits,
+    pub dashboard: DashboardConfig,
+}
+
+/// `dashboard.mode`: the web dashboard served at `/` on the gRPC port (`on`, the default), or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DashboardMode {
+    #[default]
+    On,
+    Off,
+}
+
+/// The web dashboard: static files at `/` (no token needed: they carry no data) and gRPC-web on the
+/// same port (the browser sends the bearer token like any client).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    pub mode: DashboardMode,
+    /// Other origins whose pages may call the gRPC-web API (CORS), e.g. `https://ops.example.com`;
+    /// empty (the default): only pages served by this coordinator.
+    pub cors_origins: Vec<String>,
 }
 
 /// `auth.mode`: bearer tokens required (`on`, the default) or not checked at all (`off`).
@@ -120,6 +141,7 @@ impl Default for CoordinatorConfig {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            dashboard: DashboardConfig::default(),
         }
     }
 }
@@ -169,6 +191,19 @@ impl CoordinatorConfig {
         if l.max_metrics_per_sec == 0 {
             return Err("limits.max_metrics_per_sec: must be greater than 0".into());
         }
+        for o in &self.dashboard.cors_origins {
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
+            let ok = rest.is_some_and(|r| {
+                !r.is_empty() && !r.contains('/') && r.bytes().all(|b| b.is_ascii_graphic())
+            });
+            if !ok {
+                return Err(format!(
+                    "dashboard.cors_origins: {o:?} is not an origin (scheme://host[:port], no path)"
+                ));
+            }
+        }
         if l.max_metric_events_per_job < 100 {
             return Err("limits.max_metric_events_per_job: must be at least 100".into());
         }
@@ -200,5 +235,19 @@ mod tests {
         let e = bt_common::config::load::<CoordinatorConfig>(Some(&f), "BT_COORDTEST_UNUSED", &[])
             .unwrap_err();
         assert!(e.contains("db_pth"), "{e}");
+    }
+
+    #[test]
+    fn dashboard_origins_are_checked() {
+        let mut c = CoordinatorConfig::default();
+        assert_eq!(c.dashboard.mode, DashboardMode::On);
+        assert!(c.dashboard.cors_origins.is_empty());
+        c.dashboard.cors_origins = vec!["https://ops.example.com:8443".into()];
+        c.validate().unwrap();
+        for bad in ["ops.example.com", "https://x/", "https://", "ftp://x"] {
+            c.dashboard.cors_origins = vec![bad.into()];
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("dashboard.cors_origins"), "{bad}: {e}");
+        }
     }
 }

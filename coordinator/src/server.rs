@@ -10,7 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use crate::auth::{AuthLayer, Authenticator};
-use crate::config::{CoordinatorConfig, TlsConfig};
+use crate::config::{CoordinatorConfig, DashboardMode, TlsConfig};
 use crate::core::Core;
 use crate::service::{JobSvc, WorkerSvc};
 use crate::store::SqliteStore;
@@ -129,7 +129,18 @@ pub async fn run(
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }
     let max_msg = config.limits.max_message_bytes;
+    let front = web::FrontLayer::new(
+        config.dashboard.mode == DashboardMode::On,
+        &config.dashboard.cors_origins,
+    )?;
+    info!(dashboard = config.dashboard.mode == DashboardMode::On,
+          cors_origins = ?config.dashboard.cors_origins, "gRPC-web and the dashboard on the same port");
+    // Outermost first: the dashboard's files and CORS (no token), then gRPC-web → gRPC, then the
+    // token check every RPC passes, native or from a browser.
     let server = builder
+        .accept_http1(true)
+        .layer(front)
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(AuthLayer(auth))
         .add_service(health_svc)
         .add_service(reflection_v1)
@@ -177,4 +188,275 @@ pub async fn run(
     }
     drop(core);
     Ok(())
+}
+
+/// The web dashboard on the gRPC port: requests whose content-type is `application/grpc*` (native
+/// gRPC and gRPC-web) go on to tonic; everything else is a static file of the dashboard, embedded in
+/// the binary from `dashboard/dist/` (built by `npm run build` there, committed). CORS for the
+/// configured origins only: without any, browsers allow only pages this coordinator served.
+mod web {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http::header::{self, HeaderValue};
+    use http::{Method, Request, Response, StatusCode};
+    use tonic::body::Body;
+
+    /// Path, content type, bytes.
+    const ASSETS: &[(&str, &str, &[u8])] = &[
+        (
+            "/",
+            "text/html; charset=utf-8",
+            include_bytes!("../../dashboard/dist/index.html"),
+        ),
+        (
+            "/index.html",
+            "text/html; charset=utf-8",
+            include_bytes!("../../dashboard/dist/index.html"),
+        ),
+        (
+            "/app.js",
+            "text/javascript; charset=utf-8",
+            include_bytes!("../../dashboard/dist/app.js"),
+        ),
+        (
+            "/app.css",
+            "text/css; charset=utf-8",
+            include_bytes!("../../dashboard/dist/app.css"),
+        ),
+    ];
+
+    /// Request headers a gRPC-web client sends (allowed in preflights).
+    const ALLOW_HEADERS: &str = "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, connect-protocol-version, connect-timeout-ms";
+    /// Response headers a gRPC-web client must read (trailers-only responses carry the status here).
+    const EXPOSE_HEADERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+    #[derive(Clone)]
+    pub struct FrontLayer {
+        dashboard: bool,
+        origins: Arc<Vec<HeaderValue>>,
+    }
+
+    impl FrontLayer {
+        pub fn new(dashboard: bool, origins: &[String]) -> anyhow::Result<Self> {
+            let origins = origins
+                .iter()
+                .map(|o| {
+                    HeaderValue::from_str(o).map_err(|_| {
+                        anyhow::anyhow!("dashboard.cors_origins: {o:?} is not a valid header value")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(FrontLayer {
+                dashboard,
+                origins: Arc::new(origins),
+            })
+        }
+    }
+
+    impl<S> tower_layer::Layer<S> for FrontLayer {
+        type Service = Front<S>;
+        fn layer(&self, inner: S) -> Front<S> {
+            Front {
+                inner,
+                cfg: self.clone(),
+            }
+        }
+    }
+
+    #[derive(Clone)]
+    pub struct Front<S> {
+        inner: S,
+        cfg: FrontLayer,
+    }
+
+    type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+    fn respond(
+        status: StatusCode,
+        headers: &[(header::HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Response<Body> {
+        let mut r = Response::new(Body::new(http_body_util::Full::new(body)));
+        *r.status_mut() = status;
+        for (k, v) in headers {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
+        r
+    }
+
+    /// The static file for `req`, 404 for an unknown path, 405 for anything but GET and HEAD.
+    pub fn static_file<B>(req: &Request<B>, dashboard: bool) -> Response<Body> {
+        let text = HeaderValue::from_static("text/plain; charset=utf-8");
+        if !dashboard {
+            return respond(
+                StatusCode::NOT_FOUND,
+                &[(header::CONTENT_TYPE, text)],
+                Bytes::from_static(b"the dashboard is off (dashboard.mode = off)\n"),
+            );
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &[
+                    (header::CONTENT_TYPE, text),
+                    (header::ALLOW, HeaderValue::from_static("GET, HEAD")),
+                ],
+                Bytes::new(),
+            );
+        }
+        let Some((_, ctype, bytes)) = ASSETS.iter().find(|(p, _, _)| *p == req.uri().path()) else {
+            return respond(
+                StatusCode::NOT_FOUND,
+                &[(header::CONTENT_TYPE, text)],
+                Bytes::from_static(b"not found\n"),
+            );
+        };
+        let body = if req.method() == Method::HEAD {
+            Bytes::new()
+        } else {
+            Bytes::from_static(bytes)
+        };
+        respond(
+            StatusCode::OK,
+            &[
+                (header::CONTENT_TYPE, HeaderValue::from_static(ctype)),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"),
+                ),
+            ],
+            body,
+        )
+    }
+
+    fn is_grpc<B>(req: &Request<B>) -> bool {
+        req.headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"))
+    }
+
+    impl<S, B> tower_service::Service<Request<B>> for Front<S>
+    where
+        S: tower_service::Service<Request<B>, Response = Response<Body>>,
+        S::Future: Send + 'static,
+    {
+        type Response = Response<Body>;
+        type Error = S::Error;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, req: Request<B>) -> Self::Future {
+            // The request's origin when it is one of the configured CORS origins.
+            let allowed = req
+                .headers()
+                .get(header::ORIGIN)
+                .filter(|o| self.cfg.origins.iter().any(|a| a == *o))
+                .cloned();
+            if req.method() == Method::OPTIONS {
+                // A CORS preflight: allowed origins get the grants, others nothing (the browser
+                // then refuses the call).
+                let mut h = vec![(header::VARY, HeaderValue::from_static("origin"))];
+                if let Some(o) = allowed {
+                    h.extend([
+                        (header::ACCESS_CONTROL_ALLOW_ORIGIN, o),
+                        (
+                            header::ACCESS_CONTROL_ALLOW_METHODS,
+                            HeaderValue::from_static("POST, GET, OPTIONS"),
+                        ),
+                        (
+                            header::ACCESS_CONTROL_ALLOW_HEADERS,
+                            HeaderValue::from_static(ALLOW_HEADERS),
+                        ),
+                        (
+                            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                            HeaderValue::from_static(EXPOSE_HEADERS),
+                        ),
+                        (
+                            header::ACCESS_CONTROL_MAX_AGE,
+                            HeaderValue::from_static("600"),
+                        ),
+                    ]);
+                }
+                let r = respond(StatusCode::NO_CONTENT, &h, Bytes::new());
+                return Box::pin(async move { Ok(r) });
+            }
+            if !is_grpc(&req) {
+                let r = static_file(&req, self.cfg.dashboard);
+                return Box::pin(async move { Ok(r) });
+            }
+            let fut = self.inner.call(req);
+            Box::pin(async move {
+                let mut r = fut.await?;
+                if let Some(o) = allowed {
+                    let h = r.headers_mut();
+                    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+                    h.insert(
+                        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                        HeaderValue::from_static(EXPOSE_HEADERS),
+                    );
+                    h.append(header::VARY, HeaderValue::from_static("origin"));
+                }
+                Ok(r)
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn get(path: &str) -> Request<()> {
+            Request::builder().uri(path).body(()).unwrap()
+        }
+
+        #[test]
+        fn serves_the_embedded_files_only() {
+            let r = static_file(&get("/"), true);
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"));
+            assert_eq!(static_file(&get("/app.js"), true).status(), StatusCode::OK);
+            assert_eq!(
+                static_file(&get("/../Cargo.toml"), true).status(),
+                StatusCode::NOT_FOUND
+            );
+            assert_eq!(
+                static_file(&get("/"), false).status(),
+                StatusCode::NOT_FOUND
+            );
+            let post = Request::builder().method("POST").uri("/").body(()).unwrap();
+            assert_eq!(
+                static_file(&post, true).status(),
+                StatusCode::METHOD_NOT_ALLOWED
+            );
+        }
+
+        #[test]
+        fn grpc_is_told_by_content_type() {
+            let mut r = get("/bt.v1.JobService/ListJobs");
+            assert!(!is_grpc(&r));
+            for ct in [
+                "application/grpc",
+                "application/grpc+proto",
+                "application/grpc-web+proto",
+                "application/grpc-web-text",
+            ] {
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                assert!(is_grpc(&r), "{ct}");
+            }
+        }
+    }
 }

@@ -54,6 +54,13 @@ struct Args {
     /// CA (PEM) for client certificates: daemons must then present one it signed (mutual TLS).
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// The web dashboard at / on the listen address: on (the default) or off. gRPC-web stays on.
+    #[arg(long, value_name = "on|off")]
+    dashboard: Option<String>,
+    /// An origin (scheme://host[:port]) whose pages may call the API from a browser (CORS);
+    /// repeatable; replaces dashboard.cors_origins. Default: none (same origin only).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -165,6 +172,9 @@ async fn real_main() -> anyhow::Result<()> {
     if let Some(v) = &args.auth {
         overrides.push(("auth.mode".into(), v.clone()));
     }
+    if let Some(v) = &args.dashboard {
+        overrides.push(("dashboard.mode".into(), v.clone()));
+    }
     for (k, v) in [
         ("auth.tokens_file", &args.tokens_file),
         ("tls.cert", &args.tls_cert),
@@ -175,10 +185,13 @@ async fn real_main() -> anyhow::Result<()> {
             overrides.push((k.into(), v.display().to_string()));
         }
     }
-    let config: CoordinatorConfig =
+    let mut config: CoordinatorConfig =
         bt_common::config::load(args.config.as_deref(), "BT_COORDINATOR", &overrides)
             .map_err(anyhow::Error::msg)
             .context("loading the coordinator configuration")?;
+    if !args.cors_origins.is_empty() {
+        config.dashboard.cors_origins = args.cors_origins.clone();
+    }
     config
         .validate()
         .map_err(anyhow::Error::msg)
