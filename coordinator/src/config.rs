@@ -11,6 +11,9 @@ pub struct CoordinatorConfig {
     /// A second, plain-text listener serving only the gRPC health service (for Kubernetes'
     /// built-in gRPC probes, which cannot speak TLS); empty: none.
     pub health_listen: String,
+    /// A plain-HTTP listener serving Prometheus metrics at `/metrics` (no TLS, no token: bind it
+    /// where only the scraper reaches it); empty: none.
+    pub metrics_listen: String,
     /// SQLite database file.
     pub db_path: PathBuf,
     /// Root of the checkpoint storage; a job's checkpoints go to `<root>/<job_id>`.
@@ -131,6 +134,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             listen: "127.0.0.1:7070".into(),
             health_listen: String::new(),
+            metrics_listen: String::new(),
             db_path: "bt-coordinator.db".into(),
             checkpoint_root: "checkpoints".into(),
             heartbeat_interval_ms: 1000,

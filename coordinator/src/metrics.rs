@@ -366,6 +366,7 @@ where
                 });
             let io = hyper_util::rt::TokioIo::new(sock);
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(io, svc);
             let _ = conn.await;
@@ -459,5 +460,34 @@ mod tests {
             2.0
         );
         assert_eq!(value("bt_rpc_requests_total", Some(("code", "3"))), 1.0);
+    }
+
+    /// The listener answers a real HTTP GET with the text format, and other paths with 404.
+    #[tokio::test]
+    async fn the_listener_serves_metrics_over_http() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = Arc::new(Metrics::new());
+        let task = tokio::spawn(serve(l, m, || async {
+            Ok((vec![job("a", JobState::Running, 3)], Vec::new()))
+        }));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(
+            ok.contains("bt_job_step{job_id=\"a\",name=\"job-a\"} 3"),
+            "{ok}"
+        );
+        let missing = get("/nope").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        task.abort();
     }
 }

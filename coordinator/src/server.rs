@@ -121,6 +121,31 @@ pub async fn run(
             }
         });
     }
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    if !config.metrics_listen.is_empty() {
+        let l = TcpListener::bind(&config.metrics_listen)
+            .await
+            .with_context(|| format!("metrics_listen: binding {}", config.metrics_listen))?;
+        info!(addr = ?l.local_addr().ok(), "Prometheus metrics at /metrics (plain HTTP)");
+        let core = core.clone();
+        let snapshot = move || {
+            let core = core.clone();
+            async move {
+                let jobs = core.call(|c| c.list_jobs(&[], 0)).await;
+                let workers = core.call(|c| c.list_workers()).await;
+                match (jobs, workers) {
+                    (Ok(j), Ok(w)) => Ok((j, w)),
+                    (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                }
+            }
+        };
+        let metrics = metrics.clone();
+        background.spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, metrics, snapshot).await {
+                error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -141,6 +166,7 @@ pub async fn run(
         .accept_http1(true)
         .layer(front)
         .layer(tonic_web::GrpcWebLayer::new())
+        .layer(crate::metrics::RpcMetricsLayer(metrics))
         .layer(AuthLayer(auth))
         .add_service(health_svc)
         .add_service(reflection_v1)

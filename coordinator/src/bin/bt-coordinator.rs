@@ -21,6 +21,9 @@ struct Args {
     /// Plain-text listener for the gRPC health service only (Kubernetes probes), e.g. 0.0.0.0:7071.
     #[arg(long)]
     health_listen: Option<String>,
+    /// Plain-HTTP listener for Prometheus metrics (`GET /metrics`), e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// SQLite state database.
     #[arg(long = "db")]
     db: Option<PathBuf>,
@@ -150,6 +153,9 @@ async fn real_main() -> anyhow::Result<()> {
     let mut overrides: Vec<(String, String)> = Vec::new();
     if let Some(v) = &args.listen {
         overrides.push(("listen".into(), v.clone()));
+    }
+    if let Some(v) = &args.metrics_listen {
+        overrides.push(("metrics_listen".into(), v.clone()));
     }
     if let Some(v) = &args.health_listen {
         overrides.push(("health_listen".into(), v.clone()));
