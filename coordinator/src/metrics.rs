@@ -490,4 +490,38 @@ mod tests {
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         task.abort();
     }
+
+    /// Every metric the Grafana dashboard in deploy/ queries is one the coordinator exports.
+    #[test]
+    fn the_grafana_dashboard_queries_exported_metrics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/bt.json");
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let m = Metrics::new();
+        m.record_rpc("/bt.v1.JobService/ListJobs", "0", 0.001);
+        let text = m.render(&[job("a", JobState::Running, 1)], &[]);
+        let exported: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect();
+        let mut queried = 0;
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("bt_") {
+                        queried += 1;
+                        assert!(
+                            exported.contains(word),
+                            "{word} (panel {}) is not exported",
+                            p["title"]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= 10, "only {queried} metric references found");
+    }
 }

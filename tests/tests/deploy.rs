@@ -308,10 +308,11 @@ fn manifests_validate_and_run_a_job_as_rendered() {
         shared.insert(claim.to_string(), p);
     }
 
-    let (api, health) = (free_port(), free_port());
+    let (api, health, metrics) = (free_port(), free_port(), free_port());
     let subst = vec![
         ("0.0.0.0:7070".to_string(), format!("127.0.0.1:{api}")),
         ("0.0.0.0:7071".to_string(), format!("127.0.0.1:{health}")),
+        ("0.0.0.0:9090".to_string(), format!("127.0.0.1:{metrics}")),
         (
             format!("bt-coordinator-workers:{svc_port}"),
             format!("127.0.0.1:{api}"),
@@ -359,10 +360,21 @@ fn manifests_validate_and_run_a_job_as_rendered() {
             .output()
             .expect("btctl")
     };
-    // The plain-text health port the kubelet probes answers.
+    // The plain-text health port the kubelet probes answers, and the metrics port serves the
+    // Prometheus text format.
     wait_for("the health port", MINUTE, || {
         procs.assert_alive();
         std::net::TcpStream::connect(("127.0.0.1", health)).ok()
+    });
+    wait_for("the metrics port", MINUTE, || {
+        use std::io::{Read, Write};
+        procs.assert_alive();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.contains("# TYPE bt_jobs gauge").then_some(())
     });
     wait_for("two daemons online", MINUTE, || {
         procs.assert_alive();
