@@ -30,6 +30,15 @@ bench: setup
 	$(ENV) target/release/bt-bench data
 	$(ENV) target/release/bt-bench step
 	$(ENV) target/release/bt-bench step --world 2 --torch-threads 1
+	@echo "== bt vs the PyTorch recipe, (a) ResNet-50 + 8192x3, batch 16 at 224, 2 threads"
+	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
+	  --projector 8192,8192,8192 --image-size 224 --batch 16 --steps 3 --torch-threads 2 --loss-n 16
+	@echo "== the same at batch 32 (memory)"
+	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
+	  --projector 8192,8192,8192 --image-size 224 --batch 32 --steps 2 --rounds 3 --torch-threads 2 --loss-n 32
+	@echo "== (b) ResNet-18 CIFAR stem + 2048x3, batch 256 at 32, 2 threads"
+	$(ENV) target/release/bt-bench step --against-torch --backbone resnet18 --cifar-stem true \
+	  --projector 2048,2048,2048 --image-size 32 --batch 256 --steps 3 --torch-threads 2 --loss-n 256 --loss-d 2048
 	$(ENV) PROBE=target/release/bt-dist-probe bench/dist_bench.sh
 
 # Rebuild the dashboard's assets (dashboard/dist/, embedded in bt-coordinator; commit them).

@@ -110,6 +110,17 @@ struct StepArgs {
     /// As `train.memory_format`: auto (channels-last on CUDA), contiguous or channels-last.
     #[arg(long, default_value = "auto")]
     memory_format: String,
+    /// Also time the PyTorch recipe's step (bench/torch_step.py: torchvision ResNet, the D x D
+    /// loss, LARS as a per-parameter Python loop) on the same batch shape and threads,
+    /// interleaved with bt's own step on fixed inputs, and print both medians and the ratio.
+    #[arg(long)]
+    against_torch: bool,
+    /// Rounds of the side-by-side (each: bt's steps, then the recipe's).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Python with torch and torchvision for --against-torch.
+    #[arg(long, env = "BT_PYTHON", default_value = "python3")]
+    python: String,
 }
 
 /// Starts `world` copies of this command, one per rank, and waits for all of them.
@@ -188,6 +199,13 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         precision: bt_worker::trainer::precision(precision, device),
         layout: bt_worker::trainer::memory_format(memory_format, device),
         rendezvous,
+        against_torch: a
+            .against_torch
+            .then(|| bt_worker::trainer::bench::AgainstTorch {
+                python: a.python.clone(),
+                script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/torch_step.py"),
+                rounds: a.rounds.max(1),
+            }),
     };
     bt_worker::trainer::bench::run_step_bench(&cfg).context("step benchmark")
 }

@@ -12,7 +12,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use bt_common::spec::DEFAULT_LAMBDA;
 
-use super::pretrain::{train_step, Phase, StepObserver, StepSettings, TrainState};
+use super::pretrain::{step_on_views, train_step, Phase, StepObserver, StepSettings, TrainState};
 use crate::amp::{MemoryFormat, Precision};
 use crate::data::{self, AugmentConfig, Loader, LoaderConfig, SourceSpec, Split};
 use crate::dist::bench::median;
@@ -41,6 +41,28 @@ pub struct StepBenchConfig {
     pub layout: MemoryFormat,
     /// Join this group (several ranks); `None`: a single rank, no collectives.
     pub rendezvous: Option<Rendezvous>,
+    /// Time the PyTorch recipe's step beside bt's (single rank only).
+    pub against_torch: Option<AgainstTorch>,
+}
+
+/// The PyTorch side of the side-by-side (`bench/torch_step.py`).
+#[derive(Debug, Clone)]
+pub struct AgainstTorch {
+    pub python: String,
+    pub script: std::path::PathBuf,
+    /// Interleaved rounds; each runs `steps` of bt, then `steps` of the recipe.
+    pub rounds: usize,
+}
+
+/// This process's peak resident set (KiB), from getrusage.
+pub fn peak_rss_kib() -> i64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } == 0 {
+        u.ru_maxrss
+    } else {
+        0
+    }
 }
 
 /// Waits for queued CUDA work so that wall-clock laps measure the work itself.
@@ -184,7 +206,18 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     })?;
     say!("LARS step                             {opt_ms:>9.1} ms");
 
-    // 4. the whole step fed by the loader, with its breakdown.
+    // 4. side by side with the PyTorch recipe: the same step on fixed inputs, interleaved rounds.
+    if let Some(t) = &c.against_torch {
+        if world > 1 || c.width != 64 {
+            say!(
+                "against torch: skipped (single rank, width 64 only: the recipe is torchvision's)"
+            );
+        } else {
+            against_torch(c, t, &mut st, &xa, &xb)?;
+        }
+    }
+
+    // 5. the whole step fed by the loader, with its breakdown.
     let src = data::open_source(
         &SourceSpec::FashionMnist {
             dir: c.fashion_dir.clone(),
@@ -241,6 +274,114 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     say!(
         "whole step vs model fwd+bwd alone     {:>+8.1} %",
         100.0 * (whole_med - alone_med) / alone_med
+    );
+    Ok(())
+}
+
+/// Rounds of bt's [`step_on_views`] on fixed inputs interleaved with rounds of the PyTorch
+/// recipe's step (a child process running `bench/torch_step.py`, same batch shape and threads);
+/// prints both medians, the ratio, and both processes' peak resident memory.
+fn against_torch(
+    c: &StepBenchConfig,
+    t: &AgainstTorch,
+    st: &mut TrainState,
+    xa: &Tensor,
+    xb: &Tensor,
+) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let bench_err = |m: String| crate::Error::Other(format!("against torch: {m}"));
+    let arch = match c.arch {
+        Arch::Resnet18 => "resnet18",
+        Arch::Resnet34 => "resnet34",
+        Arch::Resnet50 => "resnet50",
+    };
+    let projector = c
+        .projector
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let threads = tch::get_num_threads();
+    let mut child = Command::new(&t.python)
+        .arg(&t.script)
+        .args([
+            arch,
+            if c.cifar_stem { "1" } else { "0" },
+            &projector,
+            &c.batch.to_string(),
+            &c.image_size.to_string(),
+            &threads.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| bench_err(format!("starting {} {}: {e}", t.python, t.script.display())))?;
+    let mut stdin = child.stdin.take().expect("stdin piped");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+    let mut next_line = || -> Result<String> {
+        lines
+            .next()
+            .ok_or_else(|| bench_err("the recipe process ended early".into()))?
+            .map_err(|e| bench_err(e.to_string()))
+    };
+    let ready = next_line()?;
+    if !ready.starts_with("ready") {
+        return Err(bench_err(format!("unexpected first line {ready:?}")));
+    }
+    // bt's warm-up step (allocations, momentum buffers), not timed.
+    step_on_views(st, xa, xb, 1, false, None)?;
+    sync(c.device);
+    let (mut bt_ms, mut torch_ms) = (Vec::new(), Vec::new());
+    let mut torch_rss = 0i64;
+    let mut step = 1u64;
+    for _ in 0..t.rounds {
+        for _ in 0..c.steps {
+            step += 1;
+            let t0 = Instant::now();
+            step_on_views(st, xa, xb, step, false, None)?;
+            sync(c.device);
+            bt_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        writeln!(stdin, "run {}", c.steps).map_err(|e| bench_err(e.to_string()))?;
+        let reply: serde_json::Value =
+            serde_json::from_str(&next_line()?).map_err(|e| bench_err(format!("reply: {e}")))?;
+        torch_ms.extend(
+            reply["ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_f64()),
+        );
+        torch_rss = reply["peak_rss_kib"].as_i64().unwrap_or(0);
+    }
+    let _ = writeln!(stdin, "quit");
+    drop(stdin);
+    let _ = child.wait();
+    let (bt_med, torch_med) = (median(&mut bt_ms), median(&mut torch_ms));
+    let b = c.batch as f64;
+    println!(
+        "# side by side, fixed inputs, {} interleaved rounds of {} steps, {threads} thread(s) each",
+        t.rounds, c.steps
+    );
+    println!(
+        "  PyTorch recipe step (torchvision, D x D loss, per-parameter LARS) {torch_med:>9.1} ms   {:>8.1} img/s",
+        b * 1e3 / torch_med
+    );
+    println!(
+        "  bt step (forward, loss {:?}, backward, LARS)                      {bt_med:>9.1} ms   {:>8.1} img/s",
+        st.form,
+        b * 1e3 / bt_med
+    );
+    println!(
+        "  bt speed-up over the recipe                                      {:>9.2}x",
+        torch_med / bt_med
+    );
+    println!(
+        "  peak resident memory: bt {:.0} MiB, recipe {:.0} MiB",
+        peak_rss_kib() as f64 / 1024.0,
+        torch_rss as f64 / 1024.0
     );
     Ok(())
 }

@@ -138,9 +138,8 @@ pub struct StepOutput {
     pub skipped: u64,
 }
 
-/// One training step: the next batch → two views → model → all-gather → global-batch loss →
-/// backward → gradient all-reduce → LARS step number `step` (counted from 0). With `want_stats`
-/// the loss statistics are filled (one device sync).
+/// One training step: the next batch → two views → [`step_on_views`]. With `want_stats` the loss
+/// statistics are filled (one device sync).
 pub fn train_step(
     st: &mut TrainState,
     loader: &mut Loader,
@@ -148,34 +147,51 @@ pub fn train_step(
     want_stats: bool,
     mut observer: Option<&mut dyn StepObserver>,
 ) -> crate::Result<StepOutput> {
-    let mut lap = |p: Phase| {
-        if let Some(o) = observer.as_deref_mut() {
-            o.phase_done(p);
-        }
-    };
     let batch = loader.next_batch()?;
-    lap(Phase::DataWait);
+    lap(&mut observer, Phase::DataWait);
     let (va, vb) = batch.views(st.device)?;
-    lap(Phase::DeviceAugment);
-    let (za, zb) = st.forward_views(&va, &vb)?;
-    lap(Phase::Forward);
-    let ga = st.group.all_gather_with_grad(&za)?;
-    let gb = st.group.all_gather_with_grad(&zb)?;
-    lap(Phase::Gather);
-    let out = loss::barlow_twins_loss(&ga, &gb, st.lambda, st.form, want_stats)?;
-    lap(Phase::Loss);
-    st.opt.zero_grad();
-    out.loss.f_backward()?;
-    lap(Phase::Backward);
-    st.grad_buckets.all_reduce()?;
-    lap(Phase::AllReduce);
-    let lr = st.opt.step(step)?;
-    lap(Phase::Optimizer);
+    lap(&mut observer, Phase::DeviceAugment);
+    let (loss, lr) = step_on_views(st, &va, &vb, step, want_stats, observer)?;
     Ok(StepOutput {
-        loss: out,
+        loss,
         lr,
         skipped: batch.skipped,
     })
+}
+
+/// The step from two views on: model → all-gather → global-batch loss → backward → gradient
+/// all-reduce → LARS step number `step` (counted from 0). Returns the loss and the weights'
+/// learning rate. [`train_step`] and the benchmark's side-by-side with the PyTorch recipe (fixed
+/// inputs, no loader) both call it.
+pub fn step_on_views(
+    st: &mut TrainState,
+    va: &Tensor,
+    vb: &Tensor,
+    step: u64,
+    want_stats: bool,
+    mut observer: Option<&mut dyn StepObserver>,
+) -> crate::Result<(loss::LossOutput, f64)> {
+    let (za, zb) = st.forward_views(va, vb)?;
+    lap(&mut observer, Phase::Forward);
+    let ga = st.group.all_gather_with_grad(&za)?;
+    let gb = st.group.all_gather_with_grad(&zb)?;
+    lap(&mut observer, Phase::Gather);
+    let out = loss::barlow_twins_loss(&ga, &gb, st.lambda, st.form, want_stats)?;
+    lap(&mut observer, Phase::Loss);
+    st.opt.zero_grad();
+    out.loss.f_backward()?;
+    lap(&mut observer, Phase::Backward);
+    st.grad_buckets.all_reduce()?;
+    lap(&mut observer, Phase::AllReduce);
+    let lr = st.opt.step(step)?;
+    lap(&mut observer, Phase::Optimizer);
+    Ok((out, lr))
+}
+
+fn lap(observer: &mut Option<&mut dyn StepObserver>, phase: Phase) {
+    if let Some(o) = observer.as_deref_mut() {
+        o.phase_done(phase);
+    }
 }
 
 /// A run of this rank, set up for its first step.
