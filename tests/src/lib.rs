@@ -177,6 +177,19 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, i: usize, slots: u32) {
+        self.start_worker_with_env(i, slots, &[]);
+    }
+
+    /// Starts one more daemon (index = the number started so far) with extra environment
+    /// variables; returns its index. Does not wait for it to come online.
+    pub fn add_worker(&mut self, slots: u32, env: &[(&str, &std::ffi::OsStr)]) -> usize {
+        let i = self.workers.len();
+        self.workers.push(None);
+        self.start_worker_with_env(i, slots, env);
+        i
+    }
+
+    fn start_worker_with_env(&mut self, i: usize, slots: u32, env: &[(&str, &std::ffi::OsStr)]) {
         let start = self.port_base + (i as u32) * 10;
         let mut cmd = Command::new(bin("bt-worker"));
         cmd.arg("--coordinator")
@@ -201,7 +214,8 @@ impl Cluster {
             .arg(self.path("secrets/worker.pem"))
             .arg("--client-key")
             .arg(self.path("secrets/worker.key"))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         let p = spawn(
             &format!("worker-{i}"),
             &mut cmd,
