@@ -1,5 +1,6 @@
 //! bt-common: job spec types and validation, configuration loading, tracing setup, ids, shutdown.
 pub mod config;
+pub mod domain;
 pub mod ids;
 pub mod paths;
 pub mod spec;

@@ -1,11 +1,11 @@
 //! Jobs: submission, cancellation, the state machine's transitions, scheduling passes, views.
 use std::collections::{HashMap, HashSet};
 
-use bt_common::{now_ms, JobId, JobSpec, WorkerId};
-use bt_proto::{
-    coordinator_message, job_event, Assignment, CancelAssignment, CheckpointInfo,
-    CoordinatorMessage, Job, JobState, RankPlacement, StateChange, WorkerState,
+use bt_common::domain::{
+    CheckpointInfo, EvalResult, EventKind, JobState, StateChange, WorkerState,
 };
+use bt_common::{now_ms, JobId, JobSpec, WorkerId};
+use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
 use tracing::{info, warn};
 
 use super::{emit, Core, Effects};
@@ -39,8 +39,8 @@ pub(crate) fn set_state(
         fx,
         job.id,
         step,
-        job_event::Kind::State(StateChange {
-            state: state as i32,
+        EventKind::State(StateChange {
+            state,
             reason: reason.to_string(),
             epoch: job.epoch,
         }),
@@ -56,13 +56,12 @@ pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &s
         if seen.insert(r.worker_id) {
             fx.messages.push((
                 r.worker_id,
-                CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
-                        job_id: attempt.job_id.to_string(),
-                        epoch: attempt.epoch,
-                        reason: reason.to_string(),
-                    })),
-                },
+                CancelAssignment {
+                    job_id: attempt.job_id.to_string(),
+                    epoch: attempt.epoch,
+                    reason: reason.to_string(),
+                }
+                .into(),
             ));
         }
     }
@@ -140,19 +139,12 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
             }
         }
     }
-    let evals = tx
-        .list_events(job.id, 0, Some("eval"))?
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            Some(job_event::Kind::Eval(ev)) => Some(ev),
-            _ => None,
-        })
-        .collect();
+    let evals = evals_of(tx, job)?.into_iter().map(Into::into).collect();
     Ok(Job {
         id: job.id.to_string(),
         name: job.name.clone(),
         kind: job.kind.clone(),
-        state: job.state as i32,
+        state: bt_proto::JobState::from(job.state) as i32,
         spec_toml: job.spec_toml.clone(),
         priority: job.priority,
         world_size: job.world_size,
@@ -164,12 +156,27 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
         max_restarts: job.max_restarts,
         failure_reason: job.failure_reason.clone(),
         total_steps: job.total_steps,
-        last_metrics: job.last_metrics,
+        last_metrics: job.last_metrics.map(Into::into),
         placement,
         evals,
         rendezvous,
         owner: job.owner.clone(),
     })
+}
+
+/// The job's evaluation results, oldest first.
+fn evals_of(tx: &mut dyn Tx, job: &JobRecord) -> Result<Vec<EvalResult>> {
+    Ok(tx
+        .list_events(job.id, 0, Some("eval"))?
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Eval(ev) => Some(ev),
+            EventKind::State(_)
+            | EventKind::Metrics(_)
+            | EventKind::Checkpoint(_)
+            | EventKind::Notice(_) => None,
+        })
+        .collect())
 }
 
 pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointInfo {
@@ -246,8 +253,7 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
         }
         .into();
         if job.state == JobState::Succeeded {
-            cp.eval = job_view(tx, job)?
-                .evals
+            cp.eval = evals_of(tx, job)?
                 .into_iter()
                 .rev()
                 .find(|e| e.kind == "linear_probe");
@@ -347,7 +353,7 @@ impl Core {
         })
     }
 
-    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
+    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<bt_proto::CheckpointInfo>> {
         self.read(|_, tx| {
             tx.get_job(id)?.ok_or_else(|| not_found(id))?;
             let mut out: Vec<CheckpointInfo> = tx
@@ -356,7 +362,7 @@ impl Core {
                 .map(checkpoint_info)
                 .collect();
             attach_probe_state(tx, &mut out)?;
-            Ok(out)
+            Ok(out.into_iter().map(Into::into).collect())
         })
     }
 
@@ -506,21 +512,20 @@ impl Core {
                 for r in &attempt.ranks {
                     fx.messages.push((
                         r.worker_id,
-                        CoordinatorMessage {
-                            msg: Some(coordinator_message::Msg::Assign(Assignment {
-                                job_id: job.id.to_string(),
-                                epoch,
-                                rank: r.rank,
-                                world_size: job.world_size,
-                                device: r.device,
-                                master_addr: attempt.master_addr.clone(),
-                                master_port,
-                                spec_toml: job.spec_toml.clone(),
-                                checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
-                                resume_from: resume_from.clone(),
-                                store_prefix: store_prefix.clone(),
-                            })),
-                        },
+                        Assignment {
+                            job_id: job.id.to_string(),
+                            epoch,
+                            rank: r.rank,
+                            world_size: job.world_size,
+                            device: r.device,
+                            master_addr: attempt.master_addr.clone(),
+                            master_port,
+                            spec_toml: job.spec_toml.clone(),
+                            checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
+                            resume_from: resume_from.clone(),
+                            store_prefix: store_prefix.clone(),
+                        }
+                        .into(),
                     ));
                 }
             }

@@ -10,8 +10,9 @@ mod workers;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bt_common::domain::{EventKind, JobEvent};
 use bt_common::{now_ms, JobId, WorkerId};
-use bt_proto::{job_event, CoordinatorMessage, JobEvent, JobState};
+use bt_proto::CoordinatorMessage;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tonic::Status;
 
@@ -140,15 +141,6 @@ pub(crate) struct WatchStart {
     pub live: Option<broadcast::Receiver<JobEvent>>,
 }
 
-pub(crate) fn is_terminal_event(ev: &JobEvent) -> bool {
-    match &ev.kind {
-        Some(job_event::Kind::State(s)) => {
-            JobState::try_from(s.state).is_ok_and(|s| s.is_terminal())
-        }
-        _ => false,
-    }
-}
-
 impl Core {
     /// Opens the core over `store`. Workers that were online before a restart get
     /// `heartbeat_timeout_ms` to reconnect before they are handled as lost.
@@ -218,10 +210,8 @@ impl Core {
 
     fn apply(&self, rt: &mut Runtime, fx: Effects) {
         for ev in fx.events {
-            let Ok(job_id) = ev.job_id.parse::<JobId>() else {
-                continue;
-            };
-            let terminal = is_terminal_event(&ev);
+            let job_id = ev.job_id;
+            let terminal = ev.is_terminal();
             if let Some(tx) = rt.watchers.get(&job_id) {
                 // No receivers is not an error worth reporting.
                 let _ = tx.send(ev);
@@ -331,14 +321,14 @@ pub(crate) fn emit(
     fx: &mut Effects,
     job_id: JobId,
     step: u64,
-    kind: job_event::Kind,
+    kind: EventKind,
 ) -> Result<()> {
     let mut ev = JobEvent {
         seq: 0,
         time_ms: now_ms(),
         step,
-        job_id: job_id.to_string(),
-        kind: Some(kind),
+        job_id,
+        kind,
     };
     tx.append_event(&mut ev)?;
     fx.events.push(ev);

@@ -2,11 +2,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use bt_common::domain::{EventKind, JobState, Notice};
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
-use bt_proto::{
-    coordinator_message, job_event, trainer_report, CoordinatorMessage, DeleteCheckpoints,
-    JobState, Notice, TrainerExit, TrainerReport,
-};
+use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
 
 use super::jobs::{checkpoint_info, fail_attempt, set_state};
@@ -148,11 +146,12 @@ pub(crate) fn handle_report(
             if !rt.metrics_allowed(job_id, epoch, config.limits.max_metrics_per_sec) {
                 return Ok(());
             }
+            let m = bt_common::domain::TrainMetrics::from(m);
             job.total_steps = m.total_steps.max(job.total_steps);
             job.last_metrics = Some(m);
             job.updated_ms = now_ms();
             tx.put_job(&job)?;
-            emit(tx, fx, job_id, m.step, job_event::Kind::Metrics(m))?;
+            emit(tx, fx, job_id, m.step, EventKind::Metrics(m))?;
             if rt.metric_appended(job_id) {
                 thin_metrics(config, tx, job_id)?;
             }
@@ -164,11 +163,11 @@ pub(crate) fn handle_report(
                 return Ok(());
             }
             info!(job_id = %job_id, step = ev.step, kind = %ev.kind, top1 = ev.top1, "eval result");
-            emit(tx, fx, job_id, ev.step, job_event::Kind::Eval(ev))
+            emit(tx, fx, job_id, ev.step, EventKind::Eval(ev.into()))
         }
         trainer_report::Body::Notice(n) => {
             let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
-            emit(tx, fx, job_id, step, job_event::Kind::Notice(n))
+            emit(tx, fx, job_id, step, EventKind::Notice(n.into()))
         }
         trainer_report::Body::Checkpoint(c) => {
             if rank != 0 {
@@ -191,7 +190,7 @@ pub(crate) fn handle_report(
                     fx,
                     job_id,
                     step,
-                    job_event::Kind::Notice(Notice {
+                    EventKind::Notice(Notice {
                         level: "warn".into(),
                         message: format!("checkpoint report refused: {e}"),
                     }),
@@ -218,7 +217,7 @@ pub(crate) fn handle_report(
                 fx,
                 job_id,
                 c.step,
-                job_event::Kind::Checkpoint(checkpoint_info(&rec)),
+                EventKind::Checkpoint(checkpoint_info(&rec)),
             )?;
             if let Ok(spec) = JobSpec::from_toml_str(&job.spec_toml) {
                 if spec.checkpoint.auto_eval {
@@ -325,15 +324,12 @@ fn apply_retention(
         info!(job_id = %job.id, deleted = paths.len(), "checkpoint retention");
         fx.messages.push((
             worker_id,
-            CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::DeleteCheckpoints(
-                    DeleteCheckpoints {
-                        paths,
-                        job_id: job.id.to_string(),
-                        epoch: attempt.epoch,
-                    },
-                )),
-            },
+            DeleteCheckpoints {
+                paths,
+                job_id: job.id.to_string(),
+                epoch: attempt.epoch,
+            }
+            .into(),
         ));
     }
     Ok(())

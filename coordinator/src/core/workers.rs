@@ -2,10 +2,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use bt_common::domain::WorkerState;
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
-    coordinator_message, worker_message, CancelAssignment, CoordinatorMessage, Device, Hello,
-    RegisterRequest, Worker, WorkerMessage, WorkerState, PROTOCOL_VERSION,
+    worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest, Worker,
+    WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
@@ -232,7 +233,7 @@ fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
                 name: d.name.clone(),
             })
             .collect(),
-        state: w.state as i32,
+        state: bt_proto::WorkerState::from(w.state) as i32,
         last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
         busy_devices: busy,
     }
@@ -343,13 +344,12 @@ impl Core {
                     info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
                     fx.messages.push((
                         worker_id,
-                        CoordinatorMessage {
-                            msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
-                                job_id: job_id.to_string(),
-                                epoch: *epoch,
-                                reason: "this attempt is no longer current".into(),
-                            })),
-                        },
+                        CancelAssignment {
+                            job_id: job_id.to_string(),
+                            epoch: *epoch,
+                            reason: "this attempt is no longer current".into(),
+                        }
+                        .into(),
                     ));
                 }
             }

@@ -4,8 +4,8 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use bt_common::domain::{JobEvent, JobState, TrainMetrics, WorkerState};
 use bt_common::{JobId, WorkerId};
-use bt_proto::{JobEvent, JobState, TrainMetrics, WorkerState};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;

@@ -2,9 +2,8 @@
 //! kill -9 and power loss), one connection owned by the coordinator core.
 use std::path::Path;
 
+use bt_common::domain::{JobEvent, JobState};
 use bt_common::{JobId, WorkerId};
-use bt_proto::{JobEvent, JobState};
-use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::{AttemptRecord, CheckpointRecord, JobRecord, RankRecord, Store, Tx, WorkerRecord};
@@ -12,6 +11,7 @@ use crate::error::{Error, Result};
 
 mod rows;
 mod schema;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -30,13 +30,13 @@ impl SqliteStore {
                 Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        schema::migrate(&conn)?;
+        schema::migrate(&mut conn)?;
         Ok(SqliteStore { conn })
     }
 }
@@ -168,7 +168,11 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn put_job(&mut self, j: &JobRecord) -> Result<()> {
-        let metrics = j.last_metrics.as_ref().map(|m| m.encode_to_vec());
+        let metrics = j
+            .last_metrics
+            .as_ref()
+            .map(stored::encode_metrics)
+            .transpose()?;
         self.tx.execute(
             &format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLS}) VALUES \
@@ -181,7 +185,7 @@ impl Tx for SqliteTx<'_> {
                 j.spec_toml,
                 j.priority,
                 j.world_size,
-                j.state as i32,
+                job_state_code(j.state),
                 j.created_ms,
                 j.updated_ms,
                 j.epoch as i64,
@@ -201,7 +205,10 @@ impl Tx for SqliteTx<'_> {
         let sql = if states.is_empty() {
             format!("SELECT {JOB_COLS} FROM jobs ORDER BY created_ms, rowid")
         } else {
-            let list: Vec<String> = states.iter().map(|s| (*s as i32).to_string()).collect();
+            let list: Vec<String> = states
+                .iter()
+                .map(|s| job_state_code(*s).to_string())
+                .collect();
             format!(
                 "SELECT {JOB_COLS} FROM jobs WHERE state IN ({}) ORDER BY created_ms, rowid",
                 list.join(",")
@@ -304,7 +311,7 @@ impl Tx for SqliteTx<'_> {
                 devices,
                 w.port_start,
                 w.port_end,
-                w.state as i32,
+                worker_state_code(w.state),
                 w.last_seen_ms
             ],
         )?;
@@ -367,13 +374,13 @@ impl Tx for SqliteTx<'_> {
 
     fn append_event(&mut self, ev: &mut JobEvent) -> Result<()> {
         ev.seq = 0;
-        let payload = ev.encode_to_vec();
+        let payload = stored::encode_event(&ev.kind)?;
         self.tx.execute(
             "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
-                ev.job_id,
+                ev.job_id.to_string(),
                 ev.step as i64,
-                event_kind(ev),
+                ev.kind.name(),
                 ev.time_ms,
                 payload
             ],
@@ -389,7 +396,7 @@ impl Tx for SqliteTx<'_> {
         only_kind: Option<&str>,
     ) -> Result<Vec<JobEvent>> {
         let mut st = self.tx.prepare_cached(
-            "SELECT seq, payload FROM events WHERE job_id = ?1 \
+            "SELECT seq, time_ms, step, payload FROM events WHERE job_id = ?1 \
              AND (kind = 'state' OR step >= ?2) AND (?3 IS NULL OR kind = ?3) ORDER BY seq",
         )?;
         let rows = st
@@ -399,15 +406,25 @@ impl Tx for SqliteTx<'_> {
                     from_step.min(i64::MAX as u64) as i64,
                     only_kind
                 ],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
-            .map(|(seq, payload)| {
-                let mut ev = JobEvent::decode(payload.as_slice())
-                    .map_err(|e| Error::Corrupt(format!("event {seq}: {e}")))?;
-                ev.seq = seq as u64;
-                Ok(ev)
+            .map(|(seq, time_ms, step, payload)| {
+                Ok(JobEvent {
+                    seq: seq as u64,
+                    time_ms,
+                    step: step as u64,
+                    job_id,
+                    kind: stored::decode_event(&payload, &format!("event {seq}"))?,
+                })
             })
             .collect()
     }

@@ -1,4 +1,5 @@
-//! The database schema, created on open (idempotent).
+//! The database schema, created on open (idempotent), and the migrations from earlier ones.
+use rusqlite::OptionalExtension;
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -84,13 +85,84 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 "#;
 
-/// Brings a database written by an earlier version up to this schema (idempotent).
-pub(super) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let has_owner = conn
+/// The schema version this coordinator writes (`meta.schema`). A database without one was written
+/// by the first schema: events and last metrics as protobuf messages of the wire protocol.
+///
+/// - 2: event bodies and a job's last metrics in their own stored form (versioned JSON, see
+///   `stored`), no longer the wire's encoding.
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// Brings a database written by an earlier version up to this schema (idempotent), in one
+/// transaction.
+pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let has_owner = tx
         .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?
         .exists([])?;
     if !has_owner {
-        conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';")?;
+        tx.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';")?;
     }
-    conn.execute_batch("CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);")
+    tx.execute_batch("CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);")?;
+    let version: i64 = tx
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(1);
+    if version > SCHEMA_VERSION {
+        return Err(crate::error::Error::Corrupt(format!(
+            "the database has schema version {version}, newer than this coordinator's \
+             ({SCHEMA_VERSION}): run a newer coordinator"
+        )));
+    }
+    if version < 2 {
+        legacy::events_and_metrics_to_stored_form(&tx)?;
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
+        [SCHEMA_VERSION],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reading what schema 1 wrote: the wire's protobuf encoding, converted once, at migration.
+mod legacy {
+    use bt_common::domain;
+    use prost::Message;
+    use rusqlite::params;
+
+    use crate::error::{Error, Result};
+
+    pub(super) fn events_and_metrics_to_stored_form(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        let rows: Vec<(i64, Vec<u8>)> = tx
+            .prepare("SELECT seq, payload FROM events")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (seq, payload) in rows {
+            let what = format!("event {seq} (schema 1)");
+            let wire = bt_proto::JobEvent::decode(payload.as_slice())
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            let ev = domain::JobEvent::try_from(wire)
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            tx.execute(
+                "UPDATE events SET payload = ?1 WHERE seq = ?2",
+                params![super::super::stored::encode_event(&ev.kind)?, seq],
+            )?;
+        }
+        let jobs: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT id, last_metrics FROM jobs WHERE last_metrics IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, blob) in jobs {
+            let wire = bt_proto::TrainMetrics::decode(blob.as_slice())
+                .map_err(|e| Error::Corrupt(format!("last_metrics of job {id} (schema 1): {e}")))?;
+            let m = domain::TrainMetrics::from(wire);
+            tx.execute(
+                "UPDATE jobs SET last_metrics = ?1 WHERE id = ?2",
+                params![super::super::stored::encode_metrics(&m)?, id],
+            )?;
+        }
+        Ok(())
+    }
 }

@@ -1,7 +1,6 @@
 use super::*;
 use crate::store::DeviceRecord;
-use bt_proto::StateChange;
-use bt_proto::{job_event, TrainMetrics, WorkerState};
+use bt_common::domain::{EventKind, StateChange, TrainMetrics, WorkerState};
 
 fn job(id: JobId, created_ms: i64) -> JobRecord {
     JobRecord {
@@ -91,14 +90,15 @@ fn survives_reopen() {
         })
         .unwrap();
         let mut ev = JobEvent {
-            job_id: id.to_string(),
+            seq: 0,
+            time_ms: 0,
+            job_id: id,
             step: 0,
-            kind: Some(job_event::Kind::State(StateChange {
-                state: JobState::Queued as i32,
+            kind: EventKind::State(StateChange {
+                state: JobState::Queued,
                 reason: "submitted".into(),
                 epoch: 0,
-            })),
-            ..Default::default()
+            }),
         };
         tx.append_event(&mut ev).unwrap();
         assert!(ev.seq > 0);
@@ -124,4 +124,139 @@ fn survives_reopen() {
     let evs = tx.list_events(id, 100, None).unwrap();
     assert_eq!(evs.len(), 1, "state events are replayed whatever from_step");
     assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 0);
+}
+
+/// A database as the first schema wrote it (events and last metrics as the wire's protobuf, no
+/// `meta.schema`): the rows are inserted with raw SQL exactly as that code wrote them, and the new
+/// code reads them as domain values after its migration (run twice: idempotent).
+#[test]
+fn reads_a_database_written_by_schema_1() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let id = JobId::new();
+    {
+        let conn = Connection::open(&path).unwrap();
+        // Schema 1 had no `owner` column and no kind index either; the tables otherwise match.
+        conn.execute_batch(
+            &SCHEMA
+                .replace("    owner TEXT NOT NULL DEFAULT ''\n", "")
+                .replace("    last_metrics BLOB,\n", "    last_metrics BLOB\n"),
+        )
+        .unwrap();
+        let metrics = bt_proto::TrainMetrics {
+            step: 12,
+            loss: 0.5,
+            total_steps: 40,
+            ..Default::default()
+        };
+        conn.execute(
+            "INSERT INTO jobs (id, name, kind, spec_toml, priority, world_size, state, created_ms, \
+             updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, \
+             last_metrics) VALUES (?1, 'old', 'pretrain', 'world_size = 1', 0, 1, 3, 5, 6, 1, 1, 0, \
+             2, '', 40, ?2)",
+            params![id.to_string(), metrics.encode_to_vec()],
+        )
+        .unwrap();
+        let events = [
+            bt_proto::job_event::Kind::State(bt_proto::StateChange {
+                state: bt_proto::JobState::Running as i32,
+                reason: "all 1 ranks started".into(),
+                epoch: 1,
+            }),
+            bt_proto::job_event::Kind::Metrics(metrics),
+            bt_proto::job_event::Kind::Eval(bt_proto::EvalResult {
+                step: 12,
+                kind: "knn".into(),
+                top1: 0.25,
+                ..Default::default()
+            }),
+            bt_proto::job_event::Kind::Checkpoint(bt_proto::CheckpointInfo {
+                job_id: id.to_string(),
+                step: 12,
+                path: "/c/12".into(),
+                ..Default::default()
+            }),
+            bt_proto::job_event::Kind::Notice(bt_proto::Notice {
+                level: "warn".into(),
+                message: "slow".into(),
+            }),
+        ];
+        let names = ["state", "metrics", "eval", "checkpoint", "notice"];
+        for (i, (kind, name)) in events.into_iter().zip(names).enumerate() {
+            let ev = bt_proto::JobEvent {
+                seq: 0,
+                time_ms: 100 + i as i64,
+                step: 12,
+                job_id: id.to_string(),
+                kind: Some(kind),
+            };
+            conn.execute(
+                "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id.to_string(), 12i64, name, ev.time_ms, ev.encode_to_vec()],
+            )
+            .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        let mut s = SqliteStore::open(&path).unwrap();
+        let mut tx = s.begin().unwrap();
+        let j = tx.get_job(id).unwrap().unwrap();
+        assert_eq!(j.state, JobState::Running);
+        assert_eq!(j.owner, "");
+        let m = j.last_metrics.unwrap();
+        assert_eq!((m.step, m.loss, m.total_steps), (12, 0.5, 40));
+        let evs = tx.list_events(id, 0, None).unwrap();
+        assert_eq!(evs.len(), 5);
+        assert_eq!(
+            evs[0].kind,
+            EventKind::State(StateChange {
+                state: JobState::Running,
+                reason: "all 1 ranks started".into(),
+                epoch: 1,
+            })
+        );
+        assert!(matches!(&evs[1].kind, EventKind::Metrics(m) if m.step == 12 && m.loss == 0.5));
+        assert!(matches!(&evs[2].kind, EventKind::Eval(e) if e.kind == "knn" && e.top1 == 0.25));
+        assert!(matches!(&evs[3].kind, EventKind::Checkpoint(c) if c.path == "/c/12"));
+        assert!(matches!(&evs[4].kind, EventKind::Notice(n) if n.level == "warn"));
+        assert_eq!(evs[4].time_ms, 104);
+        assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 1);
+        // New rows after the migration are written (and read back) in the stored form.
+        let mut ev = JobEvent {
+            seq: 0,
+            time_ms: 1,
+            step: 13,
+            job_id: id,
+            kind: EventKind::Notice(bt_common::domain::Notice {
+                level: "info".into(),
+                message: "new".into(),
+            }),
+        };
+        tx.append_event(&mut ev).unwrap();
+        assert_eq!(
+            tx.list_events(id, 13, Some("notice")).unwrap().last(),
+            Some(&ev)
+        );
+        // Not committed: the next round sees the migrated rows only.
+    }
+}
+
+/// The stored form is versioned: a row of an unknown version is reported, never misread.
+#[test]
+fn an_event_of_an_unknown_stored_version_is_corrupt_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+    let id = JobId::new();
+    let tx = s.begin().unwrap();
+    drop(tx);
+    s.conn
+        .execute(
+            "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, 0, 'notice', 0, ?2)",
+            params![id.to_string(), br#"{"v":99,"kind":{"notice":{"level":"info","message":"x"}}}"#.to_vec()],
+        )
+        .unwrap();
+    let mut tx = s.begin().unwrap();
+    let e = tx.list_events(id, 0, None).unwrap_err().to_string();
+    assert!(e.contains("version 99"), "{e}");
 }
