@@ -59,6 +59,101 @@ pub enum WorkerState {
     Lost,
 }
 
+/// A closed set of names: each variant has one lower-case name (its text on the wire and on
+/// disk), and parsing accepts exactly those.
+macro_rules! named {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vm])* $v,)*
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$v => $s,)*
+                }
+            }
+
+            /// The variant named `s`, if any.
+            pub fn parse(s: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|v| v.name() == s)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+named! {
+    /// How an attempt ended.
+    AttemptOutcome {
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+named! {
+    /// What a device slot is.
+    DeviceKind {
+        Cpu = "cpu",
+        Cuda = "cuda",
+    }
+}
+
+named! {
+    /// Which evaluation produced a result.
+    EvalKind {
+        /// The kNN monitor (during or at the end of pretraining).
+        Knn = "knn",
+        /// A linear probe on a frozen checkpoint.
+        LinearProbe = "linear_probe",
+    }
+}
+
+named! {
+    /// Where the evaluation of a checkpoint stands (the newest probe job pointed at it decides).
+    CheckpointEvalState {
+        Pending = "pending",
+        Running = "running",
+        Done = "done",
+        Failed = "failed",
+    }
+}
+
+named! {
+    /// How much a notice matters.
+    NoticeLevel {
+        Info = "info",
+        Warn = "warn",
+        Error = "error",
+    }
+}
+
+/// A job kind's name (the spec's `kind`, as jobs are listed and stored).
+pub fn job_kind_name(k: crate::JobKind) -> &'static str {
+    match k {
+        crate::JobKind::Pretrain => "pretrain",
+        crate::JobKind::LinearProbe => "linear_probe",
+    }
+}
+
+/// The job kind named `s`, if any.
+pub fn parse_job_kind(s: &str) -> Option<crate::JobKind> {
+    [crate::JobKind::Pretrain, crate::JobKind::LinearProbe]
+        .into_iter()
+        .find(|k| job_kind_name(*k) == s)
+}
+
 /// Training metrics of one logged step (rank 0's view of the global batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -83,13 +178,11 @@ pub struct TrainMetrics {
 }
 
 /// One evaluation of a network (kNN monitor or linear probe).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     pub step: u64,
     pub epoch: u32,
-    /// "knn" or "linear_probe"
-    pub kind: String,
+    pub kind: EvalKind,
     pub top1: f64,
     pub top5: f64,
     pub baseline_top1: f64,
@@ -110,8 +203,8 @@ pub struct CheckpointInfo {
     pub created_at_ms: i64,
     pub size_bytes: u64,
     pub sha256: String,
-    /// "" (none requested), "pending", "running", "done" or "failed".
-    pub eval_state: String,
+    /// None: no evaluation was requested.
+    pub eval_state: Option<CheckpointEvalState>,
     pub eval_job_id: String,
     pub eval: Option<EvalResult>,
 }
@@ -125,8 +218,7 @@ pub struct StateChange {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
-    /// "info", "warn" or "error"
-    pub level: String,
+    pub level: NoticeLevel,
     pub message: String,
 }
 

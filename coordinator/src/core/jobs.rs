@@ -2,8 +2,10 @@
 use std::collections::{HashMap, HashSet};
 
 use bt_common::domain::{
-    CheckpointInfo, EvalResult, EventKind, JobState, StateChange, WorkerState,
+    AttemptOutcome, CheckpointEvalState, CheckpointInfo, EvalKind, EvalResult, EventKind, JobState,
+    StateChange, WorkerState,
 };
+use bt_common::JobKind;
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
 use tracing::{info, warn};
@@ -78,7 +80,7 @@ pub(crate) fn fail_attempt(
     reason: String,
 ) -> Result<()> {
     attempt.ended_ms = Some(now_ms());
-    attempt.outcome = "failed".into();
+    attempt.outcome = Some(AttemptOutcome::Failed);
     attempt.reason = reason.clone();
     cancel_ranks(fx, attempt, &format!("attempt failed: {reason}"));
     tx.put_attempt(attempt)?;
@@ -143,7 +145,8 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
     Ok(Job {
         id: job.id.to_string(),
         name: job.name.clone(),
-        kind: job.kind.clone(),
+        kind: bt_common::domain::job_kind_name(job.kind).into(),
+        job_kind: bt_proto::JobKind::from(job.kind) as i32,
         state: bt_proto::JobState::from(job.state) as i32,
         spec_toml: job.spec_toml.clone(),
         priority: job.priority,
@@ -203,7 +206,7 @@ pub(crate) fn insert_job(
     let mut job = JobRecord {
         id: JobId::new(),
         name: spec.name.clone(),
-        kind: kind_name(spec),
+        kind: spec.kind,
         spec_toml: spec.to_toml(),
         priority: spec.priority,
         world_size: spec.world_size,
@@ -233,7 +236,7 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
     let mut probes: Vec<(String, JobRecord)> = tx
         .list_jobs(&[])?
         .into_iter()
-        .filter(|j| j.kind == "linear_probe")
+        .filter(|j| j.kind == JobKind::LinearProbe)
         .filter_map(|j| {
             let path = JobSpec::from_toml_str(&j.spec_toml).ok()?.eval.checkpoint;
             Some((path, j))
@@ -245,18 +248,19 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
             continue;
         };
         cp.eval_job_id = job.id.to_string();
-        cp.eval_state = match job.state {
-            JobState::Running => "running",
-            JobState::Succeeded => "done",
-            JobState::Failed | JobState::Cancelled => "failed",
-            _ => "pending",
-        }
-        .into();
+        cp.eval_state = Some(match job.state {
+            JobState::Running => CheckpointEvalState::Running,
+            JobState::Succeeded => CheckpointEvalState::Done,
+            JobState::Failed | JobState::Cancelled => CheckpointEvalState::Failed,
+            JobState::Queued | JobState::Scheduled | JobState::Restarting => {
+                CheckpointEvalState::Pending
+            }
+        });
         if job.state == JobState::Succeeded {
             cp.eval = evals_of(tx, job)?
                 .into_iter()
                 .rev()
-                .find(|e| e.kind == "linear_probe");
+                .find(|e| e.kind == EvalKind::LinearProbe);
         }
     }
     Ok(())
@@ -287,13 +291,6 @@ pub(crate) fn check_read_paths(config: &CoordinatorConfig, spec: &JobSpec) -> Re
         }
     }
     Ok(())
-}
-
-fn kind_name(spec: &JobSpec) -> String {
-    match spec.kind {
-        bt_common::JobKind::Pretrain => "pretrain".into(),
-        bt_common::JobKind::LinearProbe => "linear_probe".into(),
-    }
 }
 
 impl Core {
@@ -390,7 +387,7 @@ impl Core {
                 if let Some(mut a) = tx.get_attempt(id, job.epoch)? {
                     if a.is_active() {
                         a.ended_ms = Some(now_ms());
-                        a.outcome = "cancelled".into();
+                        a.outcome = Some(AttemptOutcome::Cancelled);
                         a.reason = reason.clone();
                         cancel_ranks(fx, &a, &reason);
                         tx.put_attempt(&a)?;
@@ -467,7 +464,7 @@ impl Core {
                     epoch,
                     started_ms: now_ms(),
                     ended_ms: None,
-                    outcome: String::new(),
+                    outcome: None,
                     reason: String::new(),
                     resume_from: resume_from.clone(),
                     master_addr: rank0.host.clone(),

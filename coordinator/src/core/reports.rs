@@ -2,7 +2,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use bt_common::domain::{EventKind, JobState, Notice};
+use bt_common::domain::{AttemptOutcome, EventKind, JobState, Notice, NoticeLevel};
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
@@ -107,7 +107,7 @@ pub(crate) fn handle_report(
                 let all_ok = attempt.ranks.iter().all(|r| r.exit_success == Some(true));
                 if all_ok {
                     attempt.ended_ms = Some(now_ms());
-                    attempt.outcome = "succeeded".into();
+                    attempt.outcome = Some(AttemptOutcome::Succeeded);
                     tx.put_attempt(&attempt)?;
                     set_state(tx, fx, &mut job, JobState::Succeeded, "all ranks finished")?;
                 } else {
@@ -162,12 +162,16 @@ pub(crate) fn handle_report(
                 debug!(job_id = %job_id, rank, "eval from a rank other than 0 ignored");
                 return Ok(());
             }
+            let ev = bt_common::domain::EvalResult::try_from(ev)
+                .map_err(|e| Error::invalid(format!("report.eval.{}", e.field), e.message))?;
             info!(job_id = %job_id, step = ev.step, kind = %ev.kind, top1 = ev.top1, "eval result");
-            emit(tx, fx, job_id, ev.step, EventKind::Eval(ev.into()))
+            emit(tx, fx, job_id, ev.step, EventKind::Eval(ev))
         }
         trainer_report::Body::Notice(n) => {
             let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
-            emit(tx, fx, job_id, step, EventKind::Notice(n.into()))
+            let n = Notice::try_from(n)
+                .map_err(|e| Error::invalid(format!("report.notice.{}", e.field), e.message))?;
+            emit(tx, fx, job_id, step, EventKind::Notice(n))
         }
         trainer_report::Body::Checkpoint(c) => {
             if rank != 0 {
@@ -191,7 +195,7 @@ pub(crate) fn handle_report(
                     job_id,
                     step,
                     EventKind::Notice(Notice {
-                        level: "warn".into(),
+                        level: NoticeLevel::Warn,
                         message: format!("checkpoint report refused: {e}"),
                     }),
                 );
@@ -306,7 +310,7 @@ fn apply_retention(
     let under_eval: HashSet<String> = tx
         .list_jobs(&[])?
         .into_iter()
-        .filter(|j| j.kind == "linear_probe" && !j.state.is_terminal())
+        .filter(|j| j.kind == bt_common::JobKind::LinearProbe && !j.state.is_terminal())
         .filter_map(|j| JobSpec::from_toml_str(&j.spec_toml).ok())
         .map(|s| s.eval.checkpoint)
         .collect();

@@ -2,7 +2,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bt_common::domain::WorkerState;
+use bt_common::domain::{AttemptOutcome, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
     worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest, Worker,
@@ -70,13 +70,14 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     }
     let mut seen = HashSet::new();
     let mut devices = Vec::with_capacity(req.devices.len());
-    for (i, Device { index, kind, name }) in req.devices.iter().enumerate() {
-        if kind != "cpu" && kind != "cuda" {
-            return Err(Error::invalid(
+    for (i, dev) in req.devices.iter().enumerate() {
+        let Device { index, name, .. } = dev;
+        let kind = bt_proto::convert::device_kind(dev).map_err(|_| {
+            Error::invalid(
                 format!("devices[{i}].kind"),
-                format!("must be \"cpu\" or \"cuda\", got {kind:?}"),
-            ));
-        }
+                format!("must be \"cpu\" or \"cuda\", got {:?}", dev.kind),
+            )
+        })?;
         if !seen.insert(*index) {
             return Err(Error::invalid(
                 format!("devices[{i}].index"),
@@ -85,7 +86,7 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
         }
         devices.push(DeviceRecord {
             index: *index,
-            kind: kind.clone(),
+            kind,
             name: name.clone(),
         });
     }
@@ -210,7 +211,7 @@ pub(crate) fn lose_worker(
             Some(mut job) => fail_attempt(tx, fx, &mut job, &mut a, false, why)?,
             None => {
                 a.ended_ms = Some(now);
-                a.outcome = "failed".into();
+                a.outcome = Some(AttemptOutcome::Failed);
                 tx.put_attempt(&a)?;
             }
         }
@@ -229,7 +230,8 @@ fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
             .iter()
             .map(|d| Device {
                 index: d.index,
-                kind: d.kind.clone(),
+                kind: d.kind.name().into(),
+                device_kind: bt_proto::DeviceKind::from(d.kind) as i32,
                 name: d.name.clone(),
             })
             .collect(),

@@ -4,7 +4,10 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
-use bt_common::domain::{JobEvent, JobState, TrainMetrics, WorkerState};
+use bt_common::domain::{
+    AttemptOutcome, DeviceKind, JobEvent, JobState, TrainMetrics, WorkerState,
+};
+use bt_common::JobKind;
 use bt_common::{JobId, WorkerId};
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +17,7 @@ use crate::error::Result;
 pub struct JobRecord {
     pub id: JobId,
     pub name: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub spec_toml: String,
     pub priority: i32,
     pub world_size: u32,
@@ -50,8 +53,8 @@ pub struct AttemptRecord {
     pub epoch: u64,
     pub started_ms: i64,
     pub ended_ms: Option<i64>,
-    /// "", "succeeded", "failed", "cancelled".
-    pub outcome: String,
+    /// None while the attempt runs.
+    pub outcome: Option<AttemptOutcome>,
     pub reason: String,
     pub resume_from: String,
     pub master_addr: String,
@@ -68,7 +71,7 @@ impl AttemptRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub index: u32,
-    pub kind: String,
+    pub kind: DeviceKind,
     pub name: String,
 }
 

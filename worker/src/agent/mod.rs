@@ -151,6 +151,7 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
                 index: i,
                 kind: "cuda".into(),
                 name: format!("cuda:{i}"),
+                device_kind: DeviceKind::Cuda as i32,
             })
             .collect();
     }
@@ -159,6 +160,7 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
             index: i,
             kind: "cpu".into(),
             name: format!("cpu-slot-{i}"),
+            device_kind: DeviceKind::Cpu as i32,
         })
         .collect()
 }

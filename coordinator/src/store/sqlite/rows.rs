@@ -1,5 +1,5 @@
 //! Row mapping between SQLite and the store's records.
-use bt_common::domain::{JobState, WorkerState};
+use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
 use bt_common::{JobId, WorkerId};
 use rusqlite::Row;
 
@@ -12,6 +12,16 @@ pub(super) fn parse_job_id(s: &str) -> Result<JobId> {
 
 pub(super) fn parse_worker_id(s: &str) -> Result<WorkerId> {
     s.parse().map_err(Error::Corrupt)
+}
+
+/// An attempt's stored outcome ("" while it runs).
+pub(super) fn attempt_outcome(s: &str) -> Result<Option<AttemptOutcome>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    AttemptOutcome::parse(s)
+        .map(Some)
+        .ok_or_else(|| Error::Corrupt(format!("attempt outcome {s:?}")))
 }
 
 /// A job state's stored code (the numbers the first schema used; never renumbered).
@@ -105,7 +115,8 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
     Ok(JobRecord {
         id: parse_job_id(&id)?,
         name: r.name,
-        kind: r.kind,
+        kind: bt_common::domain::parse_job_kind(&r.kind)
+            .ok_or_else(|| Error::Corrupt(format!("kind {:?} of job {id}", r.kind)))?,
         spec_toml: r.spec_toml,
         priority: r.priority,
         world_size: r.world_size,

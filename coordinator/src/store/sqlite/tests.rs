@@ -6,7 +6,7 @@ fn job(id: JobId, created_ms: i64) -> JobRecord {
     JobRecord {
         id,
         name: "j".into(),
-        kind: "pretrain".into(),
+        kind: bt_common::JobKind::Pretrain,
         spec_toml: "world_size = 1\n".into(),
         priority: 0,
         world_size: 1,
@@ -48,7 +48,7 @@ fn survives_reopen() {
             host: "h".into(),
             devices: vec![DeviceRecord {
                 index: 0,
-                kind: "cpu".into(),
+                kind: bt_common::domain::DeviceKind::Cpu,
                 name: "cpu0".into(),
             }],
             port_start: 100,
@@ -62,7 +62,7 @@ fn survives_reopen() {
             epoch: 2,
             started_ms: 1,
             ended_ms: None,
-            outcome: String::new(),
+            outcome: None,
             reason: String::new(),
             resume_from: String::new(),
             master_addr: "h".into(),
@@ -217,9 +217,13 @@ fn reads_a_database_written_by_schema_1() {
             })
         );
         assert!(matches!(&evs[1].kind, EventKind::Metrics(m) if m.step == 12 && m.loss == 0.5));
-        assert!(matches!(&evs[2].kind, EventKind::Eval(e) if e.kind == "knn" && e.top1 == 0.25));
+        assert!(
+            matches!(&evs[2].kind, EventKind::Eval(e) if e.kind == bt_common::domain::EvalKind::Knn && e.top1 == 0.25)
+        );
         assert!(matches!(&evs[3].kind, EventKind::Checkpoint(c) if c.path == "/c/12"));
-        assert!(matches!(&evs[4].kind, EventKind::Notice(n) if n.level == "warn"));
+        assert!(
+            matches!(&evs[4].kind, EventKind::Notice(n) if n.level == bt_common::domain::NoticeLevel::Warn)
+        );
         assert_eq!(evs[4].time_ms, 104);
         assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 1);
         // New rows after the migration are written (and read back) in the stored form.
@@ -229,7 +233,7 @@ fn reads_a_database_written_by_schema_1() {
             step: 13,
             job_id: id,
             kind: EventKind::Notice(bt_common::domain::Notice {
-                level: "info".into(),
+                level: bt_common::domain::NoticeLevel::Info,
                 message: "new".into(),
             }),
         };
