@@ -117,6 +117,12 @@ named! {
         Knn = "knn",
         /// A linear probe on a frozen checkpoint.
         LinearProbe = "linear_probe",
+        /// One epoch of a linear probe (progress).
+        LinearProbeEpoch = "linear_probe_epoch",
+        /// One epoch of the probe's default-init baseline (progress).
+        LinearProbeBaselineEpoch = "linear_probe_baseline_epoch",
+        /// One epoch of the probe's raw-pixel baseline (progress).
+        LinearProbeRawPixelsEpoch = "linear_probe_raw_pixels_epoch",
     }
 }
 

@@ -133,7 +133,13 @@ macro_rules! enum_map {
     };
 }
 
-enum_map!(EvalKind <=> EvalKind { Knn <=> Knn, LinearProbe <=> LinearProbe, });
+enum_map!(EvalKind <=> EvalKind {
+    Knn <=> Knn,
+    LinearProbe <=> LinearProbe,
+    LinearProbeEpoch <=> LinearProbeEpoch,
+    LinearProbeBaselineEpoch <=> LinearProbeBaselineEpoch,
+    LinearProbeRawPixelsEpoch <=> LinearProbeRawPixelsEpoch,
+});
 enum_map!(DeviceKind <=> DeviceKind { Cpu <=> Cpu, Cuda <=> Cuda, });
 enum_map!(NoticeLevel <=> NoticeLevel { Info <=> Info, Warn <=> Warn, Error <=> Error, });
 enum_map!(CheckpointEvalState <=> CheckpointEvalState {

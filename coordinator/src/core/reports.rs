@@ -162,15 +162,19 @@ pub(crate) fn handle_report(
                 debug!(job_id = %job_id, rank, "eval from a rank other than 0 ignored");
                 return Ok(());
             }
-            let ev = bt_common::domain::EvalResult::try_from(ev)
-                .map_err(|e| Error::invalid(format!("report.eval.{}", e.field), e.message))?;
+            let ev = match bt_common::domain::EvalResult::try_from(ev) {
+                Ok(ev) => ev,
+                Err(e) => return refuse_report(tx, fx, &job, worker_id, "eval", e),
+            };
             info!(job_id = %job_id, step = ev.step, kind = %ev.kind, top1 = ev.top1, "eval result");
             emit(tx, fx, job_id, ev.step, EventKind::Eval(ev))
         }
         trainer_report::Body::Notice(n) => {
             let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
-            let n = Notice::try_from(n)
-                .map_err(|e| Error::invalid(format!("report.notice.{}", e.field), e.message))?;
+            let n = match Notice::try_from(n) {
+                Ok(n) => n,
+                Err(e) => return refuse_report(tx, fx, &job, worker_id, "notice", e),
+            };
             emit(tx, fx, job_id, step, EventKind::Notice(n))
         }
         trainer_report::Body::Checkpoint(c) => {
@@ -233,6 +237,30 @@ pub(crate) fn handle_report(
             apply_retention(config, tx, fx, &job, &attempt, worker_id)
         }
     }
+}
+
+/// A report whose content this coordinator cannot represent (a value outside a closed set) is
+/// not recorded; the job gets a warning saying so, and the session stays up.
+fn refuse_report(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job: &JobRecord,
+    worker_id: WorkerId,
+    what: &str,
+    e: bt_proto::convert::WireError,
+) -> Result<()> {
+    warn!(job_id = %job.id, worker_id = %worker_id, error = %e, "{what} report refused");
+    let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
+    emit(
+        tx,
+        fx,
+        job.id,
+        step,
+        EventKind::Notice(Notice {
+            level: NoticeLevel::Warn,
+            message: format!("{what} report refused: {what}.{e}"),
+        }),
+    )
 }
 
 /// Keeps a job's metric history within `limits.max_metric_events_per_job`: past it, every other

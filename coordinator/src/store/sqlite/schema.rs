@@ -143,11 +143,18 @@ mod legacy {
             let what = format!("event {seq} (schema 1)");
             let wire = bt_proto::JobEvent::decode(payload.as_slice())
                 .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
-            let ev = domain::JobEvent::try_from(wire)
-                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            let kind = match domain::JobEvent::try_from(wire.clone()) {
+                Ok(ev) => ev.kind,
+                // A value outside today's closed sets (an eval kind no longer produced): kept
+                // as a warning that says what it was, never dropped and never guessed.
+                Err(e) => domain::EventKind::Notice(domain::Notice {
+                    level: domain::NoticeLevel::Warn,
+                    message: format!("unreadable event from schema 1 ({e}): {:?}", wire.kind),
+                }),
+            };
             tx.execute(
-                "UPDATE events SET payload = ?1 WHERE seq = ?2",
-                params![super::super::stored::encode_event(&ev.kind)?, seq],
+                "UPDATE events SET payload = ?1, kind = ?2 WHERE seq = ?3",
+                params![super::super::stored::encode_event(&kind)?, kind.name(), seq],
             )?;
         }
         let jobs: Vec<(String, Vec<u8>)> = tx

@@ -181,8 +181,12 @@ fn reads_a_database_written_by_schema_1() {
                 level: "warn".into(),
                 message: "slow".into(),
             }),
+            bt_proto::job_event::Kind::Eval(bt_proto::EvalResult {
+                kind: "svm".into(),
+                ..Default::default()
+            }),
         ];
-        let names = ["state", "metrics", "eval", "checkpoint", "notice"];
+        let names = ["state", "metrics", "eval", "checkpoint", "notice", "eval"];
         for (i, (kind, name)) in events.into_iter().zip(names).enumerate() {
             let ev = bt_proto::JobEvent {
                 seq: 0,
@@ -207,7 +211,7 @@ fn reads_a_database_written_by_schema_1() {
         let m = j.last_metrics.unwrap();
         assert_eq!((m.step, m.loss, m.total_steps), (12, 0.5, 40));
         let evs = tx.list_events(id, 0, None).unwrap();
-        assert_eq!(evs.len(), 5);
+        assert_eq!(evs.len(), 6);
         assert_eq!(
             evs[0].kind,
             EventKind::State(StateChange {
@@ -225,6 +229,12 @@ fn reads_a_database_written_by_schema_1() {
             matches!(&evs[4].kind, EventKind::Notice(n) if n.level == bt_common::domain::NoticeLevel::Warn)
         );
         assert_eq!(evs[4].time_ms, 104);
+        // An eval of a kind outside today's set is kept, as a warning that says what it was.
+        assert!(
+            matches!(&evs[5].kind, EventKind::Notice(n) if n.message.contains("svm")),
+            "{:?}",
+            evs[5]
+        );
         assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 1);
         // New rows after the migration are written (and read back) in the stored form.
         let mut ev = JobEvent {
