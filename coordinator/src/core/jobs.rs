@@ -5,7 +5,6 @@ use bt_common::domain::{
     AttemptOutcome, CheckpointEvalState, CheckpointInfo, EvalKind, EvalResult, EventKind, JobState,
     StateChange, WorkerState,
 };
-use bt_common::JobKind;
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
 use tracing::{info, warn};
@@ -221,6 +220,7 @@ pub(crate) fn insert_job(
         total_steps: 0,
         last_metrics: None,
         owner: owner.to_string(),
+        run: crate::store::JobRunInfo::of(spec),
     };
     set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
     fx.schedule = true;
@@ -233,18 +233,14 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
     if cps.is_empty() {
         return Ok(());
     }
-    let mut probes: Vec<(String, JobRecord)> = tx
-        .list_jobs(&[])?
-        .into_iter()
-        .filter(|j| j.kind == JobKind::LinearProbe)
-        .filter_map(|j| {
-            let path = JobSpec::from_toml_str(&j.spec_toml).ok()?.eval.checkpoint;
-            Some((path, j))
-        })
-        .collect();
-    probes.sort_by_key(|(_, j)| j.created_ms);
+    let paths: Vec<String> = cps.iter().map(|c| c.path.clone()).collect();
+    let probes = tx.probe_jobs(&paths)?;
     for cp in cps.iter_mut() {
-        let Some((_, job)) = probes.iter().rev().find(|(p, _)| *p == cp.path) else {
+        let Some(job) = probes
+            .iter()
+            .rev()
+            .find(|j| j.run.probe_checkpoint == cp.path)
+        else {
             continue;
         };
         cp.eval_job_id = job.id.to_string();

@@ -227,11 +227,18 @@ pub(crate) fn handle_report(
                 c.step,
                 EventKind::Checkpoint(checkpoint_info(&rec)),
             )?;
-            if let Ok(spec) = JobSpec::from_toml_str(&job.spec_toml) {
-                if spec.checkpoint.auto_eval {
-                    let probe = spec.probe_for(&rec.path);
-                    let probe_job = super::jobs::insert_job(tx, fx, &probe, &job.owner)?;
-                    info!(job_id = %job_id, probe_job = %probe_job.id, path = %rec.path, "checkpoint evaluation queued");
+            if job.run.auto_eval {
+                // The probe's spec is derived from the job's: parsed here, once per checkpoint
+                // of a job that asked for evaluations.
+                match JobSpec::from_toml_str(&job.spec_toml) {
+                    Ok(spec) => {
+                        let probe = spec.probe_for(&rec.path);
+                        let probe_job = super::jobs::insert_job(tx, fx, &probe, &job.owner)?;
+                        info!(job_id = %job_id, probe_job = %probe_job.id, path = %rec.path, "checkpoint evaluation queued");
+                    }
+                    Err(e) => {
+                        warn!(job_id = %job_id, error = %e, "stored spec does not parse; no evaluation queued")
+                    }
                 }
             }
             apply_retention(config, tx, fx, &job, &attempt, worker_id)
@@ -320,27 +327,25 @@ fn apply_retention(
     attempt: &AttemptRecord,
     worker_id: WorkerId,
 ) -> Result<()> {
-    let spec = match JobSpec::from_toml_str(&job.spec_toml) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(job_id = %job.id, error = %e, "stored spec does not parse; keeping every checkpoint");
-            return Ok(());
-        }
-    };
     let ckpts = tx.list_checkpoints(job.id, false)?;
     let keep = retained(
         &ckpts,
-        spec.checkpoint.keep_last,
-        spec.checkpoint.keep_every_epochs,
+        job.run.keep_last,
+        job.run.keep_every_epochs,
         &attempt.resume_from,
     );
     // Checkpoints a probe job has yet to read are kept until it ends.
+    let candidates: Vec<String> = ckpts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !keep.contains(i))
+        .map(|(_, c)| c.path.clone())
+        .collect();
     let under_eval: HashSet<String> = tx
-        .list_jobs(&[])?
+        .probe_jobs(&candidates)?
         .into_iter()
-        .filter(|j| j.kind == bt_common::JobKind::LinearProbe && !j.state.is_terminal())
-        .filter_map(|j| JobSpec::from_toml_str(&j.spec_toml).ok())
-        .map(|s| s.eval.checkpoint)
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| j.run.probe_checkpoint)
         .collect();
     let mut paths = Vec::new();
     for (i, c) in ckpts.iter().enumerate() {

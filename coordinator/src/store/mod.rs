@@ -34,6 +34,36 @@ pub struct JobRecord {
     pub last_metrics: Option<TrainMetrics>,
     /// Who submitted it (a token's name; empty with authentication off).
     pub owner: String,
+    /// What the coordinator needs from the spec at run time, taken from it once at insertion.
+    pub run: JobRunInfo,
+}
+
+/// The parts of a job's spec the coordinator acts on while the job runs (stored as columns, so
+/// no hot path parses the spec again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRunInfo {
+    /// The checkpoint a linear-probe job evaluates ("" for other kinds).
+    pub probe_checkpoint: String,
+    /// Retention: keep the last N checkpoints (0: all) ...
+    pub keep_last: u32,
+    /// ... and the newest of every K epochs (0: none).
+    pub keep_every_epochs: u32,
+    /// Queue a linear probe for every committed checkpoint.
+    pub auto_eval: bool,
+}
+
+impl JobRunInfo {
+    pub fn of(spec: &bt_common::JobSpec) -> Self {
+        JobRunInfo {
+            probe_checkpoint: match spec.kind {
+                bt_common::JobKind::LinearProbe => spec.eval.checkpoint.clone(),
+                bt_common::JobKind::Pretrain => String::new(),
+            },
+            keep_last: spec.checkpoint.keep_last,
+            keep_every_epochs: spec.checkpoint.keep_every_epochs,
+            auto_eval: spec.checkpoint.auto_eval,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +138,8 @@ pub trait Tx {
     fn put_job(&mut self, job: &JobRecord) -> Result<()>;
     /// Jobs in any of `states` (all when empty), oldest first.
     fn list_jobs(&mut self, states: &[JobState]) -> Result<Vec<JobRecord>>;
+    /// Linear-probe jobs evaluating any of `checkpoints`, oldest first (an indexed lookup).
+    fn probe_jobs(&mut self, checkpoints: &[String]) -> Result<Vec<JobRecord>>;
     fn get_attempt(&mut self, job_id: JobId, epoch: u64) -> Result<Option<AttemptRecord>>;
     fn put_attempt(&mut self, attempt: &AttemptRecord) -> Result<()>;
     /// Attempts that are active or still have a rank that has not exited.

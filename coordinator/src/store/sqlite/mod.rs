@@ -176,7 +176,8 @@ impl Tx for SqliteTx<'_> {
         self.tx.execute(
             &format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?19, ?20, ?21)"
             ),
             params![
                 j.id.to_string(),
@@ -196,6 +197,10 @@ impl Tx for SqliteTx<'_> {
                 j.total_steps as i64,
                 metrics,
                 j.owner,
+                j.run.probe_checkpoint,
+                j.run.keep_last,
+                j.run.keep_every_epochs,
+                j.run.auto_eval,
             ],
         )?;
         Ok(())
@@ -217,6 +222,22 @@ impl Tx for SqliteTx<'_> {
         let mut st = self.tx.prepare(&sql)?;
         let raws = st
             .query_map([], job_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.into_iter().map(job_finish).collect()
+    }
+
+    fn probe_jobs(&mut self, checkpoints: &[String]) -> Result<Vec<JobRecord>> {
+        if checkpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; checkpoints.len()].join(", ");
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE kind = 'linear_probe' AND probe_checkpoint IN \
+             ({marks}) ORDER BY created_ms, rowid"
+        );
+        let mut st = self.tx.prepare(&sql)?;
+        let raws = st
+            .query_map(rusqlite::params_from_iter(checkpoints), job_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter().map(job_finish).collect()
     }

@@ -59,7 +59,8 @@ fn worker_state(v: i32) -> Result<WorkerState> {
 }
 
 pub(super) const JOB_COLS: &str = "id, name, kind, spec_toml, priority, world_size, state, created_ms, \
-    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner";
+    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner, \
+    probe_checkpoint, keep_last, keep_every_epochs, auto_eval";
 
 pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRaw)> {
     Ok((
@@ -81,6 +82,12 @@ pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRa
             total_steps: r.get::<_, i64>(14)? as u64,
             last_metrics: r.get(15)?,
             owner: r.get(16)?,
+            run: super::super::JobRunInfo {
+                probe_checkpoint: r.get(17)?,
+                keep_last: r.get(18)?,
+                keep_every_epochs: r.get(19)?,
+                auto_eval: r.get(20)?,
+            },
         },
     ))
 }
@@ -102,6 +109,7 @@ pub(super) struct JobRecordRaw {
     total_steps: u64,
     last_metrics: Option<Vec<u8>>,
     owner: String,
+    run: super::super::JobRunInfo,
 }
 
 pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
@@ -131,6 +139,7 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
         total_steps: r.total_steps,
         last_metrics,
         owner: r.owner,
+        run: r.run,
     })
 }
 

@@ -24,7 +24,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure_reason TEXT NOT NULL,
     total_steps INTEGER NOT NULL,
     last_metrics BLOB,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    probe_checkpoint TEXT NOT NULL DEFAULT '',
+    keep_last INTEGER NOT NULL DEFAULT 0,
+    keep_every_epochs INTEGER NOT NULL DEFAULT 0,
+    auto_eval INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_ms);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -90,19 +94,35 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 ///
 /// - 2: event bodies and a job's last metrics in their own stored form (versioned JSON, see
 ///   `stored`), no longer the wire's encoding.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+/// - 3: what the coordinator needs from a job's spec at run time as columns of `jobs`
+///   (`probe_checkpoint`, `keep_last`, `keep_every_epochs`, `auto_eval`), taken from the spec once.
+pub(super) const SCHEMA_VERSION: i64 = 3;
+
+/// Columns added to `jobs` after the first schema: (name, definition).
+const ADDED_JOB_COLUMNS: [(&str, &str); 5] = [
+    ("owner", "TEXT NOT NULL DEFAULT ''"),
+    ("probe_checkpoint", "TEXT NOT NULL DEFAULT ''"),
+    ("keep_last", "INTEGER NOT NULL DEFAULT 0"),
+    ("keep_every_epochs", "INTEGER NOT NULL DEFAULT 0"),
+    ("auto_eval", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// Brings a database written by an earlier version up to this schema (idempotent), in one
 /// transaction.
 pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let has_owner = tx
-        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?
-        .exists([])?;
-    if !has_owner {
-        tx.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';")?;
+    for (name, def) in ADDED_JOB_COLUMNS {
+        let has = tx
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+            .exists([name])?;
+        if !has {
+            tx.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {def};"))?;
+        }
     }
-    tx.execute_batch("CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);")?;
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);\n\
+         CREATE INDEX IF NOT EXISTS jobs_probe ON jobs (kind, probe_checkpoint);",
+    )?;
     let version: i64 = tx
         .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
             r.get(0)
@@ -118,11 +138,43 @@ pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<(
     if version < 2 {
         legacy::events_and_metrics_to_stored_form(&tx)?;
     }
+    if version < 3 {
+        run_info_from_specs(&tx)?;
+    }
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
         [SCHEMA_VERSION],
     )?;
     tx.commit()?;
+    Ok(())
+}
+
+/// Schema 3: the run-time parts of every stored spec, parsed this once. A spec that no longer
+/// parses keeps the defaults (no probe checkpoint, keep every checkpoint, no auto-eval), which is
+/// what the coordinator did with it before.
+fn run_info_from_specs(tx: &rusqlite::Transaction<'_>) -> crate::error::Result<()> {
+    let jobs: Vec<(String, String)> = tx
+        .prepare("SELECT id, spec_toml FROM jobs")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, spec) in jobs {
+        let Ok(spec) = bt_common::JobSpec::from_toml_str(&spec) else {
+            tracing::warn!(job_id = %id, "stored spec does not parse; run-time columns keep their defaults");
+            continue;
+        };
+        let run = super::super::JobRunInfo::of(&spec);
+        tx.execute(
+            "UPDATE jobs SET probe_checkpoint = ?1, keep_last = ?2, keep_every_epochs = ?3, \
+             auto_eval = ?4 WHERE id = ?5",
+            rusqlite::params![
+                run.probe_checkpoint,
+                run.keep_last,
+                run.keep_every_epochs,
+                run.auto_eval,
+                id
+            ],
+        )?;
+    }
     Ok(())
 }
 

@@ -21,6 +21,7 @@ fn job(id: JobId, created_ms: i64) -> JobRecord {
         total_steps: 0,
         last_metrics: None,
         owner: String::new(),
+        run: Default::default(),
     }
 }
 
@@ -126,6 +127,25 @@ fn survives_reopen() {
     assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 0);
 }
 
+/// The `jobs` columns of schema 1 (no owner, no run-time columns).
+const SCHEMA_1_JOB_COLUMNS: &str = "id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, \
+    spec_toml TEXT NOT NULL, priority INTEGER NOT NULL, world_size INTEGER NOT NULL, \
+    state INTEGER NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, \
+    epoch INTEGER NOT NULL, attempts INTEGER NOT NULL, restarts_used INTEGER NOT NULL, \
+    max_restarts INTEGER NOT NULL, failure_reason TEXT NOT NULL, total_steps INTEGER NOT NULL, \
+    last_metrics BLOB";
+
+/// Today's schema with an earlier `jobs` table.
+fn schema_with_jobs_columns(cols: &str) -> String {
+    let start = SCHEMA.find("CREATE TABLE IF NOT EXISTS jobs (").unwrap();
+    let end = start + SCHEMA[start..].find(");\n").unwrap() + 3;
+    format!(
+        "{}CREATE TABLE IF NOT EXISTS jobs ({cols});\n{}",
+        &SCHEMA[..start],
+        &SCHEMA[end..]
+    )
+}
+
 /// A database as the first schema wrote it (events and last metrics as the wire's protobuf, no
 /// `meta.schema`): the rows are inserted with raw SQL exactly as that code wrote them, and the new
 /// code reads them as domain values after its migration (run twice: idempotent).
@@ -138,12 +158,8 @@ fn reads_a_database_written_by_schema_1() {
     {
         let conn = Connection::open(&path).unwrap();
         // Schema 1 had no `owner` column and no kind index either; the tables otherwise match.
-        conn.execute_batch(
-            &SCHEMA
-                .replace("    owner TEXT NOT NULL DEFAULT ''\n", "")
-                .replace("    last_metrics BLOB,\n", "    last_metrics BLOB\n"),
-        )
-        .unwrap();
+        conn.execute_batch(&schema_with_jobs_columns(SCHEMA_1_JOB_COLUMNS))
+            .unwrap();
         let metrics = bt_proto::TrainMetrics {
             step: 12,
             loss: 0.5,
@@ -273,4 +289,76 @@ fn an_event_of_an_unknown_stored_version_is_corrupt_not_misread() {
     let mut tx = s.begin().unwrap();
     let e = tx.list_events(id, 0, None).unwrap_err().to_string();
     assert!(e.contains("version 99"), "{e}");
+}
+
+/// A database as schema 2 wrote it (no run-time columns; the spec only in `spec_toml`): after the
+/// migration the probe checkpoint, retention and auto-eval come from the columns, and a probe job
+/// is found by its checkpoint.
+#[test]
+fn schema_2_jobs_get_their_run_time_columns_from_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let (pretrain, probe, broken) = (JobId::new(), JobId::new(), JobId::new());
+    {
+        let conn = Connection::open(&path).unwrap();
+        let cols = format!("{SCHEMA_1_JOB_COLUMNS}, owner TEXT NOT NULL DEFAULT ''");
+        conn.execute_batch(&schema_with_jobs_columns(&cols))
+            .unwrap();
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', 2)", [])
+            .unwrap();
+        let specs = [
+            (
+                pretrain,
+                "pretrain",
+                "world_size = 1\n[checkpoint]\nkeep_last = 3\nkeep_every_epochs = 5\nauto_eval = true\n",
+            ),
+            (
+                probe,
+                "linear_probe",
+                "kind = \"linear_probe\"\n[eval]\ncheckpoint = \"/c/j/10\"\n",
+            ),
+            (broken, "pretrain", "this is not toml ["),
+        ];
+        for (i, (id, kind, spec)) in specs.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO jobs (id, name, kind, spec_toml, priority, world_size, state, \
+                 created_ms, updated_ms, epoch, attempts, restarts_used, max_restarts, \
+                 failure_reason, total_steps, last_metrics, owner) VALUES \
+                 (?1, 'j', ?2, ?3, 0, 1, 1, ?4, 0, 0, 0, 0, 0, '', 0, NULL, 'alice')",
+                params![id.to_string(), kind, spec, i as i64],
+            )
+            .unwrap();
+        }
+    }
+    let mut s = SqliteStore::open(&path).unwrap();
+    let mut tx = s.begin().unwrap();
+    let p = tx.get_job(pretrain).unwrap().unwrap();
+    assert_eq!(
+        p.run,
+        crate::store::JobRunInfo {
+            probe_checkpoint: String::new(),
+            keep_last: 3,
+            keep_every_epochs: 5,
+            auto_eval: true,
+        }
+    );
+    assert_eq!(p.owner, "alice");
+    let q = tx.get_job(probe).unwrap().unwrap();
+    assert_eq!(q.kind, bt_common::JobKind::LinearProbe);
+    assert_eq!(q.run.probe_checkpoint, "/c/j/10");
+    let found = tx
+        .probe_jobs(&["/c/j/10".to_string(), "/c/j/20".to_string()])
+        .unwrap();
+    assert_eq!(found.iter().map(|j| j.id).collect::<Vec<_>>(), vec![probe]);
+    assert!(tx.probe_jobs(&["/c/j/20".to_string()]).unwrap().is_empty());
+    // A spec that does not parse keeps every checkpoint, as before.
+    assert_eq!(tx.get_job(broken).unwrap().unwrap().run, Default::default());
+    drop(tx);
+    let v: i64 = s
+        .conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(v, 3);
 }
