@@ -53,6 +53,24 @@ struct Runtime {
 const THIN_CHECK_EVERY: u32 = 256;
 
 impl Runtime {
+    /// Whether `conn_id` is the worker's current session (not replaced, not lost).
+    fn is_current(&self, worker_id: WorkerId, conn_id: u64) -> bool {
+        self.sessions
+            .get(&worker_id)
+            .is_some_and(|s| s.conn_id == conn_id)
+    }
+
+    /// `is_current`, as the error a message of a stale session gets.
+    fn ensure_current(&self, worker_id: WorkerId, conn_id: u64) -> Result<()> {
+        if self.is_current(worker_id, conn_id) {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(
+                "this session is no longer current (the worker was lost or reconnected)".into(),
+            ))
+        }
+    }
+
     /// Whether one more metric report of this attempt fits in its per-second budget.
     fn metrics_allowed(&mut self, job_id: JobId, epoch: u64, per_sec: u32) -> bool {
         let now = now_ms();

@@ -140,10 +140,7 @@ fn start_deadlines(
             "rank {rank} on worker {wname} did not start within {deadline} ms of its placement \
              (start_deadline_ms)"
         );
-        let r = &mut a.ranks[i];
-        r.exited_ms = Some(now);
-        r.exit_success = Some(false);
-        r.exit_info = why.clone();
+        a.ranks[i].mark_failed(now, why.clone());
         warn!(job_id = %a.job_id, epoch = a.epoch, rank, worker = %wname, "rank did not start");
         fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
     }
@@ -188,9 +185,7 @@ pub(crate) fn lose_worker(
             .iter_mut()
             .filter(|r| r.worker_id == worker_id && r.exited_ms.is_none())
         {
-            r.exited_ms = Some(now);
-            r.exit_success = Some(false);
-            r.exit_info = format!("worker lost: {reason}");
+            r.mark_failed(now, format!("worker lost: {reason}"));
         }
         rt.vanished
             .retain(|(j, e, _), _| !(*j == a.job_id && *e == a.epoch));
@@ -370,9 +365,7 @@ impl Core {
                     if a.ended_ms.is_none() {
                         rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
                     } else {
-                        r.exited_ms = Some(now);
-                        r.exit_success = Some(false);
-                        r.exit_info = "not running after its worker reconnected".into();
+                        r.mark_failed(now, "not running after its worker reconnected");
                         changed = true;
                     }
                 }
@@ -407,28 +400,12 @@ impl Core {
             if rt.shutting_down {
                 return Err(Error::ShuttingDown);
             }
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
-                return Err(Error::FailedPrecondition(
-                    "this session is no longer current (the worker was lost or reconnected)".into(),
-                ));
-            }
+            rt.ensure_current(worker_id, conn_id)?;
             rt.last_seen.insert(worker_id, now_ms());
             return Ok(());
         }
         self.transition(|config, rt, tx, fx| {
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
-                return Err(Error::FailedPrecondition(
-                    "this session is no longer current (the worker was lost or reconnected)".into(),
-                ));
-            }
+            rt.ensure_current(worker_id, conn_id)?;
             rt.last_seen.insert(worker_id, now_ms());
             match msg.msg {
                 Some(worker_message::Msg::Heartbeat(_)) => Ok(()),
@@ -452,11 +429,7 @@ impl Core {
         reason: &str,
     ) -> Result<()> {
         match self.transition(|_, rt, tx, fx| {
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
+            if !rt.is_current(worker_id, conn_id) {
                 return Ok(());
             }
             lose_worker(rt, tx, fx, worker_id, reason)
@@ -505,10 +478,7 @@ impl Core {
                     .get_worker(r.worker_id)?
                     .map(|w| w.name)
                     .unwrap_or_default();
-                let r = &mut a.ranks[rank as usize];
-                r.exited_ms = Some(now);
-                r.exit_success = Some(false);
-                r.exit_info = "vanished across a reconnect".into();
+                a.ranks[rank as usize].mark_failed(now, "vanished across a reconnect");
                 let why = format!(
                     "rank {rank} on worker {wname} was not running after its worker reconnected and never reported an exit"
                 );

@@ -92,6 +92,15 @@ pub struct AttemptRecord {
     pub ranks: Vec<RankRecord>,
 }
 
+impl RankRecord {
+    /// Records that this rank ended without success at `now`, and why.
+    pub fn mark_failed(&mut self, now: i64, why: impl Into<String>) {
+        self.exited_ms = Some(now);
+        self.exit_success = Some(false);
+        self.exit_info = why.into();
+    }
+}
+
 impl AttemptRecord {
     pub fn is_active(&self) -> bool {
         self.ended_ms.is_none()
