@@ -289,6 +289,118 @@ pub(crate) fn check_read_paths(config: &CoordinatorConfig, spec: &JobSpec) -> Re
     Ok(())
 }
 
+/// The devices of `workers` no rank of an open attempt holds.
+fn free_devices(tx: &mut dyn Tx, workers: &[WorkerRecord]) -> Result<Vec<FreeWorker>> {
+    let mut busy: HashSet<(WorkerId, u32)> = HashSet::new();
+    for a in tx.open_attempts()? {
+        for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+            busy.insert((r.worker_id, r.device));
+        }
+    }
+    Ok(workers
+        .iter()
+        .map(|w| FreeWorker {
+            id: w.id,
+            name: w.name.clone(),
+            devices: w
+                .devices
+                .iter()
+                .map(|d| d.index)
+                .filter(|d| !busy.contains(&(w.id, *d)))
+                .collect(),
+        })
+        .collect())
+}
+
+/// A new attempt of `job` on `ranks` ((worker, device) per rank): a fresh epoch, the rendezvous
+/// on rank 0's worker, resuming from the newest checkpoint; the job goes SCHEDULED and every
+/// rank's worker gets its assignment.
+fn start_attempt(
+    config: &CoordinatorConfig,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    mut job: JobRecord,
+    ranks: &[(WorkerId, u32)],
+    by_id: &HashMap<WorkerId, &WorkerRecord>,
+) -> Result<()> {
+    let Some(rank0) = ranks.first().and_then(|(w, _)| by_id.get(w)) else {
+        return Ok(());
+    };
+    let epoch = tx.next_epoch()?;
+    let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
+    let master_port = rank0.port_start + (epoch % span as u64) as u32;
+    let resume_from = tx
+        .list_checkpoints(job.id, false)?
+        .last()
+        .map(|c| c.path.clone())
+        .unwrap_or_default();
+    let attempt = AttemptRecord {
+        job_id: job.id,
+        epoch,
+        started_ms: now_ms(),
+        ended_ms: None,
+        outcome: None,
+        reason: String::new(),
+        resume_from: resume_from.clone(),
+        master_addr: rank0.host.clone(),
+        master_port,
+        ranks: ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, (w, d))| RankRecord {
+                rank: rank as u32,
+                worker_id: *w,
+                device: *d,
+                started_ms: None,
+                exited_ms: None,
+                exit_success: None,
+                exit_info: String::new(),
+            })
+            .collect(),
+    };
+    tx.put_attempt(&attempt)?;
+    job.epoch = epoch;
+    job.attempts += 1;
+    let names: Vec<String> = ranks
+        .iter()
+        .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
+        .collect();
+    let why = format!(
+        "attempt {} placed on {}{}",
+        job.attempts,
+        names.join(", "),
+        if resume_from.is_empty() {
+            String::new()
+        } else {
+            format!(", resuming from {resume_from}")
+        }
+    );
+    set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
+    let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
+    // A fresh secret per attempt: the ranks' keys in rank 0's store live under it.
+    let store_prefix = hex::encode(rand::random::<[u8; 16]>());
+    for r in &attempt.ranks {
+        fx.messages.push((
+            r.worker_id,
+            Assignment {
+                job_id: job.id.to_string(),
+                epoch,
+                rank: r.rank,
+                world_size: job.world_size,
+                device: r.device,
+                master_addr: attempt.master_addr.clone(),
+                master_port,
+                spec_toml: job.spec_toml.clone(),
+                checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
+                resume_from: resume_from.clone(),
+                store_prefix: store_prefix.clone(),
+            }
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Core {
     /// Validates the spec (the authoritative check: size, fields, the paths it reads) and queues
     /// the job for `owner`, within the owner's queue limit.
@@ -409,25 +521,7 @@ impl Core {
                 .into_iter()
                 .filter(|w| w.state == WorkerState::Online && rt.sessions.contains_key(&w.id))
                 .collect();
-            let mut busy: HashSet<(WorkerId, u32)> = HashSet::new();
-            for a in tx.open_attempts()? {
-                for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
-                    busy.insert((r.worker_id, r.device));
-                }
-            }
-            let free: Vec<FreeWorker> = workers
-                .iter()
-                .map(|w| FreeWorker {
-                    id: w.id,
-                    name: w.name.clone(),
-                    devices: w
-                        .devices
-                        .iter()
-                        .map(|d| d.index)
-                        .filter(|d| !busy.contains(&(w.id, *d)))
-                        .collect(),
-                })
-                .collect();
+            let free = free_devices(tx, &workers)?;
             let queue: Vec<QueuedJob> = queued
                 .iter()
                 .map(|j| QueuedJob {
@@ -441,86 +535,10 @@ impl Core {
             let by_id: HashMap<WorkerId, &WorkerRecord> =
                 workers.iter().map(|w| (w.id, w)).collect();
             for p in &placements {
-                let Some(mut job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
+                let Some(job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
                     continue;
                 };
-                let Some(rank0) = p.ranks.first().and_then(|(w, _)| by_id.get(w)) else {
-                    continue;
-                };
-                let epoch = tx.next_epoch()?;
-                let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
-                let master_port = rank0.port_start + (epoch % span as u64) as u32;
-                let resume_from = tx
-                    .list_checkpoints(job.id, false)?
-                    .last()
-                    .map(|c| c.path.clone())
-                    .unwrap_or_default();
-                let attempt = AttemptRecord {
-                    job_id: job.id,
-                    epoch,
-                    started_ms: now_ms(),
-                    ended_ms: None,
-                    outcome: None,
-                    reason: String::new(),
-                    resume_from: resume_from.clone(),
-                    master_addr: rank0.host.clone(),
-                    master_port,
-                    ranks: p
-                        .ranks
-                        .iter()
-                        .enumerate()
-                        .map(|(rank, (w, d))| RankRecord {
-                            rank: rank as u32,
-                            worker_id: *w,
-                            device: *d,
-                            started_ms: None,
-                            exited_ms: None,
-                            exit_success: None,
-                            exit_info: String::new(),
-                        })
-                        .collect(),
-                };
-                tx.put_attempt(&attempt)?;
-                job.epoch = epoch;
-                job.attempts += 1;
-                let names: Vec<String> = p
-                    .ranks
-                    .iter()
-                    .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
-                    .collect();
-                let why = format!(
-                    "attempt {} placed on {}{}",
-                    job.attempts,
-                    names.join(", "),
-                    if resume_from.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", resuming from {resume_from}")
-                    }
-                );
-                set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
-                let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
-                // A fresh secret per attempt: the ranks' keys in rank 0's store live under it.
-                let store_prefix = hex::encode(rand::random::<[u8; 16]>());
-                for r in &attempt.ranks {
-                    fx.messages.push((
-                        r.worker_id,
-                        Assignment {
-                            job_id: job.id.to_string(),
-                            epoch,
-                            rank: r.rank,
-                            world_size: job.world_size,
-                            device: r.device,
-                            master_addr: attempt.master_addr.clone(),
-                            master_port,
-                            spec_toml: job.spec_toml.clone(),
-                            checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
-                            resume_from: resume_from.clone(),
-                            store_prefix: store_prefix.clone(),
-                        }
-                        .into(),
-                    ));
-                }
+                start_attempt(config, tx, fx, job, &p.ranks, &by_id)?;
             }
             Ok(placements.len())
         })

@@ -236,6 +236,135 @@ fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
     }
 }
 
+/// A trainer a daemon says is alive: (job, epoch, rank).
+type RunningKey = (JobId, u64, u32);
+
+/// The hello that opens a session: the worker's id (checked) and the trainers it still runs.
+fn parse_hello(first: Option<WorkerMessage>) -> Result<(WorkerId, Vec<RunningKey>)> {
+    let hello: Hello = match first.and_then(|m| m.msg) {
+        Some(worker_message::Msg::Hello(h)) => h,
+        Some(worker_message::Msg::Heartbeat(_) | worker_message::Msg::Report(_)) | None => {
+            return Err(Error::invalid(
+                "msg",
+                "the first message of a session must be a hello",
+            ))
+        }
+    };
+    let worker_id: WorkerId = hello
+        .worker_id
+        .parse()
+        .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
+    check_version("hello.protocol_version", hello.protocol_version)?;
+    let mut running = Vec::with_capacity(hello.running.len());
+    for (i, r) in hello.running.iter().enumerate() {
+        let job: JobId = r
+            .job_id
+            .parse()
+            .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
+        running.push((job, r.epoch, r.rank));
+    }
+    Ok((worker_id, running))
+}
+
+/// Makes a new connection the worker's current session; an older one is told it was replaced.
+fn install_session(
+    rt: &mut Runtime,
+    worker_id: WorkerId,
+) -> (
+    u64,
+    mpsc::UnboundedReceiver<std::result::Result<CoordinatorMessage, Status>>,
+    Arc<Notify>,
+) {
+    rt.next_conn += 1;
+    let conn_id = rt.next_conn;
+    let (out, rx) = mpsc::unbounded_channel();
+    let kill = Arc::new(Notify::new());
+    let handle = SessionHandle {
+        conn_id,
+        tx: out,
+        kill: kill.clone(),
+    };
+    if let Some(old) = rt.sessions.insert(worker_id, handle) {
+        let _ = old.tx.send(Err(Status::aborted(
+            "replaced by a newer session of this worker",
+        )));
+        old.kill.notify_one();
+    }
+    (conn_id, rx, kill)
+}
+
+/// Trainers alive on the node that are not part of a current attempt are cancelled; returns the
+/// ones that are (they keep running).
+fn cancel_stale_trainers(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    w: &WorkerRecord,
+    running: &[RunningKey],
+) -> Result<HashSet<RunningKey>> {
+    let mut cancelled = HashSet::new();
+    let mut keep = HashSet::new();
+    for &(job_id, epoch, rank) in running {
+        let current = match (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?) {
+            (Some(j), Some(a)) => {
+                j.epoch == epoch
+                    && a.is_active()
+                    && a.ranks
+                        .get(rank as usize)
+                        .is_some_and(|r| r.worker_id == w.id && r.exited_ms.is_none())
+            }
+            _ => false,
+        };
+        if current {
+            keep.insert((job_id, epoch, rank));
+        } else if cancelled.insert((job_id, epoch)) {
+            info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
+            fx.messages.push((
+                w.id,
+                CancelAssignment {
+                    job_id: job_id.to_string(),
+                    epoch,
+                    reason: "this attempt is no longer current".into(),
+                }
+                .into(),
+            ));
+        }
+    }
+    Ok(keep)
+}
+
+/// Ranks placed on the worker that are not running: an active attempt gets until `deadline` for
+/// their (buffered) exit reports; an ended one just frees the device.
+fn await_missing_ranks(
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    worker_id: WorkerId,
+    keep: &HashSet<RunningKey>,
+    now: i64,
+    deadline: i64,
+) -> Result<()> {
+    for mut a in tx.open_attempts()? {
+        let mut changed = false;
+        for r in a.ranks.iter_mut() {
+            if r.worker_id != worker_id
+                || r.exited_ms.is_some()
+                || keep.contains(&(a.job_id, a.epoch, r.rank))
+            {
+                continue;
+            }
+            if a.ended_ms.is_none() {
+                rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
+            } else {
+                r.mark_failed(now, "not running after its worker reconnected");
+                changed = true;
+            }
+        }
+        if changed {
+            tx.put_attempt(&a)?;
+        }
+    }
+    Ok(())
+}
+
 impl Core {
     /// Registers (or re-registers, by name) a worker daemon; returns its id.
     pub fn register(&self, req: &RegisterRequest) -> Result<WorkerId> {
@@ -265,114 +394,21 @@ impl Core {
 
     /// Accepts the first message of a session (which must be a `Hello`).
     pub(crate) fn open_session(&self, first: Option<WorkerMessage>) -> Result<OpenedSession> {
-        let hello: Hello = match first.and_then(|m| m.msg) {
-            Some(worker_message::Msg::Hello(h)) => h,
-            Some(_) => {
-                return Err(Error::invalid(
-                    "msg",
-                    "the first message of a session must be a hello",
-                ))
-            }
-            None => {
-                return Err(Error::invalid(
-                    "msg",
-                    "the first message of a session must be a hello",
-                ))
-            }
-        };
-        let worker_id: WorkerId = hello
-            .worker_id
-            .parse()
-            .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
-        check_version("hello.protocol_version", hello.protocol_version)?;
-        let mut running = Vec::with_capacity(hello.running.len());
-        for (i, r) in hello.running.iter().enumerate() {
-            let job: JobId = r
-                .job_id
-                .parse()
-                .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
-            running.push((job, r.epoch, r.rank));
-        }
+        let (worker_id, running) = parse_hello(first)?;
         self.transition(|config, rt, tx, fx| {
             let mut w = tx.get_worker(worker_id)?.ok_or_else(|| Error::NotFound {
                 what: "worker",
                 id: format!("{worker_id} (register first)"),
             })?;
             let now = now_ms();
-            rt.next_conn += 1;
-            let conn_id = rt.next_conn;
-            let (out, rx) = mpsc::unbounded_channel();
-            let kill = Arc::new(Notify::new());
-            if let Some(old) = rt.sessions.insert(
-                worker_id,
-                SessionHandle {
-                    conn_id,
-                    tx: out,
-                    kill: kill.clone(),
-                },
-            ) {
-                let _ = old
-                    .tx
-                    .send(Err(Status::aborted("replaced by a newer session of this worker")));
-                old.kill.notify_one();
-            }
+            let (conn_id, rx, kill) = install_session(rt, worker_id);
             w.state = WorkerState::Online;
             w.last_seen_ms = now;
             tx.put_worker(&w)?;
             rt.last_seen.insert(worker_id, now);
-
-            // Trainers alive on the node that are not part of a current attempt are cancelled.
-            let mut cancelled = HashSet::new();
-            let mut keep = HashSet::new();
-            for (job_id, epoch, rank) in &running {
-                let current = match (tx.get_job(*job_id)?, tx.get_attempt(*job_id, *epoch)?) {
-                    (Some(j), Some(a)) => {
-                        j.epoch == *epoch
-                            && a.is_active()
-                            && a.ranks.get(*rank as usize).is_some_and(|r| {
-                                r.worker_id == worker_id && r.exited_ms.is_none()
-                            })
-                    }
-                    _ => false,
-                };
-                if current {
-                    keep.insert((*job_id, *epoch, *rank));
-                } else if cancelled.insert((*job_id, *epoch)) {
-                    info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
-                    fx.messages.push((
-                        worker_id,
-                        CancelAssignment {
-                            job_id: job_id.to_string(),
-                            epoch: *epoch,
-                            reason: "this attempt is no longer current".into(),
-                        }
-                        .into(),
-                    ));
-                }
-            }
-            // Ranks placed here that are not running: an active attempt gets until the deadline
-            // for their (buffered) exit reports; an ended one just frees the device.
+            let keep = cancel_stale_trainers(tx, fx, &w, &running)?;
             let deadline = now + config.heartbeat_timeout_ms as i64;
-            for mut a in tx.open_attempts()? {
-                let mut changed = false;
-                for r in a.ranks.iter_mut() {
-                    if r.worker_id != worker_id || r.exited_ms.is_some() {
-                        continue;
-                    }
-                    if keep.contains(&(a.job_id, a.epoch, r.rank)) {
-                        continue;
-                    }
-                    if a.ended_ms.is_none() {
-                        rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
-                    } else {
-                        r.mark_failed(now, "not running after its worker reconnected");
-                        changed = true;
-                    }
-                }
-                if changed {
-                    tx.put_attempt(&a)?;
-                }
-            }
+            await_missing_ranks(rt, tx, worker_id, &keep, now, deadline)?;
             fx.schedule = true;
             info!(worker_id = %worker_id, worker = %w.name, conn_id, running = running.len(), "session opened");
             Ok(OpenedSession {
