@@ -274,9 +274,3 @@ impl WorkerService for WorkerSvc {
         ))))
     }
 }
-
-impl From<Error> for Box<Status> {
-    fn from(e: Error) -> Self {
-        Box::new(e.into())
-    }
-}

@@ -26,6 +26,11 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A TCP port on loopback that was free a moment ago (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    bt_common::net::free_loopback_port().expect("a free port")
+}
+
 /// Polls `f` until it returns Some or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

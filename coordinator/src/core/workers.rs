@@ -90,18 +90,8 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
             name: name.clone(),
         });
     }
-    if req.port_range_start == 0 || req.port_range_start > 65535 {
-        return Err(Error::invalid("port_range_start", "must be in 1..=65535"));
-    }
-    if req.port_range_end <= req.port_range_start || req.port_range_end > 65536 {
-        return Err(Error::invalid(
-            "port_range_end",
-            format!(
-                "must be greater than port_range_start ({}) and at most 65536 (the range is [start, end))",
-                req.port_range_start
-            ),
-        ));
-    }
+    bt_common::net::check_port_range(req.port_range_start, req.port_range_end)
+        .map_err(|e| Error::invalid(e.field, e.message))?;
     Ok(devices)
 }
 
