@@ -290,10 +290,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             set,
             watch,
         } => {
-            let base = format!(
-                "kind = \"linear_probe\"\nname = \"probe\"\n[eval]\ncheckpoint = {}\n",
-                toml_string(&checkpoint)
-            );
+            let base = probe_spec_toml(&checkpoint)?;
             let spec = bt_common::JobSpec::from_toml_with_overrides(&base, &set)
                 .map_err(|e| anyhow::anyhow!("invalid probe spec: {e}"))?;
             return submit(&cli.conn, &spec, watch).await;
@@ -397,18 +394,16 @@ async fn submit(conn: &Conn, spec: &bt_common::JobSpec, watch: bool) -> Result<E
 }
 
 /// A TOML basic string holding `s`.
-fn toml_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+/// The base spec of `btctl eval`: a linear probe of `checkpoint`, built as a TOML value (the
+/// serializer quotes the path, whatever it holds).
+fn probe_spec_toml(checkpoint: &str) -> anyhow::Result<String> {
+    let mut eval = toml::Table::new();
+    eval.insert("checkpoint".into(), checkpoint.into());
+    let mut spec = toml::Table::new();
+    spec.insert("kind".into(), "linear_probe".into());
+    spec.insert("name".into(), "probe".into());
+    spec.insert("eval".into(), eval.into());
+    Ok(toml::to_string(&spec)?)
 }
 
 /// Exit code of `watch` for a job's final state.
@@ -419,4 +414,16 @@ pub(crate) fn exit_for(state: JobState) -> Result<ExitCode> {
         JobState::Cancelled => ExitCode::from(3),
         s => bail!("the watch ended while the job was {}", s.name()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_probe_spec_quotes_any_checkpoint_path() {
+        let path = "/ck/a \"quoted\" \\ back\tslash/10";
+        let spec = bt_common::JobSpec::from_toml_str(&super::probe_spec_toml(path).unwrap())
+            .unwrap();
+        assert_eq!(spec.eval.checkpoint, path);
+        assert_eq!(spec.kind, bt_common::JobKind::LinearProbe);
+    }
 }

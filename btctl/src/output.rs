@@ -27,7 +27,7 @@ pub fn metrics_json(m: &TrainMetrics) -> Value {
 pub fn eval_json(e: &EvalResult) -> Value {
     let measured = |v: f64| (e.has_baselines || v > 0.0).then_some(v);
     json!({
-        "kind": e.kind, "step": e.step, "epoch": e.epoch, "top1": e.top1, "top5": e.top5,
+        "kind": eval_kind(e), "step": e.step, "epoch": e.epoch, "top1": e.top1, "top5": e.top5,
         "baseline_top1": measured(e.baseline_top1),
         "raw_pixels_top1": measured(e.raw_pixels_top1),
         "margin": e.has_baselines.then_some(e.margin),
@@ -37,7 +37,7 @@ pub fn eval_json(e: &EvalResult) -> Value {
 
 fn job_json(j: &Job) -> Value {
     json!({
-        "id": j.id, "name": j.name, "kind": j.kind, "state": j.state().name(),
+        "id": j.id, "name": j.name, "kind": job_kind(j), "state": j.state().name(),
         "priority": j.priority, "world_size": j.world_size, "created_at_ms": j.created_at_ms,
         "updated_at_ms": j.updated_at_ms, "epoch": j.epoch, "attempts": j.attempts,
         "restarts_used": j.restarts_used, "max_restarts": j.max_restarts,
@@ -101,7 +101,7 @@ pub fn print_job(j: &Job, as_json: bool) {
         return;
     }
     println!("id:        {}", j.id);
-    println!("name:      {} ({})", j.name, j.kind);
+    println!("name:      {} ({})", j.name, job_kind(j));
     println!("state:     {}", j.state().name());
     println!("priority:  {}", j.priority);
     println!("ranks:     {}", j.world_size);
@@ -146,7 +146,7 @@ pub fn print_job(j: &Job, as_json: bool) {
 pub fn eval_line(e: &EvalResult) -> String {
     let mut s = format!(
         "{} at step {} (epoch {}): top-1 {:.2}%",
-        e.kind,
+        eval_kind(e),
         e.step,
         e.epoch,
         100.0 * e.top1
@@ -184,15 +184,38 @@ fn baselines(e: &EvalResult) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
+// The closed sets below travel as an enum (preferred) and as a name (what older coordinators
+// send); a value this btctl does not know is shown as it came.
+
+fn eval_kind(e: &EvalResult) -> String {
+    bt_proto::convert::eval_kind(e).map_or_else(|_| e.kind.clone(), |k| k.name().into())
+}
+
+fn job_kind(j: &Job) -> String {
+    bt_proto::convert::job_kind(j).map_or_else(
+        |_| j.kind.clone(),
+        |k| bt_common::domain::job_kind_name(k).into(),
+    )
+}
+
+fn device_kind(d: &bt_proto::Device) -> String {
+    bt_proto::convert::device_kind(d).map_or_else(|_| d.kind.clone(), |k| k.name().into())
+}
+
+/// A checkpoint's evaluation state, "-" when none was requested.
+fn eval_state(c: &CheckpointInfo) -> String {
+    match bt_proto::convert::checkpoint_eval_state(c) {
+        Ok(Some(s)) => s.name().into(),
+        Ok(None) => "-".into(),
+        Err(_) => c.eval_state.clone(),
+    }
+}
+
 /// A checkpoint's evaluation in one short cell: its state, and the probe's result once done.
 fn checkpoint_eval(c: &CheckpointInfo) -> String {
-    let state = if c.eval_state.is_empty() {
-        "-"
-    } else {
-        c.eval_state.as_str()
-    };
+    let state = eval_state(c);
     match &c.eval {
-        Some(e) if c.eval_state == "done" => {
+        Some(e) if state == "done" => {
             let mut s = format!("done: top-1 {:.2}%", 100.0 * e.top1);
             if let Some(b) = baselines(e) {
                 s += &format!(" ({b})");
@@ -217,7 +240,7 @@ pub fn print_workers(ws: &[Worker], as_json: bool) {
                     "id": w.id, "name": w.name, "host": w.host, "state": state(w),
                     "last_seen_ms": w.last_seen_ms, "busy_devices": w.busy_devices,
                     "devices": w.devices.iter().map(|d| json!({
-                        "index": d.index, "kind": d.kind, "name": d.name})).collect::<Vec<_>>(),
+                        "index": d.index, "kind": device_kind(d), "name": d.name})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -249,7 +272,7 @@ pub fn print_checkpoints(cps: &[CheckpointInfo], as_json: bool) {
             .map(|c| {
                 json!({"job_id": c.job_id, "step": c.step, "epoch": c.epoch, "path": c.path,
                 "created_at_ms": c.created_at_ms, "size_bytes": c.size_bytes, "sha256": c.sha256,
-                "eval_state": c.eval_state, "eval_job_id": c.eval_job_id,
+                "eval_state": Some(eval_state(c)).filter(|s| s != "-").unwrap_or_default(), "eval_job_id": c.eval_job_id,
                 "eval": c.eval.as_ref().map(eval_json)})
             })
             .collect();
@@ -289,6 +312,7 @@ mod tests {
             margin: 0.066,
             has_baselines,
             detail: "k=200".into(),
+            ..Default::default()
         }
     }
 

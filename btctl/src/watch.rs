@@ -82,7 +82,11 @@ pub async fn watch(
                 cp.path,
                 cp.size_bytes as f64 / 1e6
             )),
-            Some(Kind::Notice(n)) => say(format!("{}: {}", n.level, n.message)),
+            Some(Kind::Notice(n)) => {
+                let level =
+                    bt_proto::convert::notice_level(&n).map_or(n.level.as_str(), |l| l.name());
+                say(format!("{level}: {}", n.message))
+            }
             Some(Kind::Missed(m)) => say(format!(
                 "warning: this watcher fell behind and missed {} events",
                 m.count

@@ -43,17 +43,6 @@ macro_rules! uuid_id {
 uuid_id!(JobId, "job id");
 uuid_id!(WorkerId, "worker id");
 
-/// The fencing token of one attempt of a job: strictly increasing, carried by every assignment and
-/// every report; reports with a stale epoch are rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AttemptEpoch(pub u64);
-
-impl fmt::Display for AttemptEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,12 @@
 //! bt-common: job spec types and validation, configuration loading, tracing setup, ids, shutdown.
 pub mod config;
+pub mod domain;
 pub mod ids;
+pub mod net;
 pub mod paths;
 pub mod spec;
 
-pub use ids::{AttemptEpoch, JobId, WorkerId};
+pub use ids::{JobId, WorkerId};
 pub use spec::{JobKind, JobSpec, SpecError};
 
 /// A secret from configuration (a token): its Debug output never shows it.

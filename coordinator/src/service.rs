@@ -8,7 +8,7 @@ use bt_proto::job_service_server::JobService;
 use bt_proto::worker_service_server::WorkerService;
 use bt_proto::{
     job_event, CancelJobRequest, CheckpointInfo, CoordinatorMessage, GetJobRequest, Job, JobEvent,
-    JobState, ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest, ListJobsResponse,
+    ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest, ListJobsResponse,
     ListWorkersRequest, ListWorkersResponse, Missed, RegisterRequest, RegisterResponse,
     SubmitJobRequest, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
 };
@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::auth::principal;
-use crate::core::{is_terminal_event, Core};
+use crate::core::Core;
 use crate::error::Error;
 
 fn parse_job_id(field: &str, s: &str) -> Result<JobId, Status> {
@@ -56,8 +56,8 @@ impl JobService for JobSvc {
         let req = req.into_inner();
         let mut states = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
-            match JobState::try_from(*s) {
-                Ok(JobState::Unspecified) | Err(_) => {
+            match bt_proto::convert::job_state_from_i32(*s) {
+                Err(_) => {
                     return Err(Status::invalid_argument(format!(
                         "states[{i}]: unknown job state {s}"
                     )))
@@ -104,8 +104,8 @@ impl JobService for JobSvc {
             let mut ended = false;
             for ev in start.replay {
                 last = last.max(ev.seq);
-                ended |= is_terminal_event(&ev);
-                if tx.send(Ok(ev)).await.is_err() {
+                ended |= ev.is_terminal();
+                if tx.send(Ok(ev.into())).await.is_err() {
                     return;
                 }
             }
@@ -124,8 +124,8 @@ impl JobService for JobSvc {
                             continue;
                         }
                         last = ev.seq;
-                        let terminal = is_terminal_event(&ev);
-                        if tx.send(Ok(ev)).await.is_err() || terminal {
+                        let terminal = ev.is_terminal();
+                        if tx.send(Ok(ev.into())).await.is_err() || terminal {
                             return;
                         }
                     }
@@ -272,11 +272,5 @@ impl WorkerService for WorkerSvc {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             opened.rx,
         ))))
-    }
-}
-
-impl From<Error> for Box<Status> {
-    fn from(e: Error) -> Self {
-        Box::new(e.into())
     }
 }

@@ -8,6 +8,7 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod client;
+pub mod convert;
 
 /// Checked at registration: a daemon speaking another version is refused with `FailedPrecondition`.
 pub const PROTOCOL_VERSION: u32 = 2;

@@ -26,6 +26,11 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A TCP port on loopback that was free a moment ago (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    bt_common::net::free_loopback_port().expect("a free port")
+}
+
 /// Polls `f` until it returns Some or the deadline passes (then panics with `what`).
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -177,6 +182,19 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, i: usize, slots: u32) {
+        self.start_worker_with_env(i, slots, &[]);
+    }
+
+    /// Starts one more daemon (index = the number started so far) with extra environment
+    /// variables; returns its index. Does not wait for it to come online.
+    pub fn add_worker(&mut self, slots: u32, env: &[(&str, &std::ffi::OsStr)]) -> usize {
+        let i = self.workers.len();
+        self.workers.push(None);
+        self.start_worker_with_env(i, slots, env);
+        i
+    }
+
+    fn start_worker_with_env(&mut self, i: usize, slots: u32, env: &[(&str, &std::ffi::OsStr)]) {
         let start = self.port_base + (i as u32) * 10;
         let mut cmd = Command::new(bin("bt-worker"));
         cmd.arg("--coordinator")
@@ -201,7 +219,8 @@ impl Cluster {
             .arg(self.path("secrets/worker.pem"))
             .arg("--client-key")
             .arg(self.path("secrets/worker.key"))
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         let p = spawn(
             &format!("worker-{i}"),
             &mut cmd,

@@ -4,12 +4,11 @@
 //! Secrets substituted with local stand-ins), form a working cluster that runs a job to success.
 //! A flag renamed in the code but not in the manifests fails here.
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bt_tests::{bin, wait_for};
+use bt_tests::{bin, free_port, wait_for};
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -70,13 +69,6 @@ fn strs(v: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// One container of a rendered workload, made runnable on this machine.

@@ -504,3 +504,38 @@ fn a_daemon_whose_trainer_cannot_run_refuses_to_start() {
         "{err}"
     );
 }
+
+/// A daemon that started fine (its trainer answered `--version`) but then cannot spawn the
+/// trainer: the rank's exit reaches the coordinator, and the job fails with a reason naming the
+/// worker well within the start deadline instead of waiting for a trainer that never comes.
+#[test]
+fn a_trainer_that_cannot_be_spawned_fails_the_job_naming_the_worker() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(0, 1);
+    let wrapper = c.path("trainer.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec '{}' \"$@\"\n",
+            bt_tests::bin("bt-worker").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    c.add_worker(1, &[("BT_WORKER_TRAINER_BIN", wrapper.as_os_str())]);
+    c.wait_workers_online(1);
+    // Registered (so the `--version` check passed); now the trainer can no longer be executed.
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let id = c.submit(TINY, &["world_size=1", "restart.max_restarts=0"]);
+    let started = std::time::Instant::now();
+    // The coordinator's start deadline (60 s by default) is the backstop; the exit report must
+    // come well before it.
+    let job = c.wait_state(&id, &["failed"], Duration::from_secs(45));
+    assert!(started.elapsed() < Duration::from_secs(45));
+    let reason = job["failure_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("worker-0") && reason.contains("cannot start a trainer"),
+        "failure reason: {reason}"
+    );
+    assert!(c.trainer_pids().is_empty());
+}

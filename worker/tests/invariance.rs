@@ -38,8 +38,7 @@ timeout_secs = 30
 }
 
 fn free_port() -> u32 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port() as u32
+    bt_common::net::free_loopback_port().expect("a free port").into()
 }
 
 /// Runs `world` ranks as real trainer processes (`bt-worker train`, assignment on stdin, events on

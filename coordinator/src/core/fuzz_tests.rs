@@ -281,11 +281,13 @@ fn ten_thousand_random_protocol_messages() {
                 index: 0,
                 kind: "cpu".into(),
                 name: "c0".into(),
+                ..Default::default()
             },
             Device {
                 index: 1,
                 kind: "cpu".into(),
                 name: "c1".into(),
+                ..Default::default()
             },
         ],
         port_range_start: 30000,

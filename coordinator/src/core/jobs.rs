@@ -1,11 +1,12 @@
 //! Jobs: submission, cancellation, the state machine's transitions, scheduling passes, views.
 use std::collections::{HashMap, HashSet};
 
-use bt_common::{now_ms, JobId, JobSpec, WorkerId};
-use bt_proto::{
-    coordinator_message, job_event, Assignment, CancelAssignment, CheckpointInfo,
-    CoordinatorMessage, Job, JobState, RankPlacement, StateChange, WorkerState,
+use bt_common::domain::{
+    AttemptOutcome, CheckpointEvalState, CheckpointInfo, EvalKind, EvalResult, EventKind, JobState,
+    StateChange, WorkerState,
 };
+use bt_common::{now_ms, JobId, JobSpec, WorkerId};
+use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
 use tracing::{info, warn};
 
 use super::{emit, Core, Effects};
@@ -39,8 +40,8 @@ pub(crate) fn set_state(
         fx,
         job.id,
         step,
-        job_event::Kind::State(StateChange {
-            state: state as i32,
+        EventKind::State(StateChange {
+            state,
             reason: reason.to_string(),
             epoch: job.epoch,
         }),
@@ -56,13 +57,12 @@ pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &s
         if seen.insert(r.worker_id) {
             fx.messages.push((
                 r.worker_id,
-                CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
-                        job_id: attempt.job_id.to_string(),
-                        epoch: attempt.epoch,
-                        reason: reason.to_string(),
-                    })),
-                },
+                CancelAssignment {
+                    job_id: attempt.job_id.to_string(),
+                    epoch: attempt.epoch,
+                    reason: reason.to_string(),
+                }
+                .into(),
             ));
         }
     }
@@ -79,7 +79,7 @@ pub(crate) fn fail_attempt(
     reason: String,
 ) -> Result<()> {
     attempt.ended_ms = Some(now_ms());
-    attempt.outcome = "failed".into();
+    attempt.outcome = Some(AttemptOutcome::Failed);
     attempt.reason = reason.clone();
     cancel_ranks(fx, attempt, &format!("attempt failed: {reason}"));
     tx.put_attempt(attempt)?;
@@ -140,19 +140,13 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
             }
         }
     }
-    let evals = tx
-        .list_events(job.id, 0, Some("eval"))?
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            Some(job_event::Kind::Eval(ev)) => Some(ev),
-            _ => None,
-        })
-        .collect();
+    let evals = evals_of(tx, job)?.into_iter().map(Into::into).collect();
     Ok(Job {
         id: job.id.to_string(),
         name: job.name.clone(),
-        kind: job.kind.clone(),
-        state: job.state as i32,
+        kind: bt_common::domain::job_kind_name(job.kind).into(),
+        job_kind: bt_proto::JobKind::from(job.kind) as i32,
+        state: bt_proto::JobState::from(job.state) as i32,
         spec_toml: job.spec_toml.clone(),
         priority: job.priority,
         world_size: job.world_size,
@@ -164,12 +158,27 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
         max_restarts: job.max_restarts,
         failure_reason: job.failure_reason.clone(),
         total_steps: job.total_steps,
-        last_metrics: job.last_metrics,
+        last_metrics: job.last_metrics.map(Into::into),
         placement,
         evals,
         rendezvous,
         owner: job.owner.clone(),
     })
+}
+
+/// The job's evaluation results, oldest first.
+fn evals_of(tx: &mut dyn Tx, job: &JobRecord) -> Result<Vec<EvalResult>> {
+    Ok(tx
+        .list_events(job.id, 0, Some("eval"))?
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Eval(ev) => Some(ev),
+            EventKind::State(_)
+            | EventKind::Metrics(_)
+            | EventKind::Checkpoint(_)
+            | EventKind::Notice(_) => None,
+        })
+        .collect())
 }
 
 pub(crate) fn checkpoint_info(c: &crate::store::CheckpointRecord) -> CheckpointInfo {
@@ -196,7 +205,7 @@ pub(crate) fn insert_job(
     let mut job = JobRecord {
         id: JobId::new(),
         name: spec.name.clone(),
-        kind: kind_name(spec),
+        kind: spec.kind,
         spec_toml: spec.to_toml(),
         priority: spec.priority,
         world_size: spec.world_size,
@@ -211,6 +220,7 @@ pub(crate) fn insert_job(
         total_steps: 0,
         last_metrics: None,
         owner: owner.to_string(),
+        run: crate::store::JobRunInfo::of(spec),
     };
     set_state(tx, fx, &mut job, JobState::Queued, "submitted")?;
     fx.schedule = true;
@@ -223,34 +233,30 @@ fn attach_probe_state(tx: &mut dyn Tx, cps: &mut [CheckpointInfo]) -> Result<()>
     if cps.is_empty() {
         return Ok(());
     }
-    let mut probes: Vec<(String, JobRecord)> = tx
-        .list_jobs(&[])?
-        .into_iter()
-        .filter(|j| j.kind == "linear_probe")
-        .filter_map(|j| {
-            let path = JobSpec::from_toml_str(&j.spec_toml).ok()?.eval.checkpoint;
-            Some((path, j))
-        })
-        .collect();
-    probes.sort_by_key(|(_, j)| j.created_ms);
+    let paths: Vec<String> = cps.iter().map(|c| c.path.clone()).collect();
+    let probes = tx.probe_jobs(&paths)?;
     for cp in cps.iter_mut() {
-        let Some((_, job)) = probes.iter().rev().find(|(p, _)| *p == cp.path) else {
+        let Some(job) = probes
+            .iter()
+            .rev()
+            .find(|j| j.run.probe_checkpoint == cp.path)
+        else {
             continue;
         };
         cp.eval_job_id = job.id.to_string();
-        cp.eval_state = match job.state {
-            JobState::Running => "running",
-            JobState::Succeeded => "done",
-            JobState::Failed | JobState::Cancelled => "failed",
-            _ => "pending",
-        }
-        .into();
+        cp.eval_state = Some(match job.state {
+            JobState::Running => CheckpointEvalState::Running,
+            JobState::Succeeded => CheckpointEvalState::Done,
+            JobState::Failed | JobState::Cancelled => CheckpointEvalState::Failed,
+            JobState::Queued | JobState::Scheduled | JobState::Restarting => {
+                CheckpointEvalState::Pending
+            }
+        });
         if job.state == JobState::Succeeded {
-            cp.eval = job_view(tx, job)?
-                .evals
+            cp.eval = evals_of(tx, job)?
                 .into_iter()
                 .rev()
-                .find(|e| e.kind == "linear_probe");
+                .find(|e| e.kind == EvalKind::LinearProbe);
         }
     }
     Ok(())
@@ -283,11 +289,116 @@ pub(crate) fn check_read_paths(config: &CoordinatorConfig, spec: &JobSpec) -> Re
     Ok(())
 }
 
-fn kind_name(spec: &JobSpec) -> String {
-    match spec.kind {
-        bt_common::JobKind::Pretrain => "pretrain".into(),
-        bt_common::JobKind::LinearProbe => "linear_probe".into(),
+/// The devices of `workers` no rank of an open attempt holds.
+fn free_devices(tx: &mut dyn Tx, workers: &[WorkerRecord]) -> Result<Vec<FreeWorker>> {
+    let mut busy: HashSet<(WorkerId, u32)> = HashSet::new();
+    for a in tx.open_attempts()? {
+        for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+            busy.insert((r.worker_id, r.device));
+        }
     }
+    Ok(workers
+        .iter()
+        .map(|w| FreeWorker {
+            id: w.id,
+            name: w.name.clone(),
+            devices: w
+                .devices
+                .iter()
+                .map(|d| d.index)
+                .filter(|d| !busy.contains(&(w.id, *d)))
+                .collect(),
+        })
+        .collect())
+}
+
+/// A new attempt of `job` on `ranks` ((worker, device) per rank): a fresh epoch, the rendezvous
+/// on rank 0's worker, resuming from the newest checkpoint; the job goes SCHEDULED and every
+/// rank's worker gets its assignment.
+fn start_attempt(
+    config: &CoordinatorConfig,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    mut job: JobRecord,
+    ranks: &[(WorkerId, u32)],
+    by_id: &HashMap<WorkerId, &WorkerRecord>,
+) -> Result<()> {
+    let Some(rank0) = ranks.first().and_then(|(w, _)| by_id.get(w)) else {
+        return Ok(());
+    };
+    let epoch = tx.next_epoch()?;
+    let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
+    let master_port = rank0.port_start + (epoch % span as u64) as u32;
+    let resume_from = tx
+        .list_checkpoints(job.id, false)?
+        .last()
+        .map(|c| c.path.clone())
+        .unwrap_or_default();
+    let attempt = AttemptRecord {
+        job_id: job.id,
+        epoch,
+        started_ms: now_ms(),
+        ended_ms: None,
+        outcome: None,
+        reason: String::new(),
+        resume_from: resume_from.clone(),
+        master_addr: rank0.host.clone(),
+        master_port,
+        ranks: ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, (w, d))| RankRecord {
+                rank: rank as u32,
+                worker_id: *w,
+                device: *d,
+                started_ms: None,
+                exited_ms: None,
+                exit_success: None,
+                exit_info: String::new(),
+            })
+            .collect(),
+    };
+    tx.put_attempt(&attempt)?;
+    job.epoch = epoch;
+    job.attempts += 1;
+    let names: Vec<String> = ranks
+        .iter()
+        .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
+        .collect();
+    let why = format!(
+        "attempt {} placed on {}{}",
+        job.attempts,
+        names.join(", "),
+        if resume_from.is_empty() {
+            String::new()
+        } else {
+            format!(", resuming from {resume_from}")
+        }
+    );
+    set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
+    let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
+    // A fresh secret per attempt: the ranks' keys in rank 0's store live under it.
+    let store_prefix = hex::encode(rand::random::<[u8; 16]>());
+    for r in &attempt.ranks {
+        fx.messages.push((
+            r.worker_id,
+            Assignment {
+                job_id: job.id.to_string(),
+                epoch,
+                rank: r.rank,
+                world_size: job.world_size,
+                device: r.device,
+                master_addr: attempt.master_addr.clone(),
+                master_port,
+                spec_toml: job.spec_toml.clone(),
+                checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
+                resume_from: resume_from.clone(),
+                store_prefix: store_prefix.clone(),
+            }
+            .into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Core {
@@ -347,7 +458,7 @@ impl Core {
         })
     }
 
-    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
+    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<bt_proto::CheckpointInfo>> {
         self.read(|_, tx| {
             tx.get_job(id)?.ok_or_else(|| not_found(id))?;
             let mut out: Vec<CheckpointInfo> = tx
@@ -356,7 +467,7 @@ impl Core {
                 .map(checkpoint_info)
                 .collect();
             attach_probe_state(tx, &mut out)?;
-            Ok(out)
+            Ok(out.into_iter().map(Into::into).collect())
         })
     }
 
@@ -384,7 +495,7 @@ impl Core {
                 if let Some(mut a) = tx.get_attempt(id, job.epoch)? {
                     if a.is_active() {
                         a.ended_ms = Some(now_ms());
-                        a.outcome = "cancelled".into();
+                        a.outcome = Some(AttemptOutcome::Cancelled);
                         a.reason = reason.clone();
                         cancel_ranks(fx, &a, &reason);
                         tx.put_attempt(&a)?;
@@ -410,25 +521,7 @@ impl Core {
                 .into_iter()
                 .filter(|w| w.state == WorkerState::Online && rt.sessions.contains_key(&w.id))
                 .collect();
-            let mut busy: HashSet<(WorkerId, u32)> = HashSet::new();
-            for a in tx.open_attempts()? {
-                for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
-                    busy.insert((r.worker_id, r.device));
-                }
-            }
-            let free: Vec<FreeWorker> = workers
-                .iter()
-                .map(|w| FreeWorker {
-                    id: w.id,
-                    name: w.name.clone(),
-                    devices: w
-                        .devices
-                        .iter()
-                        .map(|d| d.index)
-                        .filter(|d| !busy.contains(&(w.id, *d)))
-                        .collect(),
-                })
-                .collect();
+            let free = free_devices(tx, &workers)?;
             let queue: Vec<QueuedJob> = queued
                 .iter()
                 .map(|j| QueuedJob {
@@ -442,87 +535,10 @@ impl Core {
             let by_id: HashMap<WorkerId, &WorkerRecord> =
                 workers.iter().map(|w| (w.id, w)).collect();
             for p in &placements {
-                let Some(mut job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
+                let Some(job) = queued.iter().find(|j| j.id == p.job_id).cloned() else {
                     continue;
                 };
-                let Some(rank0) = p.ranks.first().and_then(|(w, _)| by_id.get(w)) else {
-                    continue;
-                };
-                let epoch = tx.next_epoch()?;
-                let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
-                let master_port = rank0.port_start + (epoch % span as u64) as u32;
-                let resume_from = tx
-                    .list_checkpoints(job.id, false)?
-                    .last()
-                    .map(|c| c.path.clone())
-                    .unwrap_or_default();
-                let attempt = AttemptRecord {
-                    job_id: job.id,
-                    epoch,
-                    started_ms: now_ms(),
-                    ended_ms: None,
-                    outcome: String::new(),
-                    reason: String::new(),
-                    resume_from: resume_from.clone(),
-                    master_addr: rank0.host.clone(),
-                    master_port,
-                    ranks: p
-                        .ranks
-                        .iter()
-                        .enumerate()
-                        .map(|(rank, (w, d))| RankRecord {
-                            rank: rank as u32,
-                            worker_id: *w,
-                            device: *d,
-                            started_ms: None,
-                            exited_ms: None,
-                            exit_success: None,
-                            exit_info: String::new(),
-                        })
-                        .collect(),
-                };
-                tx.put_attempt(&attempt)?;
-                job.epoch = epoch;
-                job.attempts += 1;
-                let names: Vec<String> = p
-                    .ranks
-                    .iter()
-                    .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
-                    .collect();
-                let why = format!(
-                    "attempt {} placed on {}{}",
-                    job.attempts,
-                    names.join(", "),
-                    if resume_from.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", resuming from {resume_from}")
-                    }
-                );
-                set_state(tx, fx, &mut job, JobState::Scheduled, &why)?;
-                let checkpoint_dir = config.checkpoint_root.join(job.id.to_string());
-                // A fresh secret per attempt: the ranks' keys in rank 0's store live under it.
-                let store_prefix = hex::encode(rand::random::<[u8; 16]>());
-                for r in &attempt.ranks {
-                    fx.messages.push((
-                        r.worker_id,
-                        CoordinatorMessage {
-                            msg: Some(coordinator_message::Msg::Assign(Assignment {
-                                job_id: job.id.to_string(),
-                                epoch,
-                                rank: r.rank,
-                                world_size: job.world_size,
-                                device: r.device,
-                                master_addr: attempt.master_addr.clone(),
-                                master_port,
-                                spec_toml: job.spec_toml.clone(),
-                                checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
-                                resume_from: resume_from.clone(),
-                                store_prefix: store_prefix.clone(),
-                            })),
-                        },
-                    ));
-                }
+                start_attempt(config, tx, fx, job, &p.ranks, &by_id)?;
             }
             Ok(placements.len())
         })

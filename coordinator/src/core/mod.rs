@@ -10,8 +10,9 @@ mod workers;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bt_common::domain::{EventKind, JobEvent};
 use bt_common::{now_ms, JobId, WorkerId};
-use bt_proto::{job_event, CoordinatorMessage, JobEvent, JobState};
+use bt_proto::CoordinatorMessage;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tonic::Status;
 
@@ -52,6 +53,24 @@ struct Runtime {
 const THIN_CHECK_EVERY: u32 = 256;
 
 impl Runtime {
+    /// Whether `conn_id` is the worker's current session (not replaced, not lost).
+    fn is_current(&self, worker_id: WorkerId, conn_id: u64) -> bool {
+        self.sessions
+            .get(&worker_id)
+            .is_some_and(|s| s.conn_id == conn_id)
+    }
+
+    /// `is_current`, as the error a message of a stale session gets.
+    fn ensure_current(&self, worker_id: WorkerId, conn_id: u64) -> Result<()> {
+        if self.is_current(worker_id, conn_id) {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(
+                "this session is no longer current (the worker was lost or reconnected)".into(),
+            ))
+        }
+    }
+
     /// Whether one more metric report of this attempt fits in its per-second budget.
     fn metrics_allowed(&mut self, job_id: JobId, epoch: u64, per_sec: u32) -> bool {
         let now = now_ms();
@@ -140,15 +159,6 @@ pub(crate) struct WatchStart {
     pub live: Option<broadcast::Receiver<JobEvent>>,
 }
 
-pub(crate) fn is_terminal_event(ev: &JobEvent) -> bool {
-    match &ev.kind {
-        Some(job_event::Kind::State(s)) => {
-            JobState::try_from(s.state).is_ok_and(|s| s.is_terminal())
-        }
-        _ => false,
-    }
-}
-
 impl Core {
     /// Opens the core over `store`. Workers that were online before a restart get
     /// `heartbeat_timeout_ms` to reconnect before they are handled as lost.
@@ -218,10 +228,8 @@ impl Core {
 
     fn apply(&self, rt: &mut Runtime, fx: Effects) {
         for ev in fx.events {
-            let Ok(job_id) = ev.job_id.parse::<JobId>() else {
-                continue;
-            };
-            let terminal = is_terminal_event(&ev);
+            let job_id = ev.job_id;
+            let terminal = ev.is_terminal();
             if let Some(tx) = rt.watchers.get(&job_id) {
                 // No receivers is not an error worth reporting.
                 let _ = tx.send(ev);
@@ -331,14 +339,14 @@ pub(crate) fn emit(
     fx: &mut Effects,
     job_id: JobId,
     step: u64,
-    kind: job_event::Kind,
+    kind: EventKind,
 ) -> Result<()> {
     let mut ev = JobEvent {
         seq: 0,
         time_ms: now_ms(),
         step,
-        job_id: job_id.to_string(),
-        kind: Some(kind),
+        job_id,
+        kind,
     };
     tx.append_event(&mut ev)?;
     fx.events.push(ev);

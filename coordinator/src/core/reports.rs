@@ -2,11 +2,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use bt_common::domain::{AttemptOutcome, EventKind, JobState, Notice, NoticeLevel};
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
-use bt_proto::{
-    coordinator_message, job_event, trainer_report, CoordinatorMessage, DeleteCheckpoints,
-    JobState, Notice, TrainerExit, TrainerReport,
-};
+use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
 
 use super::jobs::{checkpoint_info, fail_attempt, set_state};
@@ -37,6 +35,22 @@ fn exit_reason(rank: u32, worker: &str, e: &TrainerExit) -> String {
     s
 }
 
+/// A report of a rank that is placed where it came from: the job, the attempt the report's
+/// epoch names, and whether that attempt is the job's current, running one.
+struct Fenced {
+    job: JobRecord,
+    attempt: AttemptRecord,
+    rank: u32,
+    current: bool,
+}
+
+impl Fenced {
+    /// The job's last reported step (where notices and state changes are filed).
+    fn step(&self) -> u64 {
+        self.job.last_metrics.as_ref().map_or(0, |m| m.step)
+    }
+}
+
 pub(crate) fn handle_report(
     config: &CoordinatorConfig,
     rt: &mut Runtime,
@@ -52,184 +66,290 @@ pub(crate) fn handle_report(
     let body = r
         .body
         .ok_or_else(|| Error::invalid("report.body", "a report must carry a body"))?;
-    let (epoch, rank) = (r.epoch, r.rank);
-    let Some(mut job) = tx.get_job(job_id)? else {
-        warn!(worker_id = %worker_id, job_id = %job_id, "report for an unknown job ignored");
+    let Some(at) = fence(tx, worker_id, job_id, r.epoch, r.rank)? else {
         return Ok(());
     };
-    let Some(mut attempt) = tx.get_attempt(job_id, epoch)? else {
+    match body {
+        trainer_report::Body::Exit(e) => on_exit(rt, tx, fx, worker_id, at, &e),
+        _ if !at.current => {
+            debug!(job_id = %job_id, epoch = r.epoch, current_epoch = at.job.epoch, rank = r.rank,
+                   "report of a past attempt ignored");
+            Ok(())
+        }
+        trainer_report::Body::Started(s) => on_started(tx, fx, at, s.pid),
+        trainer_report::Body::Metrics(m) => on_metrics(config, rt, tx, fx, at, m.into()),
+        trainer_report::Body::Eval(_) if at.rank != 0 => {
+            debug!(job_id = %job_id, rank = at.rank, "eval from a rank other than 0 ignored");
+            Ok(())
+        }
+        trainer_report::Body::Eval(ev) => match bt_common::domain::EvalResult::try_from(ev) {
+            Ok(ev) => {
+                info!(job_id = %job_id, step = ev.step, kind = %ev.kind, top1 = ev.top1, "eval result");
+                emit(tx, fx, job_id, ev.step, EventKind::Eval(ev))
+            }
+            Err(e) => refuse_report(tx, fx, &at.job, worker_id, "eval", e),
+        },
+        trainer_report::Body::Notice(n) => match Notice::try_from(n) {
+            Ok(n) => emit(tx, fx, job_id, at.step(), EventKind::Notice(n)),
+            Err(e) => refuse_report(tx, fx, &at.job, worker_id, "notice", e),
+        },
+        trainer_report::Body::Checkpoint(c) => on_checkpoint(config, tx, fx, worker_id, at, c),
+    }
+}
+
+/// Fencing: a report counts only for a known job, an attempt its epoch names, a rank inside the
+/// world size that is placed on the reporting worker. Anything else is stale or stray: ignored.
+fn fence(
+    tx: &mut dyn Tx,
+    worker_id: WorkerId,
+    job_id: JobId,
+    epoch: u64,
+    rank: u32,
+) -> Result<Option<Fenced>> {
+    let Some(job) = tx.get_job(job_id)? else {
+        warn!(worker_id = %worker_id, job_id = %job_id, "report for an unknown job ignored");
+        return Ok(None);
+    };
+    let Some(attempt) = tx.get_attempt(job_id, epoch)? else {
         warn!(worker_id = %worker_id, job_id = %job_id, epoch, current_epoch = job.epoch,
               "report with an unknown epoch ignored (stale)");
-        return Ok(());
+        return Ok(None);
     };
     if rank >= job.world_size {
         warn!(worker_id = %worker_id, job_id = %job_id, rank, world_size = job.world_size,
               "report with a rank outside the world size ignored");
-        return Ok(());
+        return Ok(None);
     }
     let Some(placed) = attempt.ranks.get(rank as usize) else {
         warn!(job_id = %job_id, epoch, rank, "report for a rank the attempt does not have ignored");
-        return Ok(());
+        return Ok(None);
     };
     if placed.worker_id != worker_id {
         warn!(worker_id = %worker_id, job_id = %job_id, epoch, rank, placed_on = %placed.worker_id,
               "report for a rank placed on another worker ignored");
-        return Ok(());
+        return Ok(None);
     }
     let current = epoch == job.epoch && attempt.is_active() && !job.state.is_terminal();
-    match body {
-        trainer_report::Body::Exit(e) => {
-            let slot = &mut attempt.ranks[rank as usize];
-            if slot.exited_ms.is_some() {
-                debug!(job_id = %job_id, epoch, rank, "duplicate exit report ignored");
-                return Ok(());
-            }
-            let worker_name = tx
-                .get_worker(worker_id)?
-                .map(|w| w.name)
-                .unwrap_or_default();
-            let slot = &mut attempt.ranks[rank as usize];
-            slot.exited_ms = Some(now_ms());
-            slot.exit_success = Some(e.success);
-            slot.exit_info = if e.success {
-                "success".into()
-            } else {
-                exit_reason(rank, &worker_name, &e)
-            };
-            rt.vanished.remove(&(job_id, epoch, rank));
-            fx.schedule = true;
-            if !current {
-                info!(job_id = %job_id, epoch, rank, success = e.success, "exit of a past attempt recorded");
-                tx.put_attempt(&attempt)?;
-                return Ok(());
-            }
-            info!(job_id = %job_id, epoch, rank, success = e.success, code = e.code, signal = e.signal,
-                  user_error = e.user_error, "trainer exited");
-            if e.success {
-                let all_ok = attempt.ranks.iter().all(|r| r.exit_success == Some(true));
-                if all_ok {
-                    attempt.ended_ms = Some(now_ms());
-                    attempt.outcome = "succeeded".into();
-                    tx.put_attempt(&attempt)?;
-                    set_state(tx, fx, &mut job, JobState::Succeeded, "all ranks finished")?;
-                } else {
-                    tx.put_attempt(&attempt)?;
-                }
-                Ok(())
-            } else {
-                let why = exit_reason(rank, &worker_name, &e);
-                fail_attempt(tx, fx, &mut job, &mut attempt, e.user_error, why)
-            }
+    Ok(Some(Fenced {
+        job,
+        attempt,
+        rank,
+        current,
+    }))
+}
+
+/// A rank's exit, of the current attempt (it may end the attempt) or of a past one (recorded, so
+/// its device is free again).
+fn on_exit(
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    worker_id: WorkerId,
+    at: Fenced,
+    e: &TrainerExit,
+) -> Result<()> {
+    let Fenced {
+        mut job,
+        mut attempt,
+        rank,
+        current,
+    } = at;
+    let (job_id, epoch) = (job.id, attempt.epoch);
+    if attempt.ranks[rank as usize].exited_ms.is_some() {
+        debug!(job_id = %job_id, epoch, rank, "duplicate exit report ignored");
+        return Ok(());
+    }
+    let worker_name = tx
+        .get_worker(worker_id)?
+        .map(|w| w.name)
+        .unwrap_or_default();
+    let slot = &mut attempt.ranks[rank as usize];
+    slot.exited_ms = Some(now_ms());
+    slot.exit_success = Some(e.success);
+    slot.exit_info = if e.success {
+        "success".into()
+    } else {
+        exit_reason(rank, &worker_name, e)
+    };
+    rt.vanished.remove(&(job_id, epoch, rank));
+    fx.schedule = true;
+    if !current {
+        info!(job_id = %job_id, epoch, rank, success = e.success, "exit of a past attempt recorded");
+        return tx.put_attempt(&attempt);
+    }
+    info!(job_id = %job_id, epoch, rank, success = e.success, code = e.code, signal = e.signal,
+          user_error = e.user_error, "trainer exited");
+    if !e.success {
+        let why = exit_reason(rank, &worker_name, e);
+        return fail_attempt(tx, fx, &mut job, &mut attempt, e.user_error, why);
+    }
+    if attempt.ranks.iter().all(|r| r.exit_success == Some(true)) {
+        attempt.ended_ms = Some(now_ms());
+        attempt.outcome = Some(AttemptOutcome::Succeeded);
+        tx.put_attempt(&attempt)?;
+        set_state(tx, fx, &mut job, JobState::Succeeded, "all ranks finished")
+    } else {
+        tx.put_attempt(&attempt)
+    }
+}
+
+/// A rank's trainer is up; the job runs once every rank is.
+fn on_started(tx: &mut dyn Tx, fx: &mut Effects, at: Fenced, pid: u32) -> Result<()> {
+    let Fenced {
+        mut job,
+        mut attempt,
+        rank,
+        ..
+    } = at;
+    let slot = &mut attempt.ranks[rank as usize];
+    if slot.started_ms.is_none() {
+        slot.started_ms = Some(now_ms());
+        tx.put_attempt(&attempt)?;
+        info!(job_id = %job.id, epoch = attempt.epoch, rank, pid, "trainer started");
+    }
+    if job.state == JobState::Scheduled && attempt.ranks.iter().all(|r| r.started_ms.is_some()) {
+        let why = format!("all {} ranks started", job.world_size);
+        set_state(tx, fx, &mut job, JobState::Running, &why)?;
+    }
+    Ok(())
+}
+
+/// Rank 0's metrics, within the per-second budget: the job's progress and one history event.
+fn on_metrics(
+    config: &CoordinatorConfig,
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    at: Fenced,
+    m: bt_common::domain::TrainMetrics,
+) -> Result<()> {
+    let Fenced {
+        mut job,
+        attempt,
+        rank,
+        ..
+    } = at;
+    let job_id = job.id;
+    if rank != 0 {
+        debug!(job_id = %job_id, rank, "metrics from a rank other than 0 ignored");
+        return Ok(());
+    }
+    if !rt.metrics_allowed(job_id, attempt.epoch, config.limits.max_metrics_per_sec) {
+        return Ok(());
+    }
+    job.total_steps = m.total_steps.max(job.total_steps);
+    job.last_metrics = Some(m);
+    job.updated_ms = now_ms();
+    tx.put_job(&job)?;
+    emit(tx, fx, job_id, m.step, EventKind::Metrics(m))?;
+    if rt.metric_appended(job_id) {
+        thin_metrics(config, tx, job_id)?;
+    }
+    Ok(())
+}
+
+/// Rank 0 wrote a checkpoint: commit it (inside the job's checkpoint directory only), queue its
+/// evaluation if the job asked for one, then apply retention.
+fn on_checkpoint(
+    config: &CoordinatorConfig,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    worker_id: WorkerId,
+    at: Fenced,
+    c: bt_proto::CheckpointInfo,
+) -> Result<()> {
+    let job_id = at.job.id;
+    if at.rank != 0 {
+        warn!(job_id = %job_id, rank = at.rank, "checkpoint from a rank other than 0 ignored");
+        return Ok(());
+    }
+    if c.path.trim().is_empty() {
+        warn!(job_id = %job_id, step = c.step, "checkpoint report without a path ignored");
+        return Ok(());
+    }
+    let job_root = config.checkpoint_root.join(job_id.to_string());
+    if let Err(e) =
+        bt_common::paths::lexically_within("checkpoint.path", Path::new(&c.path), &job_root)
+    {
+        warn!(job_id = %job_id, worker_id = %worker_id, step = c.step, error = %e,
+              "checkpoint report refused");
+        return emit(
+            tx,
+            fx,
+            job_id,
+            at.step(),
+            EventKind::Notice(Notice {
+                level: NoticeLevel::Warn,
+                message: format!("checkpoint report refused: {e}"),
+            }),
+        );
+    }
+    let rec = CheckpointRecord {
+        job_id,
+        step: c.step,
+        epoch: c.epoch,
+        path: c.path.clone(),
+        size_bytes: c.size_bytes,
+        sha256: c.sha256.clone(),
+        created_ms: if c.created_at_ms > 0 {
+            c.created_at_ms
+        } else {
+            now_ms()
+        },
+        deleted: false,
+    };
+    tx.put_checkpoint(&rec)?;
+    info!(job_id = %job_id, step = c.step, path = %c.path, "checkpoint committed");
+    emit(
+        tx,
+        fx,
+        job_id,
+        c.step,
+        EventKind::Checkpoint(checkpoint_info(&rec)),
+    )?;
+    if at.job.run.auto_eval {
+        queue_evaluation(tx, fx, &at.job, &rec.path)?;
+    }
+    apply_retention(tx, fx, &at.job, &at.attempt, worker_id)
+}
+
+/// A linear-probe job for a committed checkpoint of `job`. The probe's spec is derived from the
+/// job's: parsed here, once per checkpoint of a job that asked for evaluations.
+fn queue_evaluation(tx: &mut dyn Tx, fx: &mut Effects, job: &JobRecord, path: &str) -> Result<()> {
+    match JobSpec::from_toml_str(&job.spec_toml) {
+        Ok(spec) => {
+            let probe = super::jobs::insert_job(tx, fx, &spec.probe_for(path), &job.owner)?;
+            info!(job_id = %job.id, probe_job = %probe.id, path, "checkpoint evaluation queued");
         }
-        _ if !current => {
-            debug!(job_id = %job_id, epoch, current_epoch = job.epoch, rank, "report of a past attempt ignored");
-            Ok(())
-        }
-        trainer_report::Body::Started(s) => {
-            let slot = &mut attempt.ranks[rank as usize];
-            if slot.started_ms.is_none() {
-                slot.started_ms = Some(now_ms());
-                tx.put_attempt(&attempt)?;
-                info!(job_id = %job_id, epoch, rank, pid = s.pid, "trainer started");
-            }
-            if job.state == JobState::Scheduled
-                && attempt.ranks.iter().all(|r| r.started_ms.is_some())
-            {
-                let why = format!("all {} ranks started", job.world_size);
-                set_state(tx, fx, &mut job, JobState::Running, &why)?;
-            }
-            Ok(())
-        }
-        trainer_report::Body::Metrics(m) => {
-            if rank != 0 {
-                debug!(job_id = %job_id, rank, "metrics from a rank other than 0 ignored");
-                return Ok(());
-            }
-            if !rt.metrics_allowed(job_id, epoch, config.limits.max_metrics_per_sec) {
-                return Ok(());
-            }
-            job.total_steps = m.total_steps.max(job.total_steps);
-            job.last_metrics = Some(m);
-            job.updated_ms = now_ms();
-            tx.put_job(&job)?;
-            emit(tx, fx, job_id, m.step, job_event::Kind::Metrics(m))?;
-            if rt.metric_appended(job_id) {
-                thin_metrics(config, tx, job_id)?;
-            }
-            Ok(())
-        }
-        trainer_report::Body::Eval(ev) => {
-            if rank != 0 {
-                debug!(job_id = %job_id, rank, "eval from a rank other than 0 ignored");
-                return Ok(());
-            }
-            info!(job_id = %job_id, step = ev.step, kind = %ev.kind, top1 = ev.top1, "eval result");
-            emit(tx, fx, job_id, ev.step, job_event::Kind::Eval(ev))
-        }
-        trainer_report::Body::Notice(n) => {
-            let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
-            emit(tx, fx, job_id, step, job_event::Kind::Notice(n))
-        }
-        trainer_report::Body::Checkpoint(c) => {
-            if rank != 0 {
-                warn!(job_id = %job_id, rank, "checkpoint from a rank other than 0 ignored");
-                return Ok(());
-            }
-            if c.path.trim().is_empty() {
-                warn!(job_id = %job_id, step = c.step, "checkpoint report without a path ignored");
-                return Ok(());
-            }
-            let job_root = config.checkpoint_root.join(job_id.to_string());
-            if let Err(e) =
-                bt_common::paths::lexically_within("checkpoint.path", Path::new(&c.path), &job_root)
-            {
-                warn!(job_id = %job_id, worker_id = %worker_id, step = c.step, error = %e,
-                      "checkpoint report refused");
-                let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
-                return emit(
-                    tx,
-                    fx,
-                    job_id,
-                    step,
-                    job_event::Kind::Notice(Notice {
-                        level: "warn".into(),
-                        message: format!("checkpoint report refused: {e}"),
-                    }),
-                );
-            }
-            let rec = CheckpointRecord {
-                job_id,
-                step: c.step,
-                epoch: c.epoch,
-                path: c.path.clone(),
-                size_bytes: c.size_bytes,
-                sha256: c.sha256.clone(),
-                created_ms: if c.created_at_ms > 0 {
-                    c.created_at_ms
-                } else {
-                    now_ms()
-                },
-                deleted: false,
-            };
-            tx.put_checkpoint(&rec)?;
-            info!(job_id = %job_id, step = c.step, path = %c.path, "checkpoint committed");
-            emit(
-                tx,
-                fx,
-                job_id,
-                c.step,
-                job_event::Kind::Checkpoint(checkpoint_info(&rec)),
-            )?;
-            if let Ok(spec) = JobSpec::from_toml_str(&job.spec_toml) {
-                if spec.checkpoint.auto_eval {
-                    let probe = spec.probe_for(&rec.path);
-                    let probe_job = super::jobs::insert_job(tx, fx, &probe, &job.owner)?;
-                    info!(job_id = %job_id, probe_job = %probe_job.id, path = %rec.path, "checkpoint evaluation queued");
-                }
-            }
-            apply_retention(config, tx, fx, &job, &attempt, worker_id)
+        Err(e) => {
+            warn!(job_id = %job.id, error = %e, "stored spec does not parse; no evaluation queued")
         }
     }
+    Ok(())
+}
+
+/// A report whose content this coordinator cannot represent (a value outside a closed set) is
+/// not recorded; the job gets a warning saying so, and the session stays up.
+fn refuse_report(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job: &JobRecord,
+    worker_id: WorkerId,
+    what: &str,
+    e: bt_proto::convert::WireError,
+) -> Result<()> {
+    warn!(job_id = %job.id, worker_id = %worker_id, error = %e, "{what} report refused");
+    let step = job.last_metrics.as_ref().map_or(0, |m| m.step);
+    emit(
+        tx,
+        fx,
+        job.id,
+        step,
+        EventKind::Notice(Notice {
+            level: NoticeLevel::Warn,
+            message: format!("{what} report refused: {what}.{e}"),
+        }),
+    )
 }
 
 /// Keeps a job's metric history within `limits.max_metric_events_per_job`: past it, every other
@@ -282,34 +402,31 @@ pub(crate) fn retained(
 }
 
 fn apply_retention(
-    _config: &CoordinatorConfig,
     tx: &mut dyn Tx,
     fx: &mut Effects,
     job: &JobRecord,
     attempt: &AttemptRecord,
     worker_id: WorkerId,
 ) -> Result<()> {
-    let spec = match JobSpec::from_toml_str(&job.spec_toml) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(job_id = %job.id, error = %e, "stored spec does not parse; keeping every checkpoint");
-            return Ok(());
-        }
-    };
     let ckpts = tx.list_checkpoints(job.id, false)?;
     let keep = retained(
         &ckpts,
-        spec.checkpoint.keep_last,
-        spec.checkpoint.keep_every_epochs,
+        job.run.keep_last,
+        job.run.keep_every_epochs,
         &attempt.resume_from,
     );
     // Checkpoints a probe job has yet to read are kept until it ends.
+    let candidates: Vec<String> = ckpts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !keep.contains(i))
+        .map(|(_, c)| c.path.clone())
+        .collect();
     let under_eval: HashSet<String> = tx
-        .list_jobs(&[])?
+        .probe_jobs(&candidates)?
         .into_iter()
-        .filter(|j| j.kind == "linear_probe" && !j.state.is_terminal())
-        .filter_map(|j| JobSpec::from_toml_str(&j.spec_toml).ok())
-        .map(|s| s.eval.checkpoint)
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| j.run.probe_checkpoint)
         .collect();
     let mut paths = Vec::new();
     for (i, c) in ckpts.iter().enumerate() {
@@ -325,15 +442,12 @@ fn apply_retention(
         info!(job_id = %job.id, deleted = paths.len(), "checkpoint retention");
         fx.messages.push((
             worker_id,
-            CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::DeleteCheckpoints(
-                    DeleteCheckpoints {
-                        paths,
-                        job_id: job.id.to_string(),
-                        epoch: attempt.epoch,
-                    },
-                )),
-            },
+            DeleteCheckpoints {
+                paths,
+                job_id: job.id.to_string(),
+                epoch: attempt.epoch,
+            }
+            .into(),
         ));
     }
     Ok(())

@@ -2,10 +2,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use bt_common::domain::{AttemptOutcome, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
-    coordinator_message, worker_message, CancelAssignment, CoordinatorMessage, Device, Hello,
-    RegisterRequest, Worker, WorkerMessage, WorkerState, PROTOCOL_VERSION,
+    worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest, Worker,
+    WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
@@ -69,13 +70,14 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     }
     let mut seen = HashSet::new();
     let mut devices = Vec::with_capacity(req.devices.len());
-    for (i, Device { index, kind, name }) in req.devices.iter().enumerate() {
-        if kind != "cpu" && kind != "cuda" {
-            return Err(Error::invalid(
+    for (i, dev) in req.devices.iter().enumerate() {
+        let Device { index, name, .. } = dev;
+        let kind = bt_proto::convert::device_kind(dev).map_err(|_| {
+            Error::invalid(
                 format!("devices[{i}].kind"),
-                format!("must be \"cpu\" or \"cuda\", got {kind:?}"),
-            ));
-        }
+                format!("must be \"cpu\" or \"cuda\", got {:?}", dev.kind),
+            )
+        })?;
         if !seen.insert(*index) {
             return Err(Error::invalid(
                 format!("devices[{i}].index"),
@@ -84,22 +86,12 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
         }
         devices.push(DeviceRecord {
             index: *index,
-            kind: kind.clone(),
+            kind,
             name: name.clone(),
         });
     }
-    if req.port_range_start == 0 || req.port_range_start > 65535 {
-        return Err(Error::invalid("port_range_start", "must be in 1..=65535"));
-    }
-    if req.port_range_end <= req.port_range_start || req.port_range_end > 65536 {
-        return Err(Error::invalid(
-            "port_range_end",
-            format!(
-                "must be greater than port_range_start ({}) and at most 65536 (the range is [start, end))",
-                req.port_range_start
-            ),
-        ));
-    }
+    bt_common::net::check_port_range(req.port_range_start, req.port_range_end)
+        .map_err(|e| Error::invalid(e.field, e.message))?;
     Ok(devices)
 }
 
@@ -138,10 +130,7 @@ fn start_deadlines(
             "rank {rank} on worker {wname} did not start within {deadline} ms of its placement \
              (start_deadline_ms)"
         );
-        let r = &mut a.ranks[i];
-        r.exited_ms = Some(now);
-        r.exit_success = Some(false);
-        r.exit_info = why.clone();
+        a.ranks[i].mark_failed(now, why.clone());
         warn!(job_id = %a.job_id, epoch = a.epoch, rank, worker = %wname, "rank did not start");
         fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
     }
@@ -186,9 +175,7 @@ pub(crate) fn lose_worker(
             .iter_mut()
             .filter(|r| r.worker_id == worker_id && r.exited_ms.is_none())
         {
-            r.exited_ms = Some(now);
-            r.exit_success = Some(false);
-            r.exit_info = format!("worker lost: {reason}");
+            r.mark_failed(now, format!("worker lost: {reason}"));
         }
         rt.vanished
             .retain(|(j, e, _), _| !(*j == a.job_id && *e == a.epoch));
@@ -209,7 +196,7 @@ pub(crate) fn lose_worker(
             Some(mut job) => fail_attempt(tx, fx, &mut job, &mut a, false, why)?,
             None => {
                 a.ended_ms = Some(now);
-                a.outcome = "failed".into();
+                a.outcome = Some(AttemptOutcome::Failed);
                 tx.put_attempt(&a)?;
             }
         }
@@ -228,14 +215,144 @@ fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
             .iter()
             .map(|d| Device {
                 index: d.index,
-                kind: d.kind.clone(),
+                kind: d.kind.name().into(),
+                device_kind: bt_proto::DeviceKind::from(d.kind) as i32,
                 name: d.name.clone(),
             })
             .collect(),
-        state: w.state as i32,
+        state: bt_proto::WorkerState::from(w.state) as i32,
         last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
         busy_devices: busy,
     }
+}
+
+/// A trainer a daemon says is alive: (job, epoch, rank).
+type RunningKey = (JobId, u64, u32);
+
+/// The hello that opens a session: the worker's id (checked) and the trainers it still runs.
+fn parse_hello(first: Option<WorkerMessage>) -> Result<(WorkerId, Vec<RunningKey>)> {
+    let hello: Hello = match first.and_then(|m| m.msg) {
+        Some(worker_message::Msg::Hello(h)) => h,
+        Some(worker_message::Msg::Heartbeat(_) | worker_message::Msg::Report(_)) | None => {
+            return Err(Error::invalid(
+                "msg",
+                "the first message of a session must be a hello",
+            ))
+        }
+    };
+    let worker_id: WorkerId = hello
+        .worker_id
+        .parse()
+        .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
+    check_version("hello.protocol_version", hello.protocol_version)?;
+    let mut running = Vec::with_capacity(hello.running.len());
+    for (i, r) in hello.running.iter().enumerate() {
+        let job: JobId = r
+            .job_id
+            .parse()
+            .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
+        running.push((job, r.epoch, r.rank));
+    }
+    Ok((worker_id, running))
+}
+
+/// Makes a new connection the worker's current session; an older one is told it was replaced.
+fn install_session(
+    rt: &mut Runtime,
+    worker_id: WorkerId,
+) -> (
+    u64,
+    mpsc::UnboundedReceiver<std::result::Result<CoordinatorMessage, Status>>,
+    Arc<Notify>,
+) {
+    rt.next_conn += 1;
+    let conn_id = rt.next_conn;
+    let (out, rx) = mpsc::unbounded_channel();
+    let kill = Arc::new(Notify::new());
+    let handle = SessionHandle {
+        conn_id,
+        tx: out,
+        kill: kill.clone(),
+    };
+    if let Some(old) = rt.sessions.insert(worker_id, handle) {
+        let _ = old.tx.send(Err(Status::aborted(
+            "replaced by a newer session of this worker",
+        )));
+        old.kill.notify_one();
+    }
+    (conn_id, rx, kill)
+}
+
+/// Trainers alive on the node that are not part of a current attempt are cancelled; returns the
+/// ones that are (they keep running).
+fn cancel_stale_trainers(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    w: &WorkerRecord,
+    running: &[RunningKey],
+) -> Result<HashSet<RunningKey>> {
+    let mut cancelled = HashSet::new();
+    let mut keep = HashSet::new();
+    for &(job_id, epoch, rank) in running {
+        let current = match (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?) {
+            (Some(j), Some(a)) => {
+                j.epoch == epoch
+                    && a.is_active()
+                    && a.ranks
+                        .get(rank as usize)
+                        .is_some_and(|r| r.worker_id == w.id && r.exited_ms.is_none())
+            }
+            _ => false,
+        };
+        if current {
+            keep.insert((job_id, epoch, rank));
+        } else if cancelled.insert((job_id, epoch)) {
+            info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
+            fx.messages.push((
+                w.id,
+                CancelAssignment {
+                    job_id: job_id.to_string(),
+                    epoch,
+                    reason: "this attempt is no longer current".into(),
+                }
+                .into(),
+            ));
+        }
+    }
+    Ok(keep)
+}
+
+/// Ranks placed on the worker that are not running: an active attempt gets until `deadline` for
+/// their (buffered) exit reports; an ended one just frees the device.
+fn await_missing_ranks(
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    worker_id: WorkerId,
+    keep: &HashSet<RunningKey>,
+    now: i64,
+    deadline: i64,
+) -> Result<()> {
+    for mut a in tx.open_attempts()? {
+        let mut changed = false;
+        for r in a.ranks.iter_mut() {
+            if r.worker_id != worker_id
+                || r.exited_ms.is_some()
+                || keep.contains(&(a.job_id, a.epoch, r.rank))
+            {
+                continue;
+            }
+            if a.ended_ms.is_none() {
+                rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
+            } else {
+                r.mark_failed(now, "not running after its worker reconnected");
+                changed = true;
+            }
+        }
+        if changed {
+            tx.put_attempt(&a)?;
+        }
+    }
+    Ok(())
 }
 
 impl Core {
@@ -267,117 +384,21 @@ impl Core {
 
     /// Accepts the first message of a session (which must be a `Hello`).
     pub(crate) fn open_session(&self, first: Option<WorkerMessage>) -> Result<OpenedSession> {
-        let hello: Hello = match first.and_then(|m| m.msg) {
-            Some(worker_message::Msg::Hello(h)) => h,
-            Some(_) => {
-                return Err(Error::invalid(
-                    "msg",
-                    "the first message of a session must be a hello",
-                ))
-            }
-            None => {
-                return Err(Error::invalid(
-                    "msg",
-                    "the first message of a session must be a hello",
-                ))
-            }
-        };
-        let worker_id: WorkerId = hello
-            .worker_id
-            .parse()
-            .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
-        check_version("hello.protocol_version", hello.protocol_version)?;
-        let mut running = Vec::with_capacity(hello.running.len());
-        for (i, r) in hello.running.iter().enumerate() {
-            let job: JobId = r
-                .job_id
-                .parse()
-                .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
-            running.push((job, r.epoch, r.rank));
-        }
+        let (worker_id, running) = parse_hello(first)?;
         self.transition(|config, rt, tx, fx| {
             let mut w = tx.get_worker(worker_id)?.ok_or_else(|| Error::NotFound {
                 what: "worker",
                 id: format!("{worker_id} (register first)"),
             })?;
             let now = now_ms();
-            rt.next_conn += 1;
-            let conn_id = rt.next_conn;
-            let (out, rx) = mpsc::unbounded_channel();
-            let kill = Arc::new(Notify::new());
-            if let Some(old) = rt.sessions.insert(
-                worker_id,
-                SessionHandle {
-                    conn_id,
-                    tx: out,
-                    kill: kill.clone(),
-                },
-            ) {
-                let _ = old
-                    .tx
-                    .send(Err(Status::aborted("replaced by a newer session of this worker")));
-                old.kill.notify_one();
-            }
+            let (conn_id, rx, kill) = install_session(rt, worker_id);
             w.state = WorkerState::Online;
             w.last_seen_ms = now;
             tx.put_worker(&w)?;
             rt.last_seen.insert(worker_id, now);
-
-            // Trainers alive on the node that are not part of a current attempt are cancelled.
-            let mut cancelled = HashSet::new();
-            let mut keep = HashSet::new();
-            for (job_id, epoch, rank) in &running {
-                let current = match (tx.get_job(*job_id)?, tx.get_attempt(*job_id, *epoch)?) {
-                    (Some(j), Some(a)) => {
-                        j.epoch == *epoch
-                            && a.is_active()
-                            && a.ranks.get(*rank as usize).is_some_and(|r| {
-                                r.worker_id == worker_id && r.exited_ms.is_none()
-                            })
-                    }
-                    _ => false,
-                };
-                if current {
-                    keep.insert((*job_id, *epoch, *rank));
-                } else if cancelled.insert((*job_id, *epoch)) {
-                    info!(worker = %w.name, job_id = %job_id, epoch, "cancelling a trainer of a finished attempt");
-                    fx.messages.push((
-                        worker_id,
-                        CoordinatorMessage {
-                            msg: Some(coordinator_message::Msg::Cancel(CancelAssignment {
-                                job_id: job_id.to_string(),
-                                epoch: *epoch,
-                                reason: "this attempt is no longer current".into(),
-                            })),
-                        },
-                    ));
-                }
-            }
-            // Ranks placed here that are not running: an active attempt gets until the deadline
-            // for their (buffered) exit reports; an ended one just frees the device.
+            let keep = cancel_stale_trainers(tx, fx, &w, &running)?;
             let deadline = now + config.heartbeat_timeout_ms as i64;
-            for mut a in tx.open_attempts()? {
-                let mut changed = false;
-                for r in a.ranks.iter_mut() {
-                    if r.worker_id != worker_id || r.exited_ms.is_some() {
-                        continue;
-                    }
-                    if keep.contains(&(a.job_id, a.epoch, r.rank)) {
-                        continue;
-                    }
-                    if a.ended_ms.is_none() {
-                        rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
-                    } else {
-                        r.exited_ms = Some(now);
-                        r.exit_success = Some(false);
-                        r.exit_info = "not running after its worker reconnected".into();
-                        changed = true;
-                    }
-                }
-                if changed {
-                    tx.put_attempt(&a)?;
-                }
-            }
+            await_missing_ranks(rt, tx, worker_id, &keep, now, deadline)?;
             fx.schedule = true;
             info!(worker_id = %worker_id, worker = %w.name, conn_id, running = running.len(), "session opened");
             Ok(OpenedSession {
@@ -405,28 +426,12 @@ impl Core {
             if rt.shutting_down {
                 return Err(Error::ShuttingDown);
             }
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
-                return Err(Error::FailedPrecondition(
-                    "this session is no longer current (the worker was lost or reconnected)".into(),
-                ));
-            }
+            rt.ensure_current(worker_id, conn_id)?;
             rt.last_seen.insert(worker_id, now_ms());
             return Ok(());
         }
         self.transition(|config, rt, tx, fx| {
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
-                return Err(Error::FailedPrecondition(
-                    "this session is no longer current (the worker was lost or reconnected)".into(),
-                ));
-            }
+            rt.ensure_current(worker_id, conn_id)?;
             rt.last_seen.insert(worker_id, now_ms());
             match msg.msg {
                 Some(worker_message::Msg::Heartbeat(_)) => Ok(()),
@@ -450,11 +455,7 @@ impl Core {
         reason: &str,
     ) -> Result<()> {
         match self.transition(|_, rt, tx, fx| {
-            if rt
-                .sessions
-                .get(&worker_id)
-                .is_none_or(|s| s.conn_id != conn_id)
-            {
+            if !rt.is_current(worker_id, conn_id) {
                 return Ok(());
             }
             lose_worker(rt, tx, fx, worker_id, reason)
@@ -503,10 +504,7 @@ impl Core {
                     .get_worker(r.worker_id)?
                     .map(|w| w.name)
                     .unwrap_or_default();
-                let r = &mut a.ranks[rank as usize];
-                r.exited_ms = Some(now);
-                r.exit_success = Some(false);
-                r.exit_info = "vanished across a reconnect".into();
+                a.ranks[rank as usize].mark_failed(now, "vanished across a reconnect");
                 let why = format!(
                     "rank {rank} on worker {wname} was not running after its worker reconnected and never reported an exit"
                 );

@@ -4,8 +4,11 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use bt_common::domain::{
+    AttemptOutcome, DeviceKind, JobEvent, JobState, TrainMetrics, WorkerState,
+};
+use bt_common::JobKind;
 use bt_common::{JobId, WorkerId};
-use bt_proto::{JobEvent, JobState, TrainMetrics, WorkerState};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -14,7 +17,7 @@ use crate::error::Result;
 pub struct JobRecord {
     pub id: JobId,
     pub name: String,
-    pub kind: String,
+    pub kind: JobKind,
     pub spec_toml: String,
     pub priority: i32,
     pub world_size: u32,
@@ -31,6 +34,36 @@ pub struct JobRecord {
     pub last_metrics: Option<TrainMetrics>,
     /// Who submitted it (a token's name; empty with authentication off).
     pub owner: String,
+    /// What the coordinator needs from the spec at run time, taken from it once at insertion.
+    pub run: JobRunInfo,
+}
+
+/// The parts of a job's spec the coordinator acts on while the job runs (stored as columns, so
+/// no hot path parses the spec again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRunInfo {
+    /// The checkpoint a linear-probe job evaluates ("" for other kinds).
+    pub probe_checkpoint: String,
+    /// Retention: keep the last N checkpoints (0: all) ...
+    pub keep_last: u32,
+    /// ... and the newest of every K epochs (0: none).
+    pub keep_every_epochs: u32,
+    /// Queue a linear probe for every committed checkpoint.
+    pub auto_eval: bool,
+}
+
+impl JobRunInfo {
+    pub fn of(spec: &bt_common::JobSpec) -> Self {
+        JobRunInfo {
+            probe_checkpoint: match spec.kind {
+                bt_common::JobKind::LinearProbe => spec.eval.checkpoint.clone(),
+                bt_common::JobKind::Pretrain => String::new(),
+            },
+            keep_last: spec.checkpoint.keep_last,
+            keep_every_epochs: spec.checkpoint.keep_every_epochs,
+            auto_eval: spec.checkpoint.auto_eval,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,13 +83,22 @@ pub struct AttemptRecord {
     pub epoch: u64,
     pub started_ms: i64,
     pub ended_ms: Option<i64>,
-    /// "", "succeeded", "failed", "cancelled".
-    pub outcome: String,
+    /// None while the attempt runs.
+    pub outcome: Option<AttemptOutcome>,
     pub reason: String,
     pub resume_from: String,
     pub master_addr: String,
     pub master_port: u32,
     pub ranks: Vec<RankRecord>,
+}
+
+impl RankRecord {
+    /// Records that this rank ended without success at `now`, and why.
+    pub fn mark_failed(&mut self, now: i64, why: impl Into<String>) {
+        self.exited_ms = Some(now);
+        self.exit_success = Some(false);
+        self.exit_info = why.into();
+    }
 }
 
 impl AttemptRecord {
@@ -68,7 +110,7 @@ impl AttemptRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub index: u32,
-    pub kind: String,
+    pub kind: DeviceKind,
     pub name: String,
 }
 
@@ -105,6 +147,8 @@ pub trait Tx {
     fn put_job(&mut self, job: &JobRecord) -> Result<()>;
     /// Jobs in any of `states` (all when empty), oldest first.
     fn list_jobs(&mut self, states: &[JobState]) -> Result<Vec<JobRecord>>;
+    /// Linear-probe jobs evaluating any of `checkpoints`, oldest first (an indexed lookup).
+    fn probe_jobs(&mut self, checkpoints: &[String]) -> Result<Vec<JobRecord>>;
     fn get_attempt(&mut self, job_id: JobId, epoch: u64) -> Result<Option<AttemptRecord>>;
     fn put_attempt(&mut self, attempt: &AttemptRecord) -> Result<()>;
     /// Attempts that are active or still have a rank that has not exited.

@@ -188,6 +188,7 @@ pub fn register_request(name: &str, devices: u32) -> RegisterRequest {
                 index: i,
                 kind: "cpu".into(),
                 name: format!("cpu{i}"),
+                device_kind: bt_proto::DeviceKind::Cpu as i32,
             })
             .collect(),
         port_range_start: 30000,

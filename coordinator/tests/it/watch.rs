@@ -1,5 +1,4 @@
 //! WatchJob: replay, follow, and a slow watcher that falls behind.
-use std::time::Duration;
 
 use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::{job_event, trainer_report, JobEvent, JobState, Notice, WatchJobRequest};
@@ -91,14 +90,23 @@ async fn replay_then_follow_until_the_job_ends() {
     );
 
     // Follow: the replay, then live events, ending after the terminal state.
-    let s = watch(&mut jobs, &job.id, 0, true).await;
+    // The live steps are sent once the replay has reached step 5, so they take the live path.
+    let mut s = watch(&mut jobs, &job.id, 0, true).await;
+    let mut evs = vec![];
+    while metric_steps(&evs).last() != Some(&5) {
+        let e = tokio::time::timeout(WAIT, s.message())
+            .await
+            .expect("watch stream stalled")
+            .expect("watch stream failed")
+            .expect("the replay reaches step 5 before the stream ends");
+        evs.push(e);
+    }
     let reader = tokio::spawn(collect(s));
-    tokio::time::sleep(Duration::from_millis(100)).await;
     for step in 6..=8 {
         d.report_step(&a, step).await;
     }
     d.exit_ok(&a).await;
-    let evs = reader.await.unwrap();
+    evs.extend(reader.await.unwrap());
     assert_eq!(
         metric_steps(&evs),
         (1..=8).collect::<Vec<_>>(),

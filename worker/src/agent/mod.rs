@@ -151,6 +151,7 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
                 index: i,
                 kind: "cuda".into(),
                 name: format!("cuda:{i}"),
+                device_kind: DeviceKind::Cuda as i32,
             })
             .collect();
     }
@@ -159,6 +160,7 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
             index: i,
             kind: "cpu".into(),
             name: format!("cpu-slot-{i}"),
+            device_kind: DeviceKind::Cpu as i32,
         })
         .collect()
 }
@@ -195,12 +197,7 @@ pub async fn run(
         !devices.is_empty(),
         "this node offers no device (cpu_slots = 0 and no CUDA device)"
     );
-    anyhow::ensure!(
-        cfg.port_range_start > 0
-            && cfg.port_range_start < cfg.port_range_end
-            && cfg.port_range_end <= 65536,
-        "port_range_start..port_range_end must be a non-empty range of ports"
-    );
+    bt_common::net::check_port_range(cfg.port_range_start, cfg.port_range_end)?;
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| anyhow::anyhow!("cannot create work_dir {}: {e}", cfg.work_dir.display()))?;
     std::fs::create_dir_all(&cfg.checkpoint_root).map_err(|e| {

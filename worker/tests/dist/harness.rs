@@ -1,6 +1,5 @@
 //! Running ranks as threads, each with its own process group on a fresh loopback port, and
 //! tensor comparisons.
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +10,7 @@ use tch::{Device, Kind, Tensor};
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(crate) fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    bt_common::net::free_loopback_port().expect("a free port")
 }
 
 pub(crate) fn rendezvous(rank: usize, world: usize, port: u16, timeout: Duration) -> Rendezvous {

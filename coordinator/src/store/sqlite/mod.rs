@@ -2,9 +2,8 @@
 //! kill -9 and power loss), one connection owned by the coordinator core.
 use std::path::Path;
 
+use bt_common::domain::{JobEvent, JobState};
 use bt_common::{JobId, WorkerId};
-use bt_proto::{JobEvent, JobState};
-use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use super::{AttemptRecord, CheckpointRecord, JobRecord, RankRecord, Store, Tx, WorkerRecord};
@@ -12,6 +11,7 @@ use crate::error::{Error, Result};
 
 mod rows;
 mod schema;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -30,13 +30,13 @@ impl SqliteStore {
                 Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        schema::migrate(&conn)?;
+        schema::migrate(&mut conn)?;
         Ok(SqliteStore { conn })
     }
 }
@@ -134,7 +134,7 @@ impl SqliteTx<'_> {
                 epoch,
                 started_ms,
                 ended_ms,
-                outcome,
+                outcome: attempt_outcome(&outcome)?,
                 reason,
                 resume_from,
                 master_addr,
@@ -168,20 +168,25 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn put_job(&mut self, j: &JobRecord) -> Result<()> {
-        let metrics = j.last_metrics.as_ref().map(|m| m.encode_to_vec());
+        let metrics = j
+            .last_metrics
+            .as_ref()
+            .map(stored::encode_metrics)
+            .transpose()?;
         self.tx.execute(
             &format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?19, ?20, ?21)"
             ),
             params![
                 j.id.to_string(),
                 j.name,
-                j.kind,
+                bt_common::domain::job_kind_name(j.kind),
                 j.spec_toml,
                 j.priority,
                 j.world_size,
-                j.state as i32,
+                job_state_code(j.state),
                 j.created_ms,
                 j.updated_ms,
                 j.epoch as i64,
@@ -192,6 +197,10 @@ impl Tx for SqliteTx<'_> {
                 j.total_steps as i64,
                 metrics,
                 j.owner,
+                j.run.probe_checkpoint,
+                j.run.keep_last,
+                j.run.keep_every_epochs,
+                j.run.auto_eval,
             ],
         )?;
         Ok(())
@@ -201,7 +210,10 @@ impl Tx for SqliteTx<'_> {
         let sql = if states.is_empty() {
             format!("SELECT {JOB_COLS} FROM jobs ORDER BY created_ms, rowid")
         } else {
-            let list: Vec<String> = states.iter().map(|s| (*s as i32).to_string()).collect();
+            let list: Vec<String> = states
+                .iter()
+                .map(|s| job_state_code(*s).to_string())
+                .collect();
             format!(
                 "SELECT {JOB_COLS} FROM jobs WHERE state IN ({}) ORDER BY created_ms, rowid",
                 list.join(",")
@@ -210,6 +222,22 @@ impl Tx for SqliteTx<'_> {
         let mut st = self.tx.prepare(&sql)?;
         let raws = st
             .query_map([], job_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        raws.into_iter().map(job_finish).collect()
+    }
+
+    fn probe_jobs(&mut self, checkpoints: &[String]) -> Result<Vec<JobRecord>> {
+        if checkpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; checkpoints.len()].join(", ");
+        let sql = format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE kind = 'linear_probe' AND probe_checkpoint IN \
+             ({marks}) ORDER BY created_ms, rowid"
+        );
+        let mut st = self.tx.prepare(&sql)?;
+        let raws = st
+            .query_map(rusqlite::params_from_iter(checkpoints), job_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raws.into_iter().map(job_finish).collect()
     }
@@ -231,7 +259,7 @@ impl Tx for SqliteTx<'_> {
                 a.epoch as i64,
                 a.started_ms,
                 a.ended_ms,
-                a.outcome,
+                a.outcome.map_or("", |o| o.name()),
                 a.reason,
                 a.resume_from,
                 a.master_addr,
@@ -304,7 +332,7 @@ impl Tx for SqliteTx<'_> {
                 devices,
                 w.port_start,
                 w.port_end,
-                w.state as i32,
+                worker_state_code(w.state),
                 w.last_seen_ms
             ],
         )?;
@@ -367,13 +395,13 @@ impl Tx for SqliteTx<'_> {
 
     fn append_event(&mut self, ev: &mut JobEvent) -> Result<()> {
         ev.seq = 0;
-        let payload = ev.encode_to_vec();
+        let payload = stored::encode_event(&ev.kind)?;
         self.tx.execute(
             "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
-                ev.job_id,
+                ev.job_id.to_string(),
                 ev.step as i64,
-                event_kind(ev),
+                ev.kind.name(),
                 ev.time_ms,
                 payload
             ],
@@ -389,7 +417,7 @@ impl Tx for SqliteTx<'_> {
         only_kind: Option<&str>,
     ) -> Result<Vec<JobEvent>> {
         let mut st = self.tx.prepare_cached(
-            "SELECT seq, payload FROM events WHERE job_id = ?1 \
+            "SELECT seq, time_ms, step, payload FROM events WHERE job_id = ?1 \
              AND (kind = 'state' OR step >= ?2) AND (?3 IS NULL OR kind = ?3) ORDER BY seq",
         )?;
         let rows = st
@@ -399,15 +427,25 @@ impl Tx for SqliteTx<'_> {
                     from_step.min(i64::MAX as u64) as i64,
                     only_kind
                 ],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
-            .map(|(seq, payload)| {
-                let mut ev = JobEvent::decode(payload.as_slice())
-                    .map_err(|e| Error::Corrupt(format!("event {seq}: {e}")))?;
-                ev.seq = seq as u64;
-                Ok(ev)
+            .map(|(seq, time_ms, step, payload)| {
+                Ok(JobEvent {
+                    seq: seq as u64,
+                    time_ms,
+                    step: step as u64,
+                    job_id,
+                    kind: stored::decode_event(&payload, &format!("event {seq}"))?,
+                })
             })
             .collect()
     }

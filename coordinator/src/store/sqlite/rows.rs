@@ -1,7 +1,6 @@
 //! Row mapping between SQLite and the store's records.
+use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
 use bt_common::{JobId, WorkerId};
-use bt_proto::{job_event, JobEvent, JobState, TrainMetrics, WorkerState};
-use prost::Message;
 use rusqlite::Row;
 
 use super::super::{DeviceRecord, JobRecord, WorkerRecord};
@@ -15,12 +14,53 @@ pub(super) fn parse_worker_id(s: &str) -> Result<WorkerId> {
     s.parse().map_err(Error::Corrupt)
 }
 
+/// An attempt's stored outcome ("" while it runs).
+pub(super) fn attempt_outcome(s: &str) -> Result<Option<AttemptOutcome>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    AttemptOutcome::parse(s)
+        .map(Some)
+        .ok_or_else(|| Error::Corrupt(format!("attempt outcome {s:?}")))
+}
+
+/// A job state's stored code (the numbers the first schema used; never renumbered).
+pub(super) fn job_state_code(s: JobState) -> i32 {
+    match s {
+        JobState::Queued => 1,
+        JobState::Scheduled => 2,
+        JobState::Running => 3,
+        JobState::Restarting => 4,
+        JobState::Succeeded => 5,
+        JobState::Failed => 6,
+        JobState::Cancelled => 7,
+    }
+}
+
 pub(super) fn job_state(v: i32) -> Result<JobState> {
-    JobState::try_from(v).map_err(|_| Error::Corrupt(format!("job state {v}")))
+    JobState::ALL
+        .into_iter()
+        .find(|s| job_state_code(*s) == v)
+        .ok_or_else(|| Error::Corrupt(format!("job state {v}")))
+}
+
+pub(super) fn worker_state_code(s: WorkerState) -> i32 {
+    match s {
+        WorkerState::Online => 1,
+        WorkerState::Lost => 2,
+    }
+}
+
+fn worker_state(v: i32) -> Result<WorkerState> {
+    [WorkerState::Online, WorkerState::Lost]
+        .into_iter()
+        .find(|s| worker_state_code(*s) == v)
+        .ok_or_else(|| Error::Corrupt(format!("worker state {v}")))
 }
 
 pub(super) const JOB_COLS: &str = "id, name, kind, spec_toml, priority, world_size, state, created_ms, \
-    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner";
+    updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner, \
+    probe_checkpoint, keep_last, keep_every_epochs, auto_eval";
 
 pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRaw)> {
     Ok((
@@ -42,6 +82,12 @@ pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRa
             total_steps: r.get::<_, i64>(14)? as u64,
             last_metrics: r.get(15)?,
             owner: r.get(16)?,
+            run: super::super::JobRunInfo {
+                probe_checkpoint: r.get(17)?,
+                keep_last: r.get(18)?,
+                keep_every_epochs: r.get(19)?,
+                auto_eval: r.get(20)?,
+            },
         },
     ))
 }
@@ -63,20 +109,22 @@ pub(super) struct JobRecordRaw {
     total_steps: u64,
     last_metrics: Option<Vec<u8>>,
     owner: String,
+    run: super::super::JobRunInfo,
 }
 
 pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
     let last_metrics = match r.last_metrics {
-        Some(b) => Some(
-            TrainMetrics::decode(b.as_slice())
-                .map_err(|e| Error::Corrupt(format!("last_metrics of job {id}: {e}")))?,
-        ),
+        Some(b) => Some(super::stored::decode_metrics(
+            &b,
+            &format!("last_metrics of job {id}"),
+        )?),
         None => None,
     };
     Ok(JobRecord {
         id: parse_job_id(&id)?,
         name: r.name,
-        kind: r.kind,
+        kind: bt_common::domain::parse_job_kind(&r.kind)
+            .ok_or_else(|| Error::Corrupt(format!("kind {:?} of job {id}", r.kind)))?,
         spec_toml: r.spec_toml,
         priority: r.priority,
         world_size: r.world_size,
@@ -91,6 +139,7 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
         total_steps: r.total_steps,
         last_metrics,
         owner: r.owner,
+        run: r.run,
     })
 }
 
@@ -119,23 +168,10 @@ pub(super) fn worker_finish(w: WorkerRaw) -> Result<WorkerRecord> {
         devices,
         port_start: w.4,
         port_end: w.5,
-        state: WorkerState::try_from(w.6)
-            .map_err(|_| Error::Corrupt(format!("worker state {}", w.6)))?,
+        state: worker_state(w.6)?,
         last_seen_ms: w.7,
     })
 }
 
 pub(super) const WORKER_COLS: &str =
     "id, name, host, devices, port_start, port_end, state, last_seen_ms";
-
-pub(super) fn event_kind(ev: &JobEvent) -> &'static str {
-    match ev.kind {
-        Some(job_event::Kind::State(_)) => "state",
-        Some(job_event::Kind::Metrics(_)) => "metrics",
-        Some(job_event::Kind::Eval(_)) => "eval",
-        Some(job_event::Kind::Checkpoint(_)) => "checkpoint",
-        Some(job_event::Kind::Notice(_)) => "notice",
-        Some(job_event::Kind::Missed(_)) => "missed",
-        None => "none",
-    }
-}

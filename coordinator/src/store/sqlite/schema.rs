@@ -1,4 +1,5 @@
-//! The database schema, created on open (idempotent).
+//! The database schema, created on open (idempotent), and the migrations from earlier ones.
+use rusqlite::OptionalExtension;
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -23,7 +24,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     failure_reason TEXT NOT NULL,
     total_steps INTEGER NOT NULL,
     last_metrics BLOB,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    probe_checkpoint TEXT NOT NULL DEFAULT '',
+    keep_last INTEGER NOT NULL DEFAULT 0,
+    keep_every_epochs INTEGER NOT NULL DEFAULT 0,
+    auto_eval INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_ms);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -84,13 +89,139 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 "#;
 
-/// Brings a database written by an earlier version up to this schema (idempotent).
-pub(super) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let has_owner = conn
-        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")?
-        .exists([])?;
-    if !has_owner {
-        conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';")?;
+/// The schema version this coordinator writes (`meta.schema`). A database without one was written
+/// by the first schema: events and last metrics as protobuf messages of the wire protocol.
+///
+/// - 2: event bodies and a job's last metrics in their own stored form (versioned JSON, see
+///   `stored`), no longer the wire's encoding.
+/// - 3: what the coordinator needs from a job's spec at run time as columns of `jobs`
+///   (`probe_checkpoint`, `keep_last`, `keep_every_epochs`, `auto_eval`), taken from the spec once.
+pub(super) const SCHEMA_VERSION: i64 = 3;
+
+/// Columns added to `jobs` after the first schema: (name, definition).
+const ADDED_JOB_COLUMNS: [(&str, &str); 5] = [
+    ("owner", "TEXT NOT NULL DEFAULT ''"),
+    ("probe_checkpoint", "TEXT NOT NULL DEFAULT ''"),
+    ("keep_last", "INTEGER NOT NULL DEFAULT 0"),
+    ("keep_every_epochs", "INTEGER NOT NULL DEFAULT 0"),
+    ("auto_eval", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Brings a database written by an earlier version up to this schema (idempotent), in one
+/// transaction.
+pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for (name, def) in ADDED_JOB_COLUMNS {
+        let has = tx
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+            .exists([name])?;
+        if !has {
+            tx.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {def};"))?;
+        }
     }
-    conn.execute_batch("CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);")
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS events_job_kind ON events (job_id, kind, seq);\n\
+         CREATE INDEX IF NOT EXISTS jobs_probe ON jobs (kind, probe_checkpoint);",
+    )?;
+    let version: i64 = tx
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(1);
+    if version > SCHEMA_VERSION {
+        return Err(crate::error::Error::Corrupt(format!(
+            "the database has schema version {version}, newer than this coordinator's \
+             ({SCHEMA_VERSION}): run a newer coordinator"
+        )));
+    }
+    if version < 2 {
+        legacy::events_and_metrics_to_stored_form(&tx)?;
+    }
+    if version < 3 {
+        run_info_from_specs(&tx)?;
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
+        [SCHEMA_VERSION],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Schema 3: the run-time parts of every stored spec, parsed this once. A spec that no longer
+/// parses keeps the defaults (no probe checkpoint, keep every checkpoint, no auto-eval), which is
+/// what the coordinator did with it before.
+fn run_info_from_specs(tx: &rusqlite::Transaction<'_>) -> crate::error::Result<()> {
+    let jobs: Vec<(String, String)> = tx
+        .prepare("SELECT id, spec_toml FROM jobs")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, spec) in jobs {
+        let Ok(spec) = bt_common::JobSpec::from_toml_str(&spec) else {
+            tracing::warn!(job_id = %id, "stored spec does not parse; run-time columns keep their defaults");
+            continue;
+        };
+        let run = super::super::JobRunInfo::of(&spec);
+        tx.execute(
+            "UPDATE jobs SET probe_checkpoint = ?1, keep_last = ?2, keep_every_epochs = ?3, \
+             auto_eval = ?4 WHERE id = ?5",
+            rusqlite::params![
+                run.probe_checkpoint,
+                run.keep_last,
+                run.keep_every_epochs,
+                run.auto_eval,
+                id
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Reading what schema 1 wrote: the wire's protobuf encoding, converted once, at migration.
+mod legacy {
+    use bt_common::domain;
+    use prost::Message;
+    use rusqlite::params;
+
+    use crate::error::{Error, Result};
+
+    pub(super) fn events_and_metrics_to_stored_form(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        let rows: Vec<(i64, Vec<u8>)> = tx
+            .prepare("SELECT seq, payload FROM events")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (seq, payload) in rows {
+            let what = format!("event {seq} (schema 1)");
+            let wire = bt_proto::JobEvent::decode(payload.as_slice())
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            let kind = match domain::JobEvent::try_from(wire.clone()) {
+                Ok(ev) => ev.kind,
+                // A value outside today's closed sets (an eval kind no longer produced): kept
+                // as a warning that says what it was, never dropped and never guessed.
+                Err(e) => domain::EventKind::Notice(domain::Notice {
+                    level: domain::NoticeLevel::Warn,
+                    message: format!("unreadable event from schema 1 ({e}): {:?}", wire.kind),
+                }),
+            };
+            tx.execute(
+                "UPDATE events SET payload = ?1, kind = ?2 WHERE seq = ?3",
+                params![super::super::stored::encode_event(&kind)?, kind.name(), seq],
+            )?;
+        }
+        let jobs: Vec<(String, Vec<u8>)> = tx
+            .prepare("SELECT id, last_metrics FROM jobs WHERE last_metrics IS NOT NULL")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, blob) in jobs {
+            let wire = bt_proto::TrainMetrics::decode(blob.as_slice())
+                .map_err(|e| Error::Corrupt(format!("last_metrics of job {id} (schema 1): {e}")))?;
+            let m = domain::TrainMetrics::from(wire);
+            tx.execute(
+                "UPDATE jobs SET last_metrics = ?1 WHERE id = ?2",
+                params![super::super::stored::encode_metrics(&m)?, id],
+            )?;
+        }
+        Ok(())
+    }
 }

@@ -1,13 +1,12 @@
 use super::*;
 use crate::store::DeviceRecord;
-use bt_proto::StateChange;
-use bt_proto::{job_event, TrainMetrics, WorkerState};
+use bt_common::domain::{EventKind, StateChange, TrainMetrics, WorkerState};
 
 fn job(id: JobId, created_ms: i64) -> JobRecord {
     JobRecord {
         id,
         name: "j".into(),
-        kind: "pretrain".into(),
+        kind: bt_common::JobKind::Pretrain,
         spec_toml: "world_size = 1\n".into(),
         priority: 0,
         world_size: 1,
@@ -22,6 +21,7 @@ fn job(id: JobId, created_ms: i64) -> JobRecord {
         total_steps: 0,
         last_metrics: None,
         owner: String::new(),
+        run: Default::default(),
     }
 }
 
@@ -49,7 +49,7 @@ fn survives_reopen() {
             host: "h".into(),
             devices: vec![DeviceRecord {
                 index: 0,
-                kind: "cpu".into(),
+                kind: bt_common::domain::DeviceKind::Cpu,
                 name: "cpu0".into(),
             }],
             port_start: 100,
@@ -63,7 +63,7 @@ fn survives_reopen() {
             epoch: 2,
             started_ms: 1,
             ended_ms: None,
-            outcome: String::new(),
+            outcome: None,
             reason: String::new(),
             resume_from: String::new(),
             master_addr: "h".into(),
@@ -91,14 +91,15 @@ fn survives_reopen() {
         })
         .unwrap();
         let mut ev = JobEvent {
-            job_id: id.to_string(),
+            seq: 0,
+            time_ms: 0,
+            job_id: id,
             step: 0,
-            kind: Some(job_event::Kind::State(StateChange {
-                state: JobState::Queued as i32,
+            kind: EventKind::State(StateChange {
+                state: JobState::Queued,
                 reason: "submitted".into(),
                 epoch: 0,
-            })),
-            ..Default::default()
+            }),
         };
         tx.append_event(&mut ev).unwrap();
         assert!(ev.seq > 0);
@@ -124,4 +125,240 @@ fn survives_reopen() {
     let evs = tx.list_events(id, 100, None).unwrap();
     assert_eq!(evs.len(), 1, "state events are replayed whatever from_step");
     assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 0);
+}
+
+/// The `jobs` columns of schema 1 (no owner, no run-time columns).
+const SCHEMA_1_JOB_COLUMNS: &str = "id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, \
+    spec_toml TEXT NOT NULL, priority INTEGER NOT NULL, world_size INTEGER NOT NULL, \
+    state INTEGER NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, \
+    epoch INTEGER NOT NULL, attempts INTEGER NOT NULL, restarts_used INTEGER NOT NULL, \
+    max_restarts INTEGER NOT NULL, failure_reason TEXT NOT NULL, total_steps INTEGER NOT NULL, \
+    last_metrics BLOB";
+
+/// Today's schema with an earlier `jobs` table.
+fn schema_with_jobs_columns(cols: &str) -> String {
+    let start = SCHEMA.find("CREATE TABLE IF NOT EXISTS jobs (").unwrap();
+    let end = start + SCHEMA[start..].find(");\n").unwrap() + 3;
+    format!(
+        "{}CREATE TABLE IF NOT EXISTS jobs ({cols});\n{}",
+        &SCHEMA[..start],
+        &SCHEMA[end..]
+    )
+}
+
+/// A database as the first schema wrote it (events and last metrics as the wire's protobuf, no
+/// `meta.schema`): the rows are inserted with raw SQL exactly as that code wrote them, and the new
+/// code reads them as domain values after its migration (run twice: idempotent).
+#[test]
+fn reads_a_database_written_by_schema_1() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let id = JobId::new();
+    {
+        let conn = Connection::open(&path).unwrap();
+        // Schema 1 had no `owner` column and no kind index either; the tables otherwise match.
+        conn.execute_batch(&schema_with_jobs_columns(SCHEMA_1_JOB_COLUMNS))
+            .unwrap();
+        let metrics = bt_proto::TrainMetrics {
+            step: 12,
+            loss: 0.5,
+            total_steps: 40,
+            ..Default::default()
+        };
+        conn.execute(
+            "INSERT INTO jobs (id, name, kind, spec_toml, priority, world_size, state, created_ms, \
+             updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, \
+             last_metrics) VALUES (?1, 'old', 'pretrain', 'world_size = 1', 0, 1, 3, 5, 6, 1, 1, 0, \
+             2, '', 40, ?2)",
+            params![id.to_string(), metrics.encode_to_vec()],
+        )
+        .unwrap();
+        let events = [
+            bt_proto::job_event::Kind::State(bt_proto::StateChange {
+                state: bt_proto::JobState::Running as i32,
+                reason: "all 1 ranks started".into(),
+                epoch: 1,
+            }),
+            bt_proto::job_event::Kind::Metrics(metrics),
+            bt_proto::job_event::Kind::Eval(bt_proto::EvalResult {
+                step: 12,
+                kind: "knn".into(),
+                top1: 0.25,
+                ..Default::default()
+            }),
+            bt_proto::job_event::Kind::Checkpoint(bt_proto::CheckpointInfo {
+                job_id: id.to_string(),
+                step: 12,
+                path: "/c/12".into(),
+                ..Default::default()
+            }),
+            bt_proto::job_event::Kind::Notice(bt_proto::Notice {
+                level: "warn".into(),
+                message: "slow".into(),
+            }),
+            bt_proto::job_event::Kind::Eval(bt_proto::EvalResult {
+                kind: "svm".into(),
+                ..Default::default()
+            }),
+        ];
+        let names = ["state", "metrics", "eval", "checkpoint", "notice", "eval"];
+        for (i, (kind, name)) in events.into_iter().zip(names).enumerate() {
+            let ev = bt_proto::JobEvent {
+                seq: 0,
+                time_ms: 100 + i as i64,
+                step: 12,
+                job_id: id.to_string(),
+                kind: Some(kind),
+            };
+            conn.execute(
+                "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id.to_string(), 12i64, name, ev.time_ms, ev.encode_to_vec()],
+            )
+            .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        let mut s = SqliteStore::open(&path).unwrap();
+        let mut tx = s.begin().unwrap();
+        let j = tx.get_job(id).unwrap().unwrap();
+        assert_eq!(j.state, JobState::Running);
+        assert_eq!(j.owner, "");
+        let m = j.last_metrics.unwrap();
+        assert_eq!((m.step, m.loss, m.total_steps), (12, 0.5, 40));
+        let evs = tx.list_events(id, 0, None).unwrap();
+        assert_eq!(evs.len(), 6);
+        assert_eq!(
+            evs[0].kind,
+            EventKind::State(StateChange {
+                state: JobState::Running,
+                reason: "all 1 ranks started".into(),
+                epoch: 1,
+            })
+        );
+        assert!(matches!(&evs[1].kind, EventKind::Metrics(m) if m.step == 12 && m.loss == 0.5));
+        assert!(
+            matches!(&evs[2].kind, EventKind::Eval(e) if e.kind == bt_common::domain::EvalKind::Knn && e.top1 == 0.25)
+        );
+        assert!(matches!(&evs[3].kind, EventKind::Checkpoint(c) if c.path == "/c/12"));
+        assert!(
+            matches!(&evs[4].kind, EventKind::Notice(n) if n.level == bt_common::domain::NoticeLevel::Warn)
+        );
+        assert_eq!(evs[4].time_ms, 104);
+        // An eval of a kind outside today's set is kept, as a warning that says what it was.
+        assert!(
+            matches!(&evs[5].kind, EventKind::Notice(n) if n.message.contains("svm")),
+            "{:?}",
+            evs[5]
+        );
+        assert_eq!(tx.list_events(id, 0, Some("eval")).unwrap().len(), 1);
+        // New rows after the migration are written (and read back) in the stored form.
+        let mut ev = JobEvent {
+            seq: 0,
+            time_ms: 1,
+            step: 13,
+            job_id: id,
+            kind: EventKind::Notice(bt_common::domain::Notice {
+                level: bt_common::domain::NoticeLevel::Info,
+                message: "new".into(),
+            }),
+        };
+        tx.append_event(&mut ev).unwrap();
+        assert_eq!(
+            tx.list_events(id, 13, Some("notice")).unwrap().last(),
+            Some(&ev)
+        );
+        // Not committed: the next round sees the migrated rows only.
+    }
+}
+
+/// The stored form is versioned: a row of an unknown version is reported, never misread.
+#[test]
+fn an_event_of_an_unknown_stored_version_is_corrupt_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+    let id = JobId::new();
+    let tx = s.begin().unwrap();
+    drop(tx);
+    s.conn
+        .execute(
+            "INSERT INTO events (job_id, step, kind, time_ms, payload) VALUES (?1, 0, 'notice', 0, ?2)",
+            params![id.to_string(), br#"{"v":99,"kind":{"notice":{"level":"info","message":"x"}}}"#.to_vec()],
+        )
+        .unwrap();
+    let mut tx = s.begin().unwrap();
+    let e = tx.list_events(id, 0, None).unwrap_err().to_string();
+    assert!(e.contains("version 99"), "{e}");
+}
+
+/// A database as schema 2 wrote it (no run-time columns; the spec only in `spec_toml`): after the
+/// migration the probe checkpoint, retention and auto-eval come from the columns, and a probe job
+/// is found by its checkpoint.
+#[test]
+fn schema_2_jobs_get_their_run_time_columns_from_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let (pretrain, probe, broken) = (JobId::new(), JobId::new(), JobId::new());
+    {
+        let conn = Connection::open(&path).unwrap();
+        let cols = format!("{SCHEMA_1_JOB_COLUMNS}, owner TEXT NOT NULL DEFAULT ''");
+        conn.execute_batch(&schema_with_jobs_columns(&cols))
+            .unwrap();
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', 2)", [])
+            .unwrap();
+        let specs = [
+            (
+                pretrain,
+                "pretrain",
+                "world_size = 1\n[checkpoint]\nkeep_last = 3\nkeep_every_epochs = 5\nauto_eval = true\n",
+            ),
+            (
+                probe,
+                "linear_probe",
+                "kind = \"linear_probe\"\n[eval]\ncheckpoint = \"/c/j/10\"\n",
+            ),
+            (broken, "pretrain", "this is not toml ["),
+        ];
+        for (i, (id, kind, spec)) in specs.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO jobs (id, name, kind, spec_toml, priority, world_size, state, \
+                 created_ms, updated_ms, epoch, attempts, restarts_used, max_restarts, \
+                 failure_reason, total_steps, last_metrics, owner) VALUES \
+                 (?1, 'j', ?2, ?3, 0, 1, 1, ?4, 0, 0, 0, 0, 0, '', 0, NULL, 'alice')",
+                params![id.to_string(), kind, spec, i as i64],
+            )
+            .unwrap();
+        }
+    }
+    let mut s = SqliteStore::open(&path).unwrap();
+    let mut tx = s.begin().unwrap();
+    let p = tx.get_job(pretrain).unwrap().unwrap();
+    assert_eq!(
+        p.run,
+        crate::store::JobRunInfo {
+            probe_checkpoint: String::new(),
+            keep_last: 3,
+            keep_every_epochs: 5,
+            auto_eval: true,
+        }
+    );
+    assert_eq!(p.owner, "alice");
+    let q = tx.get_job(probe).unwrap().unwrap();
+    assert_eq!(q.kind, bt_common::JobKind::LinearProbe);
+    assert_eq!(q.run.probe_checkpoint, "/c/j/10");
+    let found = tx
+        .probe_jobs(&["/c/j/10".to_string(), "/c/j/20".to_string()])
+        .unwrap();
+    assert_eq!(found.iter().map(|j| j.id).collect::<Vec<_>>(), vec![probe]);
+    assert!(tx.probe_jobs(&["/c/j/20".to_string()]).unwrap().is_empty());
+    // A spec that does not parse keeps every checkpoint, as before.
+    assert_eq!(tx.get_job(broken).unwrap().unwrap().run, Default::default());
+    drop(tx);
+    let v: i64 = s
+        .conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(v, 3);
 }

@@ -1,0 +1,270 @@
+//! The coordinator's domain model, apart from the wire: job and worker states, training metrics,
+//! evaluation results, checkpoints and job events. `bt-proto` converts between these and its
+//! generated messages (`bt_proto::convert`); nothing here depends on the protocol, so a proto edit
+//! is never a silent change of what the coordinator stores.
+use serde::{Deserialize, Serialize};
+
+use crate::JobId;
+
+/// The job state machine: `Queued → Scheduled → Running → Succeeded | Failed | Cancelled`, with
+/// `Restarting` between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Scheduled,
+    Running,
+    Restarting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Scheduled,
+        JobState::Running,
+        JobState::Restarting,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// A job in a terminal state never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// Lower-case display name ("running").
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Scheduled => "scheduled",
+            JobState::Running => "running",
+            JobState::Restarting => "restarting",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WorkerState {
+    Online,
+    Lost,
+}
+
+/// A closed set of names: each variant has one lower-case name (its text on the wire and on
+/// disk), and parsing accepts exactly those.
+macro_rules! named {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vm])* $v,)*
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$v => $s,)*
+                }
+            }
+
+            /// The variant named `s`, if any.
+            pub fn parse(s: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|v| v.name() == s)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+named! {
+    /// How an attempt ended.
+    AttemptOutcome {
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+named! {
+    /// What a device slot is.
+    DeviceKind {
+        Cpu = "cpu",
+        Cuda = "cuda",
+    }
+}
+
+named! {
+    /// Which evaluation produced a result.
+    EvalKind {
+        /// The kNN monitor (during or at the end of pretraining).
+        Knn = "knn",
+        /// A linear probe on a frozen checkpoint.
+        LinearProbe = "linear_probe",
+        /// One epoch of a linear probe (progress).
+        LinearProbeEpoch = "linear_probe_epoch",
+        /// One epoch of the probe's default-init baseline (progress).
+        LinearProbeBaselineEpoch = "linear_probe_baseline_epoch",
+        /// One epoch of the probe's raw-pixel baseline (progress).
+        LinearProbeRawPixelsEpoch = "linear_probe_raw_pixels_epoch",
+    }
+}
+
+named! {
+    /// Where the evaluation of a checkpoint stands (the newest probe job pointed at it decides).
+    CheckpointEvalState {
+        Pending = "pending",
+        Running = "running",
+        Done = "done",
+        Failed = "failed",
+    }
+}
+
+named! {
+    /// How much a notice matters.
+    NoticeLevel {
+        Info = "info",
+        Warn = "warn",
+        Error = "error",
+    }
+}
+
+/// A job kind's name (the spec's `kind`, as jobs are listed and stored).
+pub fn job_kind_name(k: crate::JobKind) -> &'static str {
+    match k {
+        crate::JobKind::Pretrain => "pretrain",
+        crate::JobKind::LinearProbe => "linear_probe",
+    }
+}
+
+/// The job kind named `s`, if any.
+pub fn parse_job_kind(s: &str) -> Option<crate::JobKind> {
+    [crate::JobKind::Pretrain, crate::JobKind::LinearProbe]
+        .into_iter()
+        .find(|k| job_kind_name(*k) == s)
+}
+
+/// Training metrics of one logged step (rank 0's view of the global batch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainMetrics {
+    pub step: u64,
+    pub epoch: u32,
+    pub total_steps: u64,
+    pub loss: f64,
+    /// Sum_i (1 - C_ii)^2
+    pub on_diag: f64,
+    /// Sum_{i != j} C_ij^2 (before lambda)
+    pub off_diag: f64,
+    /// lambda * off_diag
+    pub off_diag_scaled: f64,
+    pub mean_diag: f64,
+    pub mean_abs_off_diag: f64,
+    pub max_abs_off_diag: f64,
+    pub lr: f64,
+    pub images_per_sec: f64,
+    pub skipped_images: u64,
+    pub step_time_ms: f64,
+}
+
+/// One evaluation of a network (kNN monitor or linear probe).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub step: u64,
+    pub epoch: u32,
+    pub kind: EvalKind,
+    pub top1: f64,
+    pub top5: f64,
+    pub baseline_top1: f64,
+    pub detail: String,
+    pub raw_pixels_top1: f64,
+    pub margin: f64,
+    pub has_baselines: bool,
+}
+
+/// A committed checkpoint, with the state of its evaluation when one was requested.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CheckpointInfo {
+    pub job_id: String,
+    pub step: u64,
+    pub epoch: u32,
+    pub path: String,
+    pub created_at_ms: i64,
+    pub size_bytes: u64,
+    pub sha256: String,
+    /// None: no evaluation was requested.
+    pub eval_state: Option<CheckpointEvalState>,
+    pub eval_job_id: String,
+    pub eval: Option<EvalResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub state: JobState,
+    pub reason: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notice {
+    pub level: NoticeLevel,
+    pub message: String,
+}
+
+/// What happened to a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    State(StateChange),
+    Metrics(TrainMetrics),
+    Eval(EvalResult),
+    Checkpoint(CheckpointInfo),
+    Notice(Notice),
+}
+
+impl EventKind {
+    /// The kind's name, as the store files it ("state", "metrics", ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::State(_) => "state",
+            EventKind::Metrics(_) => "metrics",
+            EventKind::Eval(_) => "eval",
+            EventKind::Checkpoint(_) => "checkpoint",
+            EventKind::Notice(_) => "notice",
+        }
+    }
+}
+
+/// One persisted event of a job's history; `seq` orders a job's events (set by the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub step: u64,
+    pub job_id: JobId,
+    pub kind: EventKind,
+}
+
+impl JobEvent {
+    /// A state change into a terminal state: the last event of a job.
+    pub fn is_terminal(&self) -> bool {
+        matches!(&self.kind, EventKind::State(s) if s.state.is_terminal())
+    }
+}
