@@ -41,7 +41,8 @@ fn job_json(j: &Job) -> Value {
         "priority": j.priority, "world_size": j.world_size, "created_at_ms": j.created_at_ms,
         "updated_at_ms": j.updated_at_ms, "epoch": j.epoch, "attempts": j.attempts,
         "restarts_used": j.restarts_used, "max_restarts": j.max_restarts,
-        "failure_reason": j.failure_reason, "total_steps": j.total_steps,
+        "failure_reason": j.failure_reason, "pending_reason": j.pending_reason,
+        "total_steps": j.total_steps,
         "rendezvous": j.rendezvous,
         "last_metrics": j.last_metrics.as_ref().map(metrics_json),
         "placement": j.placement.iter().map(|p| json!({
@@ -134,6 +135,9 @@ pub fn print_job(j: &Job, as_json: bool) {
     }
     for e in &j.evals {
         println!("eval:      {}", eval_line(e));
+    }
+    if !j.pending_reason.is_empty() {
+        println!("waiting:   {}", j.pending_reason);
     }
     if !j.failure_reason.is_empty() {
         println!(

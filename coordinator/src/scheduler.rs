@@ -33,6 +33,44 @@ pub struct Placement {
 /// Ranks fill the workers with the most free devices first (fewer nodes per job), rank 0 on the
 /// first of them.
 pub fn plan(queue: &[QueuedJob], free: &[FreeWorker]) -> Vec<Placement> {
+    plan_with_waits(queue, free).0
+}
+
+/// Why a queued job was not placed by a pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wait {
+    /// The head of the queue: its gang does not fit in what is free.
+    Devices {
+        needed: u32,
+        free: usize,
+        workers: usize,
+    },
+    /// Behind the head of the queue, which places first (no backfill).
+    Behind(JobId),
+}
+
+impl std::fmt::Display for Wait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wait::Devices {
+                needed,
+                free,
+                workers,
+            } => write!(
+                f,
+                "needs {needed} devices at once; {free} free on {workers} online worker{}",
+                if *workers == 1 { "" } else { "s" }
+            ),
+            Wait::Behind(head) => write!(f, "behind job {head}, which is placed first"),
+        }
+    }
+}
+
+/// [`plan`], and the reason each job left in the queue waits.
+pub fn plan_with_waits(
+    queue: &[QueuedJob],
+    free: &[FreeWorker],
+) -> (Vec<Placement>, Vec<(JobId, Wait)>) {
     let mut jobs: Vec<&QueuedJob> = queue.iter().collect();
     jobs.sort_by(|a, b| {
         b.priority
@@ -50,10 +88,25 @@ pub fn plan(queue: &[QueuedJob], free: &[FreeWorker]) -> Vec<Placement> {
         })
         .collect();
     let mut out = Vec::new();
+    let mut waits = Vec::new();
+    let mut head: Option<JobId> = None;
     for job in jobs {
+        if let Some(head) = head {
+            waits.push((job.id, Wait::Behind(head)));
+            continue;
+        }
         let available: usize = pool.iter().map(|(_, _, d)| d.len()).sum();
         if job.world_size == 0 || job.world_size as usize > available {
-            break;
+            head = Some(job.id);
+            waits.push((
+                job.id,
+                Wait::Devices {
+                    needed: job.world_size,
+                    free: available,
+                    workers: free.len(),
+                },
+            ));
+            continue;
         }
         pool.sort_by(|a, b| b.2.len().cmp(&a.2.len()).then(a.1.cmp(&b.1)));
         let mut ranks = Vec::with_capacity(job.world_size as usize);
@@ -67,7 +120,7 @@ pub fn plan(queue: &[QueuedJob], free: &[FreeWorker]) -> Vec<Placement> {
             ranks,
         });
     }
-    out
+    (out, waits)
 }
 
 #[cfg(test)]
@@ -89,6 +142,31 @@ mod tests {
             name: name.into(),
             devices: devices.to_vec(),
         }
+    }
+
+    #[test]
+    fn every_job_left_queued_says_why() {
+        let (big, small) = (q(0, 1, 4), q(0, 2, 1));
+        let (placed, waits) = plan_with_waits(&[big.clone(), small.clone()], &[w("a", &[0, 1])]);
+        assert!(placed.is_empty());
+        assert_eq!(
+            waits,
+            vec![
+                (
+                    big.id,
+                    Wait::Devices {
+                        needed: 4,
+                        free: 2,
+                        workers: 1
+                    }
+                ),
+                (small.id, Wait::Behind(big.id)),
+            ]
+        );
+        assert_eq!(
+            waits[0].1.to_string(),
+            "needs 4 devices at once; 2 free on 1 online worker"
+        );
     }
 
     #[test]

@@ -245,6 +245,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
       ["Attempt", `${j.attempts} (restarts ${j.restartsUsed}/${j.maxRestarts})`],
       ["Created", `${new Date(Number(j.createdAtMs)).toLocaleString()} (${age(j.createdAtMs)} ago)`],
     ];
+    if (j.pendingReason) items.push(["Waiting", j.pendingReason]);
     summary.replaceChildren(...items.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     placement.replaceChildren(
       j.placement.length

@@ -9,10 +9,10 @@ use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
 use tracing::{info, warn};
 
-use super::{emit, Core, Effects};
+use super::{emit, Core, Effects, Runtime};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
-use crate::scheduler::{plan, FreeWorker, QueuedJob};
+use crate::scheduler::{plan_with_waits, FreeWorker, QueuedJob};
 use crate::store::{AttemptRecord, JobRecord, RankRecord, Tx, WorkerRecord};
 
 fn not_found(id: JobId) -> Error {
@@ -118,7 +118,7 @@ pub(crate) fn fail_attempt(
 }
 
 /// The public view of a job: record, placement of its current attempt, eval results.
-pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
+pub(crate) fn job_view(rt: &Runtime, tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
     let mut placement = Vec::new();
     let mut rendezvous = String::new();
     if job.epoch > 0 {
@@ -163,6 +163,10 @@ pub(crate) fn job_view(tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
         evals,
         rendezvous,
         owner: job.owner.clone(),
+        pending_reason: match job.state {
+            JobState::Queued => rt.waiting.get(&job.id).cloned().unwrap_or_default(),
+            _ => String::new(),
+        },
     })
 }
 
@@ -422,7 +426,7 @@ impl Core {
         })?;
         check_read_paths(&self.config, &spec)?;
         let max_queued = limits.max_queued_per_owner;
-        self.transition(|_, _, tx, fx| {
+        self.transition(|_, rt, tx, fx| {
             let waiting = tx
                 .list_jobs(&[JobState::Queued, JobState::Restarting])?
                 .iter()
@@ -435,26 +439,26 @@ impl Core {
                 )));
             }
             let job = insert_job(tx, fx, &spec, owner)?;
-            job_view(tx, &job)
+            job_view(rt, tx, &job)
         })
     }
 
     pub fn get_job(&self, id: JobId) -> Result<Job> {
-        self.read(|_, tx| {
+        self.read(|rt, tx| {
             let job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
-            job_view(tx, &job)
+            job_view(rt, tx, &job)
         })
     }
 
     /// Jobs in `states` (all when empty), newest first, at most `limit` (0: all).
     pub fn list_jobs(&self, states: &[JobState], limit: usize) -> Result<Vec<Job>> {
-        self.read(|_, tx| {
+        self.read(|rt, tx| {
             let mut jobs = tx.list_jobs(states)?;
             jobs.reverse();
             if limit > 0 {
                 jobs.truncate(limit);
             }
-            jobs.iter().map(|j| job_view(tx, j)).collect()
+            jobs.iter().map(|j| job_view(rt, tx, j)).collect()
         })
     }
 
@@ -481,7 +485,7 @@ impl Core {
         } else {
             reason.trim().to_string()
         };
-        self.transition(|_, _, tx, fx| {
+        self.transition(|_, rt, tx, fx| {
             let mut job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
             if only_owner.is_some_and(|o| o != job.owner) {
                 return Err(Error::PermissionDenied(
@@ -489,7 +493,7 @@ impl Core {
                 ));
             }
             if job.state.is_terminal() {
-                return job_view(tx, &job);
+                return job_view(rt, tx, &job);
             }
             if job.epoch > 0 {
                 if let Some(mut a) = tx.get_attempt(id, job.epoch)? {
@@ -504,7 +508,7 @@ impl Core {
             }
             set_state(tx, fx, &mut job, JobState::Cancelled, &reason)?;
             fx.schedule = true;
-            job_view(tx, &job)
+            job_view(rt, tx, &job)
         })
     }
 
@@ -513,6 +517,7 @@ impl Core {
     pub fn schedule(&self) -> Result<usize> {
         self.transition(|config, rt, tx, fx| {
             let queued = tx.list_jobs(&[JobState::Queued])?;
+            rt.waiting.clear();
             if queued.is_empty() {
                 return Ok(0);
             }
@@ -531,7 +536,8 @@ impl Core {
                     world_size: j.world_size,
                 })
                 .collect();
-            let placements = plan(&queue, &free);
+            let (placements, waits) = plan_with_waits(&queue, &free);
+            rt.waiting = waits.into_iter().map(|(id, w)| (id, w.to_string())).collect();
             let by_id: HashMap<WorkerId, &WorkerRecord> =
                 workers.iter().map(|w| (w.id, w)).collect();
             for p in &placements {

@@ -46,6 +46,8 @@ struct Runtime {
     metric_rate: HashMap<(JobId, u64), (i64, u32, bool)>,
     /// Metric events appended per job since the last history-size check.
     metric_appends: HashMap<JobId, u32>,
+    /// Why each job the latest scheduling pass left queued waits (shown as `pending_reason`).
+    waiting: HashMap<JobId, String>,
     shutting_down: bool,
 }
 

@@ -152,16 +152,30 @@ async fn gang_scheduling_waits_priority_first_and_cancel() {
     let mut d = FakeDaemon::connect(&c, "node-a", 2).await;
     let big = c.submit(&spec(4, 0)).await;
     let small = c.submit(&spec(1, 0)).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A scheduling pass has seen both jobs once each says why it waits.
+    let j = c
+        .wait_job(&big.id, "the big job's pending reason", |j| {
+            !j.pending_reason.is_empty()
+        })
+        .await;
+    assert_eq!(j.state, JobState::Queued as i32, "4 ranks cannot fit on 2 devices");
     assert_eq!(
-        c.job(&big.id).await.state,
-        JobState::Queued as i32,
-        "4 ranks cannot fit on 2 devices"
+        j.pending_reason,
+        "needs 4 devices at once; 2 free on 1 online worker"
     );
+    let j = c
+        .wait_job(&small.id, "the small job's pending reason", |j| {
+            !j.pending_reason.is_empty()
+        })
+        .await;
     assert_eq!(
-        c.job(&small.id).await.state,
+        j.state,
         JobState::Queued as i32,
         "no backfill past the head of the queue"
+    );
+    assert_eq!(
+        j.pending_reason,
+        format!("behind job {}, which is placed first", big.id)
     );
     // Cancelling a queued job is immediate; then the small one starts.
     let mut jobs = c.jobs().await;
