@@ -421,8 +421,8 @@ mod tests {
     #[test]
     fn the_probe_spec_quotes_any_checkpoint_path() {
         let path = "/ck/a \"quoted\" \\ back\tslash/10";
-        let spec = bt_common::JobSpec::from_toml_str(&super::probe_spec_toml(path).unwrap())
-            .unwrap();
+        let spec =
+            bt_common::JobSpec::from_toml_str(&super::probe_spec_toml(path).unwrap()).unwrap();
         assert_eq!(spec.eval.checkpoint, path);
         assert_eq!(spec.kind, bt_common::JobKind::LinearProbe);
     }

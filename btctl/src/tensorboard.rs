@@ -9,7 +9,8 @@
 //!
 //! Written: every training metric as a scalar under `train/` (loss, the on-diagonal term, the
 //! λ-scaled off-diagonal term, mean C_ii, mean and max |C_ij|, learning rate, images/s, step time),
-//! every evaluation under `eval/<kind>/` (top-1, top-5, both baselines, the margin). State changes
+//! every evaluation under `eval/<kind>/` (top-1, top-5, both baselines, the margin), every |C|
+//! picture as a grey image under `train/abs_cross_correlation` (white: |C_ij| = 1). State changes
 //! and notices are not written (TensorBoard has no event log; `btctl watch` shows them).
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -46,6 +47,38 @@ pub struct TfValue {
     pub tag: String,
     #[prost(float, optional, tag = "2")]
     pub simple_value: Option<f32>,
+    #[prost(message, optional, tag = "4")]
+    pub image: Option<TfImage>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TfImage {
+    #[prost(int32, tag = "1")]
+    pub height: i32,
+    #[prost(int32, tag = "2")]
+    pub width: i32,
+    /// 1: grey.
+    #[prost(int32, tag = "3")]
+    pub colorspace: i32,
+    /// A PNG file.
+    #[prost(bytes = "vec", tag = "4")]
+    pub encoded_image_string: Vec<u8>,
+}
+
+/// The tag the |C| pictures are written under.
+pub const PICTURE_TAG: &str = "train/abs_cross_correlation";
+
+/// A grey PNG of `side` × `side` cells (0 black, 255 white).
+fn grey_png(side: u32, cells: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, side, side);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().context("encoding a PNG")?;
+        w.write_image_data(cells).context("encoding a PNG")?;
+    }
+    Ok(out)
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bitwise.
@@ -127,8 +160,36 @@ impl EventWriter {
                     .map(|(tag, v)| TfValue {
                         tag: tag.clone(),
                         simple_value: Some(*v as f32),
+                        image: None,
                     })
                     .collect(),
+            }),
+        })
+    }
+
+    /// The |C| picture at its step, as a grey image.
+    pub fn picture(&mut self, wall_time: f64, p: &bt_proto::CorrelationPicture) -> Result<()> {
+        let side = p.side;
+        anyhow::ensure!(
+            side > 0 && p.cells.len() == (side as usize).pow(2),
+            "a picture of side {side} with {} cells",
+            p.cells.len()
+        );
+        self.write(&TfEvent {
+            wall_time,
+            step: p.step as i64,
+            file_version: None,
+            summary: Some(TfSummary {
+                value: vec![TfValue {
+                    tag: PICTURE_TAG.into(),
+                    simple_value: None,
+                    image: Some(TfImage {
+                        height: side as i32,
+                        width: side as i32,
+                        colorspace: 1,
+                        encoded_image_string: grey_png(side, &p.cells)?,
+                    }),
+                }],
             }),
         })
     }
@@ -176,7 +237,8 @@ pub fn event_scalars(e: &JobEvent) -> Vec<(String, f64)> {
     }
 }
 
-/// Writes a history (events in order) into `dir`; returns the file and the count of scalar events.
+/// Writes a history (events in order) into `dir`; returns the file and the count of scalar and
+/// image events.
 pub fn write_history(dir: &Path, events: &[JobEvent]) -> Result<(PathBuf, u64)> {
     let start = events
         .first()
@@ -185,9 +247,15 @@ pub fn write_history(dir: &Path, events: &[JobEvent]) -> Result<(PathBuf, u64)> 
     let mut w = EventWriter::create(dir, start)?;
     let mut n = 0;
     for e in events {
+        let wall_time = e.time_ms as f64 / 1e3;
+        if let Some(Kind::Picture(p)) = &e.kind {
+            w.picture(wall_time, p)?;
+            n += 1;
+            continue;
+        }
         let values = event_scalars(e);
         if !values.is_empty() {
-            w.scalars(e.time_ms as f64 / 1e3, e.step, &values)?;
+            w.scalars(wall_time, e.step, &values)?;
             n += 1;
         }
     }
@@ -212,7 +280,7 @@ pub async fn tensorboard(conn: &Conn, job_id: &str, dir: &Path) -> Result<()> {
     let job_dir = dir.join(job_id);
     let (path, n) = write_history(&job_dir, &events)?;
     println!(
-        "wrote {n} scalar events of job {job_id} ({} history events) to {}",
+        "wrote {n} scalar and image events of job {job_id} ({} history events) to {}",
         events.len(),
         path.display()
     );
@@ -273,8 +341,21 @@ mod tests {
                 ..Default::default()
             })),
         });
+        events.push(JobEvent {
+            seq: 100,
+            time_ms: 1_700_000_100_000,
+            step: 50,
+            job_id: "j".into(),
+            kind: Some(Kind::Picture(bt_proto::CorrelationPicture {
+                step: 50,
+                side: 4,
+                cells: (0..16).map(|i| i * 16).collect(),
+                mean_diag: 0.9,
+                mean_abs_off_diag: 0.1,
+            })),
+        });
         let (path, n) = write_history(dir.path(), &events).unwrap();
-        assert_eq!(n, 6);
+        assert_eq!(n, 7);
         assert!(path
             .file_name()
             .unwrap()
@@ -294,8 +375,19 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let got: std::collections::BTreeMap<String, Vec<(u64, f64)>> =
-            serde_json::from_slice(&out.stdout).unwrap();
+        #[derive(serde::Deserialize)]
+        struct Read {
+            scalars: std::collections::BTreeMap<String, Vec<(u64, f64)>>,
+            /// tag → [(step, width, height, the first row's grey values)]
+            images: std::collections::BTreeMap<String, Vec<(u64, u32, u32, Vec<u8>)>>,
+        }
+        let read: Read = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            read.images[PICTURE_TAG],
+            vec![(50, 4, 4, vec![0, 16, 32, 48])],
+            "the picture decodes to its cells"
+        );
+        let got = read.scalars;
         let loss = &got["train/loss"];
         assert_eq!(loss.len(), 5);
         for (i, (step, v)) in loss.iter().enumerate() {

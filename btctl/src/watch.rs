@@ -91,7 +91,8 @@ pub async fn watch(
                 "warning: this watcher fell behind and missed {} events",
                 m.count
             )),
-            None => {}
+            // The |C| picture is drawn by the dashboard and exported by `btctl tensorboard`.
+            Some(Kind::Picture(_)) | None => {}
         }
     }
     bar.finish_and_clear();

@@ -228,6 +228,63 @@ pub struct Notice {
     pub message: String,
 }
 
+/// The downsampled |C| of one logged step: `side`² cells (row-major), each the mean |C_ij| of
+/// its block quantized to 0..=255 (cell / 255, clamped to [0, 1]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorrelationPicture {
+    pub step: u64,
+    pub side: u32,
+    pub cells: Vec<u8>,
+    pub mean_diag: f64,
+    pub mean_abs_off_diag: f64,
+}
+
+impl CorrelationPicture {
+    /// Largest side accepted from a peer (the trainer sends 64).
+    pub const MAX_SIDE: u32 = 256;
+
+    /// Quantizes `values` (`side`², row-major |C| block means) into a picture.
+    pub fn quantize(
+        step: u64,
+        side: u32,
+        values: &[f32],
+        mean_diag: f64,
+        mean_abs_off_diag: f64,
+    ) -> CorrelationPicture {
+        let cells = values
+            .iter()
+            .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+            .collect();
+        CorrelationPicture {
+            step,
+            side,
+            cells,
+            mean_diag,
+            mean_abs_off_diag,
+        }
+    }
+
+    /// Why the picture is not one: a side out of 1..=MAX_SIDE or a cell count other than side².
+    pub fn check(&self) -> Result<(), String> {
+        if self.side == 0 || self.side > Self::MAX_SIDE {
+            return Err(format!(
+                "side {} is not in 1..={}",
+                self.side,
+                Self::MAX_SIDE
+            ));
+        }
+        let want = (self.side as usize).pow(2);
+        if self.cells.len() != want {
+            return Err(format!(
+                "{} cells for side {} (want {want})",
+                self.cells.len(),
+                self.side
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What happened to a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -237,6 +294,7 @@ pub enum EventKind {
     Eval(EvalResult),
     Checkpoint(CheckpointInfo),
     Notice(Notice),
+    Picture(CorrelationPicture),
 }
 
 impl EventKind {
@@ -248,6 +306,7 @@ impl EventKind {
             EventKind::Eval(_) => "eval",
             EventKind::Checkpoint(_) => "checkpoint",
             EventKind::Notice(_) => "notice",
+            EventKind::Picture(_) => "picture",
         }
     }
 }

@@ -32,7 +32,9 @@ pub fn check_port_range(start: u32, end: u32) -> Result<(), PortRangeError> {
 /// A TCP port on loopback that was free a moment ago (bound to port 0, read, released): for tests
 /// and local clusters that must name a port before the process that listens on it starts.
 pub fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 #[cfg(test)]
@@ -43,9 +45,21 @@ mod tests {
     fn port_ranges() {
         check_port_range(29500, 29600).unwrap();
         check_port_range(65535, 65536).unwrap();
-        assert_eq!(check_port_range(0, 10).unwrap_err().field, "port_range_start");
-        assert_eq!(check_port_range(70000, 70001).unwrap_err().field, "port_range_start");
-        assert_eq!(check_port_range(10, 10).unwrap_err().field, "port_range_end");
-        assert_eq!(check_port_range(10, 65537).unwrap_err().field, "port_range_end");
+        assert_eq!(
+            check_port_range(0, 10).unwrap_err().field,
+            "port_range_start"
+        );
+        assert_eq!(
+            check_port_range(70000, 70001).unwrap_err().field,
+            "port_range_start"
+        );
+        assert_eq!(
+            check_port_range(10, 10).unwrap_err().field,
+            "port_range_end"
+        );
+        assert_eq!(
+            check_port_range(10, 65537).unwrap_err().field,
+            "port_range_end"
+        );
     }
 }

@@ -256,6 +256,10 @@ pub struct TrainSpec {
     /// Report metrics every k steps.
     #[serde(default = "defaults::log_every")]
     pub log_every: u32,
+    /// Send the downsampled |C| picture every k steps (at the first logged step from there;
+    /// 0: never). The dashboard draws it; `btctl tensorboard` writes it as an image.
+    #[serde(default = "defaults::picture_every")]
+    pub picture_every: u32,
     /// "auto", "cross" or "gram".
     #[serde(default = "defaults::loss_form")]
     pub loss_form: LossForm,
@@ -399,6 +403,9 @@ mod defaults {
     }
     pub fn log_every() -> u32 {
         10
+    }
+    pub fn picture_every() -> u32 {
+        50
     }
     pub fn loss_form() -> LossForm {
         LossForm::Auto

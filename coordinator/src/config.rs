@@ -111,6 +111,9 @@ pub struct Limits {
     /// Metric events kept per job; beyond it the oldest metric events are thinned (every other
     /// one dropped), state changes, evaluations, checkpoints and notices are always kept.
     pub max_metric_events_per_job: u64,
+    /// |C| pictures kept per job (about 4 KiB each at the trainer's 64 × 64); beyond it the oldest
+    /// are thinned like metric events.
+    pub max_pictures_per_job: u64,
     /// Jobs waiting (queued or restarting) per owner.
     pub max_queued_per_owner: usize,
 }
@@ -124,6 +127,7 @@ impl Default for Limits {
             max_watchers: 1024,
             max_metrics_per_sec: 50,
             max_metric_events_per_job: 100_000,
+            max_pictures_per_job: 500,
             max_queued_per_owner: 1000,
         }
     }
@@ -210,6 +214,9 @@ impl CoordinatorConfig {
         }
         if l.max_metric_events_per_job < 100 {
             return Err("limits.max_metric_events_per_job: must be at least 100".into());
+        }
+        if l.max_pictures_per_job < 2 {
+            return Err("limits.max_pictures_per_job: must be at least 2".into());
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 // Hash routes (#/jobs, #/job/ID, #/workers, #/submit): the coordinator serves only "/".
 import "./style.css";
 import { client, errorText, getToken, isAuthError, isTerminal, setToken, stateName } from "./api";
-import { JobState, WorkerState, type Job, type EvalResult, type TrainMetrics } from "./gen/bt/v1/jobs_pb";
+import { JobState, WorkerState, type Job, type EvalResult, type TrainMetrics, type CorrelationPicture } from "./gen/bt/v1/jobs_pb";
 import { Curves } from "./curves";
 
 // ---------- small DOM helpers ----------
@@ -191,6 +191,75 @@ function evalRows(evals: EvalResult[]): HTMLElement {
   );
 }
 
+// ---------- the |C| heatmap ----------
+
+/** A few stops of a dark-to-bright colour map (0: |C_ij| = 0, 1: |C_ij| = 1). */
+const STOPS: [number, number, number][] = [
+  [13, 8, 135],
+  [126, 3, 168],
+  [204, 71, 120],
+  [248, 149, 64],
+  [240, 249, 33],
+];
+const PALETTE: [number, number, number][] = Array.from({ length: 256 }, (_, v) => {
+  const x = (v / 255) * (STOPS.length - 1);
+  const i = Math.min(Math.floor(x), STOPS.length - 2);
+  const t = x - i;
+  const [a, b] = [STOPS[i], STOPS[i + 1]];
+  return [0, 1, 2].map((c) => Math.round(a[c] + (b[c] - a[c]) * t)) as [number, number, number];
+});
+
+/** The latest |C| picture of a job, drawn cell by cell, with its diagonal's and off-diagonal's means. */
+class Heatmap {
+  readonly root: HTMLElement;
+  private canvas = h("canvas", { id: "heatmap", width: "256", height: "256", class: "heatmap" }) as HTMLCanvasElement;
+  private caption = h("dl", { class: "summary", id: "heatmap-stats" });
+
+  constructor() {
+    this.root = h(
+      "div",
+      { class: "heatmap-box" },
+      this.canvas,
+      h("div", {}, h("p", { class: "muted" }, "|C| of the latest picture step (dark: 0, bright: 1); a converged run shows a bright diagonal on a dark field."), this.caption),
+    );
+    this.caption.append(h("dt", {}, "Picture"), h("dd", {}, "none yet"));
+  }
+
+  draw(p: CorrelationPicture): void {
+    const side = p.side;
+    if (!side || p.cells.length !== side * side) return;
+    const ctx = this.canvas.getContext("2d");
+    if (!ctx) return;
+    const img = ctx.createImageData(side, side);
+    for (let i = 0; i < side * side; i++) {
+      const [r, g, b] = PALETTE[p.cells[i]];
+      img.data.set([r, g, b, 255], i * 4);
+    }
+    // Drawn at its size on a scratch canvas, then scaled up without smoothing (one block per cell).
+    const scratch = document.createElement("canvas");
+    scratch.width = side;
+    scratch.height = side;
+    scratch.getContext("2d")?.putImageData(img, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(scratch, 0, 0, this.canvas.width, this.canvas.height);
+    this.canvas.dataset.step = String(p.step);
+    this.caption.replaceChildren(
+      ...[
+        ["Step", String(p.step)],
+        ["Mean C_ii", num(p.meanDiag)],
+        ["Mean |C_ij|, i ≠ j", num(p.meanAbsOffDiag)],
+        ["Cells", `${side} × ${side}`],
+      ].flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]),
+    );
+  }
+}
+
+/** The spec `btctl eval CHECKPOINT` submits: a linear probe of one checkpoint. */
+function probeSpec(checkpoint: string): string {
+  // A JSON string is a TOML basic string (same escapes for quotes, backslashes and controls).
+  return `kind = "linear_probe"\nname = "probe"\n[eval]\ncheckpoint = ${JSON.stringify(checkpoint)}\n`;
+}
+
 function jobPage(main: HTMLElement, id: string): () => void {
   const stateEl = h("span", { id: "job-state" });
   const summary = h("dl", { class: "summary" });
@@ -203,6 +272,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
   const cancel = h("button", { id: "cancel", class: "danger" }, "Cancel job");
   const streamState = h("span", { class: "muted", id: "stream-state" });
   const curves = new Curves();
+  const heatmap = new Heatmap();
   main.append(
     h("h1", {}, "Job ", h("code", {}, id), " ", stateEl, " ", cancel),
     h("p", {}, "Follow it from a terminal: ", h("code", { id: "watch-cmd" }, `btctl watch ${id}`)),
@@ -210,6 +280,8 @@ function jobPage(main: HTMLElement, id: string): () => void {
     summary,
     h("h2", {}, "Curves ", streamState),
     curves.root,
+    h("h2", {}, "Cross-correlation matrix"),
+    heatmap.root,
     h("h2", {}, "Evaluations"),
     evals,
     h("div", { class: "cols" }, h("section", {}, h("h2", {}, "State history"), history, notices), h("section", {}, h("h2", {}, "Placement"), placement)),
@@ -259,6 +331,15 @@ function jobPage(main: HTMLElement, id: string): () => void {
     );
     evals.replaceChildren(evalRows(j.evals));
   };
+  const startProbe = async (path: string) => {
+    if (!confirm(`Start a linear probe of ${path}?`)) return;
+    try {
+      const probe = await client.submitJob({ specToml: probeSpec(path) });
+      location.hash = `#/job/${probe.id}`;
+    } catch (e) {
+      showError(e);
+    }
+  };
   const stopJob = poll(2000, async () => {
     job = await client.getJob({ jobId: id });
     render();
@@ -270,7 +351,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
         ? h(
             "table",
             { id: "checkpoints" },
-            h("thead", {}, h("tr", {}, ...["Step", "Epoch", "Size", "Created", "Eval", "Probe top-1", "Path"].map((c) => h("th", {}, c)))),
+            h("thead", {}, h("tr", {}, ...["Step", "Epoch", "Size", "Created", "Eval", "Probe top-1", "Path", ""].map((c) => h("th", {}, c)))),
             h(
               "tbody",
               {},
@@ -285,6 +366,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
                   h("td", {}, c.evalState || "–", c.evalJobId ? " " : null, c.evalJobId ? h("a", { href: `#/job/${c.evalJobId}` }, c.evalJobId) : null),
                   h("td", {}, c.eval && c.evalState === "done" ? pct(c.eval.top1) : "–"),
                   h("td", {}, h("code", {}, c.path)),
+                  h("td", {}, c.evalState ? null : h("button", { class: "probe", "data-step": String(c.step), onclick: () => void startProbe(c.path) }, "Linear probe")),
                 ),
               ),
             ),
@@ -320,6 +402,9 @@ function jobPage(main: HTMLElement, id: string): () => void {
             }
             case "notice":
               notices.append(h("li", { class: `notice-${ev.kind.value.level}` }, h("span", { class: "muted" }, when), ` ${ev.kind.value.level}: ${ev.kind.value.message}`));
+              break;
+            case "picture":
+              heatmap.draw(ev.kind.value);
               break;
             case "missed":
               notices.append(h("li", { class: "notice-warn missed" }, h("span", { class: "muted" }, when), ` Missed ${ev.kind.value.count} events (this page fell behind the stream)`));

@@ -100,6 +100,7 @@ export class Curves {
 
   private draw(): void {
     this.pending = false;
+    this.root.dataset.points = String(this.xs.length);
     if (!this.plots.length) {
       this.empty.remove();
       const width = Math.max(260, Math.min(420, Math.floor((this.charts.clientWidth || 900) / 2) - 16));

@@ -357,6 +357,33 @@ impl TryFrom<crate::Notice> for d::Notice {
     }
 }
 
+impl From<d::CorrelationPicture> for crate::CorrelationPicture {
+    fn from(p: d::CorrelationPicture) -> Self {
+        crate::CorrelationPicture {
+            step: p.step,
+            side: p.side,
+            cells: p.cells,
+            mean_diag: p.mean_diag,
+            mean_abs_off_diag: p.mean_abs_off_diag,
+        }
+    }
+}
+
+impl TryFrom<crate::CorrelationPicture> for d::CorrelationPicture {
+    type Error = WireError;
+    fn try_from(p: crate::CorrelationPicture) -> Result<Self, WireError> {
+        let p = d::CorrelationPicture {
+            step: p.step,
+            side: p.side,
+            cells: p.cells,
+            mean_diag: p.mean_diag,
+            mean_abs_off_diag: p.mean_abs_off_diag,
+        };
+        p.check().map_err(|m| WireError::new("picture.cells", m))?;
+        Ok(p)
+    }
+}
+
 impl From<d::StateChange> for crate::StateChange {
     fn from(s: d::StateChange) -> Self {
         crate::StateChange {
@@ -387,6 +414,7 @@ impl From<d::EventKind> for crate::job_event::Kind {
             d::EventKind::Eval(e) => Kind::Eval(e.into()),
             d::EventKind::Checkpoint(c) => Kind::Checkpoint(c.into()),
             d::EventKind::Notice(n) => Kind::Notice(n.into()),
+            d::EventKind::Picture(p) => Kind::Picture(p.into()),
         }
     }
 }
@@ -414,6 +442,7 @@ impl TryFrom<crate::JobEvent> for d::JobEvent {
             Some(Kind::Eval(v)) => d::EventKind::Eval(v.try_into()?),
             Some(Kind::Checkpoint(c)) => d::EventKind::Checkpoint(c.try_into()?),
             Some(Kind::Notice(n)) => d::EventKind::Notice(n.try_into()?),
+            Some(Kind::Picture(p)) => d::EventKind::Picture(p.try_into()?),
             Some(Kind::Missed(_)) => {
                 return Err(WireError::new(
                     "kind",

@@ -47,6 +47,10 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(extra: &[&str]) -> Coordinator {
+        Self::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Coordinator {
         let dir = tempfile::Builder::new()
             .prefix("bt-dash-")
             .tempdir()
@@ -73,6 +77,7 @@ impl Coordinator {
             .arg("--tokens-file")
             .arg(p("tokens.toml"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
@@ -88,6 +93,40 @@ impl Coordinator {
             dir,
             child,
         }
+    }
+
+    /// Starts a daemon with one CPU slot over plain TCP, with a worker token of its own; killed
+    /// when the returned child is dropped by the caller.
+    fn start_daemon(&self) -> Child {
+        let p = |f: &str| self.path(f);
+        let out = Command::new(bin("bt-coordinator"))
+            .args(["add-token", "--name", "node", "--role", "worker"])
+            .arg("--tokens-file")
+            .arg(p("tokens.toml"))
+            .arg("--token-out")
+            .arg(p("worker.token"))
+            .output()
+            .expect("run bt-coordinator add-token");
+        assert!(out.status.success(), "add-token: {}", text(&out.stderr));
+        let port = 29000 + (std::process::id() % 500) * 2;
+        let log = std::fs::File::create(p("worker.log")).expect("log");
+        Command::new(bin("bt-worker"))
+            .arg("--coordinator")
+            .arg(&self.addr)
+            .args(["--name", "dash-node", "--cpu-slots", "1"])
+            .arg("--port-range")
+            .arg(format!("{port}-{}", port + 2))
+            .arg("--work-dir")
+            .arg(p("work"))
+            .arg("--checkpoint-root")
+            .arg(p("checkpoints"))
+            .arg("--token-file")
+            .arg(p("worker.token"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start bt-worker")
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -205,6 +244,110 @@ fn dashboard_pages_in_a_real_browser() {
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["state"], "cancelled", "{j}");
     assert_eq!(j["name"], "from-the-browser", "{j}");
+}
+
+/// A 300-step run with metrics every step, a |C| picture every 25 and checkpoints every 100.
+const LIVE_SPEC: &str = r#"
+name = "live"
+world_size = 1
+[data]
+source = "fashion-mnist"
+path = "/usr/share/datasets/fashion-mnist"
+limit = 256
+image_size = 16
+[model]
+backbone = "resnet18"
+cifar_stem = true
+width = 8
+projector = [32, 32]
+[train]
+batch_size = 8
+epochs = 10
+max_steps = 300
+log_every = 1
+picture_every = 25
+[checkpoint]
+every_steps = 100
+[eval]
+knn_at_end = false
+"#;
+
+/// The Job page of a real run: the page is opened while the job waits for a worker, then a
+/// daemon starts and every step streams in (curves, the |C| heatmap, checkpoints, the probe
+/// button); a fresh load of the finished 300-step job is timed.
+#[test]
+fn a_live_run_in_a_real_browser() {
+    if !Path::new(CHROMIUM).exists() {
+        eprintln!("SKIPPED a_live_run_in_a_real_browser: {CHROMIUM} is missing");
+        return;
+    }
+    let dash = dashboard_dir();
+    assert!(
+        dash.join("node_modules/playwright-core").exists(),
+        "dashboard/node_modules is missing: run scripts/setup.sh (make test does), or `npm ci` in dashboard/"
+    );
+    // Metrics every step of a tiny model arrive faster than a trainer's default rate limit.
+    let c = Coordinator::start_with_env(
+        &[],
+        &[("BT_COORDINATOR_LIMITS__MAX_METRICS_PER_SEC", "100000")],
+    );
+    let f = c.path("live.toml");
+    std::fs::write(&f, LIVE_SPEC).unwrap();
+    let out = c.btctl(&["submit", f.to_str().unwrap()]);
+    assert!(out.status.success(), "btctl submit: {}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-live");
+    let _ = std::fs::remove_dir_all(&artifacts);
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let url = format!("http://{}/", c.addr);
+    let browser = Command::new("node")
+        .arg("test/live.mjs")
+        .args([&url, &c.token(), &id, "300"])
+        .current_dir(&dash)
+        .env("BT_BROWSER_ARTIFACTS", &artifacts)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node test/live.mjs (is Node installed?)");
+    let opened = artifacts.join("page-open");
+    let mut daemon = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while daemon.is_none() && std::time::Instant::now() < deadline {
+        if opened.exists() {
+            daemon = Some(c.start_daemon());
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let out = browser.wait_with_output().expect("wait for node");
+    let log = text(&out.stdout);
+    println!("{log}{}", text(&out.stderr));
+    if let Some(mut d) = daemon {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    if !out.status.success() {
+        let worker = std::fs::read_to_string(c.path("worker.log")).unwrap_or_default();
+        panic!(
+            "browser checks failed (screenshots in {}):\n{log}{}\n----- worker log -----\n{worker}",
+            artifacts.display(),
+            text(&out.stderr)
+        );
+    }
+    let probe = log
+        .lines()
+        .find_map(|l| l.strip_prefix("probe job: "))
+        .expect("the probe job's id")
+        .trim()
+        .to_string();
+    let out = c.btctl(&["get", &probe, "-o", "json"]);
+    assert!(out.status.success(), "btctl get: {}", text(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["kind"], "linear_probe", "{j}");
+    let out = c.btctl(&["cancel", &probe]);
+    assert!(out.status.success(), "btctl cancel: {}", text(&out.stderr));
 }
 
 #[test]

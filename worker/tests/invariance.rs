@@ -38,7 +38,9 @@ timeout_secs = 30
 }
 
 fn free_port() -> u32 {
-    bt_common::net::free_loopback_port().expect("a free port").into()
+    bt_common::net::free_loopback_port()
+        .expect("a free port")
+        .into()
 }
 
 /// Runs `world` ranks as real trainer processes (`bt-worker train`, assignment on stdin, events on

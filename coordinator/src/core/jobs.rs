@@ -180,7 +180,8 @@ fn evals_of(tx: &mut dyn Tx, job: &JobRecord) -> Result<Vec<EvalResult>> {
             EventKind::State(_)
             | EventKind::Metrics(_)
             | EventKind::Checkpoint(_)
-            | EventKind::Notice(_) => None,
+            | EventKind::Notice(_)
+            | EventKind::Picture(_) => None,
         })
         .collect())
 }
@@ -537,7 +538,10 @@ impl Core {
                 })
                 .collect();
             let (placements, waits) = plan_with_waits(&queue, &free);
-            rt.waiting = waits.into_iter().map(|(id, w)| (id, w.to_string())).collect();
+            rt.waiting = waits
+                .into_iter()
+                .map(|(id, w)| (id, w.to_string()))
+                .collect();
             let by_id: HashMap<WorkerId, &WorkerRecord> =
                 workers.iter().map(|w| (w.id, w)).collect();
             for p in &placements {

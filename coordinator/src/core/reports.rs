@@ -2,7 +2,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use bt_common::domain::{AttemptOutcome, EventKind, JobState, Notice, NoticeLevel};
+use bt_common::domain::{
+    AttemptOutcome, CorrelationPicture, EventKind, JobState, Notice, NoticeLevel,
+};
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
@@ -94,6 +96,7 @@ pub(crate) fn handle_report(
             Err(e) => refuse_report(tx, fx, &at.job, worker_id, "notice", e),
         },
         trainer_report::Body::Checkpoint(c) => on_checkpoint(config, tx, fx, worker_id, at, c),
+        trainer_report::Body::Picture(p) => on_picture(config, rt, tx, fx, worker_id, at, p),
     }
 }
 
@@ -356,20 +359,60 @@ fn refuse_report(
 /// one of the older half of its metric events is dropped (the curve keeps its shape, coarser in
 /// the past). State changes, evaluations, checkpoints and notices are never dropped.
 fn thin_metrics(config: &CoordinatorConfig, tx: &mut dyn Tx, job_id: JobId) -> Result<()> {
-    let max = config.limits.max_metric_events_per_job;
-    let mut n = tx.count_events(job_id, "metrics")?;
+    thin(
+        tx,
+        job_id,
+        "metrics",
+        config.limits.max_metric_events_per_job,
+    )
+}
+
+/// Thins the job's events of `kind` (every other one of the older half) until at most `max` stay.
+fn thin(tx: &mut dyn Tx, job_id: JobId, kind: &str, max: u64) -> Result<()> {
+    let mut n = tx.count_events(job_id, kind)?;
     let before = n;
     while n > max {
-        let dropped = tx.thin_metric_events(job_id, n / 2)?;
+        let dropped = tx.thin_events(job_id, kind, n / 2)?;
         if dropped == 0 {
             break;
         }
         n -= dropped;
     }
     if n != before {
-        info!(job_id = %job_id, metric_events = before, kept = n, "metric history thinned");
+        info!(job_id = %job_id, kind, events = before, kept = n, "event history thinned");
     }
     Ok(())
+}
+
+/// Rank 0's |C| picture: a checked event under the metrics' rate limit, the job's pictures
+/// thinned past their limit.
+fn on_picture(
+    config: &CoordinatorConfig,
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    worker_id: WorkerId,
+    at: Fenced,
+    p: bt_proto::CorrelationPicture,
+) -> Result<()> {
+    if at.rank != 0 {
+        debug!(job_id = %at.job.id, rank = at.rank, "picture from a rank other than 0 ignored");
+        return Ok(());
+    }
+    if !rt.metrics_allowed(
+        at.job.id,
+        at.attempt.epoch,
+        config.limits.max_metrics_per_sec,
+    ) {
+        return Ok(());
+    }
+    match CorrelationPicture::try_from(p) {
+        Ok(p) => {
+            emit(tx, fx, at.job.id, p.step, EventKind::Picture(p))?;
+            thin(tx, at.job.id, "picture", config.limits.max_pictures_per_job)
+        }
+        Err(e) => refuse_report(tx, fx, &at.job, worker_id, "picture", e),
+    }
 }
 
 /// Which checkpoints (by index in `ckpts`, sorted by step) retention keeps: the last `keep_last`

@@ -177,8 +177,9 @@ pub trait Tx {
     ) -> Result<Vec<JobEvent>>;
     /// How many events of `kind` a job has.
     fn count_events(&mut self, job_id: JobId, kind: &str) -> Result<u64>;
-    /// Deletes every other one of the job's `oldest` oldest metric events; returns how many went.
-    fn thin_metric_events(&mut self, job_id: JobId, oldest: u64) -> Result<u64>;
+    /// Deletes every other one of the job's `oldest` oldest events of `kind` ("metrics",
+    /// "picture"); returns how many went.
+    fn thin_events(&mut self, job_id: JobId, kind: &str, oldest: u64) -> Result<u64>;
     fn commit(self: Box<Self>) -> Result<()>;
 }
 

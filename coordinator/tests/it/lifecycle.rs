@@ -158,7 +158,11 @@ async fn gang_scheduling_waits_priority_first_and_cancel() {
             !j.pending_reason.is_empty()
         })
         .await;
-    assert_eq!(j.state, JobState::Queued as i32, "4 ranks cannot fit on 2 devices");
+    assert_eq!(
+        j.state,
+        JobState::Queued as i32,
+        "4 ranks cannot fit on 2 devices"
+    );
     assert_eq!(
         j.pending_reason,
         "needs 4 devices at once; 2 free on 1 online worker"

@@ -133,6 +133,7 @@ pub(crate) fn spawn(
                             Some(E::Eval(e)) => report(Body::Eval(e)),
                             Some(E::Checkpoint(c)) => report(Body::Checkpoint(c)),
                             Some(E::Notice(n)) => report(Body::Notice(n)),
+                            Some(E::Picture(p)) => report(Body::Picture(p)),
                             None => {}
                         }
                     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bt_common::JobSpec;
 use bt_proto::trainer_event::Body;
-use bt_proto::{Assignment, CheckpointInfo, EvalResult, TrainMetrics};
+use bt_proto::{Assignment, CheckpointInfo, CorrelationPicture, EvalResult, TrainMetrics};
 use tch::{nn, Device, Kind, Tensor};
 use tracing::{info, warn};
 
@@ -236,6 +236,8 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     let mut window_start = Instant::now();
     let mut last_ckpt_step = start_step;
     let mut step = start_step;
+    let picture_every = u64::from(t.picture_every);
+    let mut next_picture = start_step + picture_every;
     info!(total_steps, steps_per_epoch, start_step, "training");
     while step < total_steps {
         if stop_requested() {
@@ -279,6 +281,20 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
                 "step"
             );
             rep.send(Body::Metrics(m));
+            if picture_every > 0 && step >= next_picture {
+                if let Some(p) = &out.loss.picture {
+                    rep.send(Body::Picture(CorrelationPicture::from(
+                        bt_common::domain::CorrelationPicture::quantize(
+                            step,
+                            p.side as u32,
+                            &p.values,
+                            s.mean_diag,
+                            s.mean_abs_off_diag,
+                        ),
+                    )));
+                }
+                next_picture = step + picture_every;
+            }
             window_imgs = 0;
             window_start = Instant::now();
         }

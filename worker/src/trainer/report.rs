@@ -70,6 +70,10 @@ impl Reporter {
 /// One readable line per event (metrics, evaluations with their baselines, checkpoints, notices).
 fn line(b: &Body) -> String {
     match b {
+        Body::Picture(p) => format!(
+            "|C| picture step {}: {}x{}, mean C_ii {:.3}, mean |C_ij| {:.4}",
+            p.step, p.side, p.side, p.mean_diag, p.mean_abs_off_diag
+        ),
         Body::Metrics(m) => format!(
             "step {}/{} epoch {} loss {:.3} on-diag {:.3} off-diag(λ) {:.3} mean C_ii {:.3} lr {:.4} {:.1} img/s",
             m.step, m.total_steps, m.epoch, m.loss, m.on_diag, m.off_diag_scaled, m.mean_diag,

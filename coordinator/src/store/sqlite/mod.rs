@@ -459,13 +459,13 @@ impl Tx for SqliteTx<'_> {
         Ok(n as u64)
     }
 
-    fn thin_metric_events(&mut self, job_id: JobId, oldest: u64) -> Result<u64> {
-        // Every other one of the `oldest` oldest metric events goes; the curve keeps its shape.
+    fn thin_events(&mut self, job_id: JobId, kind: &str, oldest: u64) -> Result<u64> {
+        // Every other one of the `oldest` oldest events of the kind goes; a curve keeps its shape.
         let n = self.tx.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM (SELECT seq, ROW_NUMBER() OVER \
-             (ORDER BY seq) AS i FROM events WHERE job_id = ?1 AND kind = 'metrics' ORDER BY seq \
+             (ORDER BY seq) AS i FROM events WHERE job_id = ?1 AND kind = ?3 ORDER BY seq \
              LIMIT ?2) WHERE i % 2 = 0)",
-            params![job_id.to_string(), oldest.min(i64::MAX as u64) as i64],
+            params![job_id.to_string(), oldest.min(i64::MAX as u64) as i64, kind],
         )?;
         Ok(n as u64)
     }
