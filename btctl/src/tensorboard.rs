@@ -375,11 +375,13 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        /// (step, width, height, the first row's grey values)
+        type ImageRow = (u64, u32, u32, Vec<u8>);
         #[derive(serde::Deserialize)]
         struct Read {
             scalars: std::collections::BTreeMap<String, Vec<(u64, f64)>>,
-            /// tag → [(step, width, height, the first row's grey values)]
-            images: std::collections::BTreeMap<String, Vec<(u64, u32, u32, Vec<u8>)>>,
+            /// tag → its images
+            images: std::collections::BTreeMap<String, Vec<ImageRow>>,
         }
         let read: Read = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(
