@@ -35,6 +35,7 @@ export BT_COORDINATOR=$(cat "$RUN/coordinator.addr")
 export BT_TOKEN_FILE="$RUN/secrets/admin.token" BT_CA_CERT="$RUN/secrets/ca.pem"
 echo "demo: coordinator at https://$BT_COORDINATOR; to use btctl from another shell:"
 echo "  export BT_COORDINATOR=$BT_COORDINATOR BT_TOKEN_FILE=$BT_TOKEN_FILE BT_CA_CERT=$BT_CA_CERT"
+echo "demo: dashboard at https://$BT_COORDINATOR/ (CA: $BT_CA_CERT; paste the token from $BT_TOKEN_FILE)"
 
 for i in 1 2; do
   "$BIN/bt-worker" --coordinator "$BT_COORDINATOR" --name "demo-worker-$i" --cpu-slots 1 \
