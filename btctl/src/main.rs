@@ -228,6 +228,38 @@ enum Cmd {
         #[arg(long)]
         projector: bool,
     },
+    /// Print a job's trainer log lines (every rank's stderr, relayed by the daemons); with
+    /// --follow, wait for a job that has not started and stream new lines until it ends.
+    #[command(
+        after_help = "Examples:\n  btctl logs JOB -f                  every rank, following until the job ends\n  \
+                            btctl logs JOB --rank 1 --tail 5   the last five lines of rank 1"
+    )]
+    Logs {
+        job_id: String,
+        /// Only this rank (repeatable; default: every rank, each line prefixed with its rank).
+        #[arg(long = "rank", value_name = "R")]
+        ranks: Vec<u32>,
+        /// Stream new lines until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines so far (0: all).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        tail: u32,
+        /// Prefix each line with the time the daemon read it (UTC).
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Delete a finished job: its record, events, checkpoint records and log lines (refused for a
+    /// job still running and for one whose checkpoint is being evaluated).
+    #[command(
+        after_help = "Examples:\n  btctl delete JOB\n  btctl delete JOB --files   also remove its checkpoint files"
+    )]
+    Delete {
+        job_id: String,
+        /// Also remove the job's checkpoint files from the checkpoint root.
+        #[arg(long)]
+        files: bool,
+    },
     /// Write a job's persisted history (training metrics, evaluations) as TensorBoard event
     /// files under DIR/JOB (view with `tensorboard --logdir DIR`).
     Tensorboard { job_id: String, dir: PathBuf },
@@ -366,6 +398,63 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output,
             projector,
         } => export::export(&cli.conn, &checkpoint, &output, projector).await?,
+        Cmd::Logs {
+            job_id,
+            ranks,
+            follow,
+            tail,
+            timestamps,
+        } => {
+            let mut c = connect(&cli.conn).await?;
+            let prefix = ranks.len() != 1;
+            let mut stream = c
+                .stream_logs(StreamLogsRequest {
+                    job_id,
+                    ranks,
+                    tail,
+                    follow,
+                })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            while let Some(line) = stream.message().await.map_err(rpc_err)? {
+                let mut head = String::new();
+                if timestamps {
+                    head.push_str(&output::utc_time(line.time_ms));
+                    head.push(' ');
+                }
+                if prefix {
+                    head.push_str(&format!("[rank {}] ", line.rank));
+                }
+                if writeln!(out, "{head}{}", line.text).is_err() {
+                    break; // a closed pipe (| head): done
+                }
+                if follow {
+                    let _ = out.flush();
+                }
+            }
+        }
+        Cmd::Delete { job_id, files } => {
+            let mut c = connect(&cli.conn).await?;
+            let d = c
+                .delete_job(DeleteJobRequest {
+                    job_id: job_id.clone(),
+                    delete_files: files,
+                })
+                .await
+                .map_err(rpc_err)?
+                .into_inner();
+            print!(
+                "{job_id} deleted: {} events, {} checkpoint records, {} log lines",
+                d.events, d.checkpoints, d.log_lines
+            );
+            if files {
+                print!(", {} checkpoint directories removed", d.files_removed);
+            }
+            println!();
+        }
         Cmd::Tensorboard { job_id, dir } => {
             tensorboard::tensorboard(&cli.conn, &job_id, &dir).await?
         }
@@ -393,7 +482,6 @@ async fn submit(conn: &Conn, spec: &bt_common::JobSpec, watch: bool) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// A TOML basic string holding `s`.
 /// The base spec of `btctl eval`: a linear probe of `checkpoint`, built as a TOML value (the
 /// serializer quotes the path, whatever it holds).
 fn probe_spec_toml(checkpoint: &str) -> anyhow::Result<String> {

@@ -90,6 +90,18 @@ macro_rules! named {
                 f.write_str(self.name())
             }
         }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+
+            /// Exactly one of the names; the error lists them.
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::parse(s).ok_or_else(|| {
+                    let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+                    format!("unknown value {s:?} (one of: {})", names.join(", "))
+                })
+            }
+        }
     };
 }
 
@@ -282,6 +294,36 @@ impl CorrelationPicture {
             ));
         }
         Ok(())
+    }
+}
+
+/// One line a trainer wrote to stderr, as the coordinator keeps it; `seq` (set by the store)
+/// increases over the whole log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub seq: u64,
+    pub job_id: JobId,
+    pub epoch: u64,
+    pub rank: u32,
+    pub time_ms: i64,
+    pub text: String,
+}
+
+impl LogLine {
+    /// Longest line kept (bytes); a longer one is cut at a character boundary and marked.
+    pub const MAX_BYTES: usize = 4096;
+
+    /// `text` within [`LogLine::MAX_BYTES`], without its line ending.
+    pub fn bounded(text: &str) -> String {
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text.len() <= Self::MAX_BYTES {
+            return text.to_string();
+        }
+        let mut end = Self::MAX_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… [cut at {} bytes]", &text[..end], Self::MAX_BYTES)
     }
 }
 

@@ -83,7 +83,8 @@ impl Principal {
         }
     }
 
-    /// The owner a cancel is restricted to: submitters may cancel only their own jobs.
+    /// The owner a cancel or delete is restricted to: submitters may cancel and delete only their
+    /// own jobs.
     pub fn cancel_scope(&self) -> Option<&str> {
         (self.role == Role::Submitter).then_some(self.name.as_str())
     }
@@ -112,6 +113,8 @@ pub const POLICY: &[(&str, Access)] = &[
     ("/bt.v1.JobService/WatchJob", Access::Read),
     ("/bt.v1.JobService/ListWorkers", Access::Read),
     ("/bt.v1.JobService/ListCheckpoints", Access::Read),
+    ("/bt.v1.JobService/StreamLogs", Access::Read),
+    ("/bt.v1.JobService/DeleteJob", Access::Submit),
     ("/bt.v1.WorkerService/Register", Access::Worker),
     ("/bt.v1.WorkerService/Session", Access::Worker),
 ];

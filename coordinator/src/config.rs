@@ -34,6 +34,25 @@ pub struct CoordinatorConfig {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub dashboard: DashboardConfig,
+    pub retention: RetentionConfig,
+}
+
+/// Housekeeping of finished jobs' history (run at start and every hour).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days a finished job keeps its metric curve, |C| pictures and log lines after it ended
+    /// (its state history, evaluations, checkpoint records and notices stay until `btctl delete`);
+    /// 0: forever.
+    pub finished_history_days: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            finished_history_days: 30,
+        }
+    }
 }
 
 /// `dashboard.mode`: the web dashboard served at `/` on the gRPC port (`on`, the default), or not.
@@ -116,6 +135,11 @@ pub struct Limits {
     pub max_pictures_per_job: u64,
     /// Jobs waiting (queued or restarting) per owner.
     pub max_queued_per_owner: usize,
+    /// Trainer log lines accepted per rank per second (more are dropped and counted in a marker
+    /// line).
+    pub max_log_lines_per_sec: u32,
+    /// Log lines kept per job; beyond it the oldest go.
+    pub max_log_lines_per_job: u64,
 }
 
 impl Default for Limits {
@@ -129,6 +153,8 @@ impl Default for Limits {
             max_metric_events_per_job: 100_000,
             max_pictures_per_job: 500,
             max_queued_per_owner: 1000,
+            max_log_lines_per_sec: 500,
+            max_log_lines_per_job: 100_000,
         }
     }
 }
@@ -150,6 +176,7 @@ impl Default for CoordinatorConfig {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             dashboard: DashboardConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }

@@ -106,6 +106,22 @@ pub async fn run(
         });
     }
 
+    if config.retention.finished_history_days > 0 {
+        // History housekeeping: at start, then hourly.
+        let core = core.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match core.call(|c| c.prune_history()).await {
+                    Ok(_) => {}
+                    Err(crate::Error::ShuttingDown) => return,
+                    Err(e) => error!(error = %e, "pruning finished jobs' history failed"),
+                }
+            }
+        });
+    }
+
     if !config.health_listen.is_empty() {
         // Health only, no TLS, no token: what a kubelet's gRPC probe can reach.
         let l = TcpListener::bind(&config.health_listen)

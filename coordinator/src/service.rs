@@ -7,9 +7,10 @@ use bt_common::JobId;
 use bt_proto::job_service_server::JobService;
 use bt_proto::worker_service_server::WorkerService;
 use bt_proto::{
-    job_event, CancelJobRequest, CheckpointInfo, CoordinatorMessage, GetJobRequest, Job, JobEvent,
-    ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest, ListJobsResponse,
-    ListWorkersRequest, ListWorkersResponse, Missed, RegisterRequest, RegisterResponse,
+    job_event, CancelJobRequest, CheckpointInfo, CoordinatorMessage, DeleteJobRequest,
+    DeleteJobResponse, GetJobRequest, Job, JobEvent, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
+    ListWorkersResponse, LogLine, Missed, RegisterRequest, RegisterResponse, StreamLogsRequest,
     SubmitJobRequest, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
 };
 use futures::Stream;
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::auth::principal;
 use crate::core::Core;
 use crate::error::Error;
+use crate::store::LogQuery;
 
 fn parse_job_id(field: &str, s: &str) -> Result<JobId, Status> {
     s.parse::<JobId>()
@@ -166,7 +168,95 @@ impl JobService for JobSvc {
             self.core.call(move |c| c.list_checkpoints(id)).await?;
         Ok(Response::new(ListCheckpointsResponse { checkpoints }))
     }
+
+    type StreamLogsStream = ReceiverStream<Result<LogLine, Status>>;
+
+    async fn stream_logs(
+        &self,
+        req: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let slot = self.core.watch_slot(id)?;
+        let mut ticks = self.core.log_ticks();
+        let mut q = LogQuery {
+            ranks: req.ranks,
+            after: 0,
+            tail: u64::from(req.tail),
+            limit: LOG_PAGE,
+        };
+        // The first page now, so an unknown job is an error of the call itself.
+        let first = q.clone();
+        let (lines, state) = self.core.call(move |c| c.read_logs(id, &first)).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let core = self.core.clone();
+        let follow = req.follow;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (mut lines, mut finished) = (lines, state.is_terminal());
+            q.tail = 0;
+            loop {
+                let full = lines.len() as u64 >= LOG_PAGE;
+                for l in lines {
+                    q.after = q.after.max(l.seq);
+                    if tx.send(Ok(l.into())).await.is_err() {
+                        return;
+                    }
+                }
+                if !full {
+                    // Everything persisted so far went out: done, unless following a live job.
+                    if finished || !follow {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = ticks.changed() => {}
+                        _ = tokio::time::sleep(LOG_POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                let page = q.clone();
+                match core.call(move |c| c.read_logs(id, &page)).await {
+                    Ok((l, s)) => {
+                        lines = l;
+                        finished = s.is_terminal();
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delete_job(
+        &self,
+        req: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let who = principal(&req);
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let scope = who.cancel_scope().map(str::to_string);
+        let files = req.delete_files;
+        let (d, files_removed) = self
+            .core
+            .call(move |c| c.delete_job(id, files, scope.as_deref()))
+            .await?;
+        info!(job_id = %id, by = %who.name, files, "job deleted");
+        Ok(Response::new(DeleteJobResponse {
+            events: d.events,
+            checkpoints: d.checkpoints,
+            log_lines: d.log_lines,
+            files_removed,
+        }))
+    }
 }
+
+/// Log lines read per store query while following.
+const LOG_PAGE: u64 = 2000;
+/// A follower looks again at least this often (a missed tick costs at most this delay).
+const LOG_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub(crate) struct WorkerSvc {

@@ -273,6 +273,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
   const streamState = h("span", { class: "muted", id: "stream-state" });
   const curves = new Curves();
   const heatmap = new Heatmap();
+  const logs = new LogPanel(id);
   main.append(
     h("h1", {}, "Job ", h("code", {}, id), " ", stateEl, " ", cancel),
     h("p", {}, "Follow it from a terminal: ", h("code", { id: "watch-cmd" }, `btctl watch ${id}`)),
@@ -287,6 +288,8 @@ function jobPage(main: HTMLElement, id: string): () => void {
     h("div", { class: "cols" }, h("section", {}, h("h2", {}, "State history"), history, notices), h("section", {}, h("h2", {}, "Placement"), placement)),
     h("h2", {}, "Checkpoints"),
     checkpoints,
+    h("h2", {}, "Logs ", logs.state),
+    logs.root,
   );
   let job: Job | undefined;
   cancel.addEventListener("click", async () => {
@@ -428,12 +431,83 @@ function jobPage(main: HTMLElement, id: string): () => void {
     if (!abort.signal.aborted) streamState.textContent = "(ended)";
   };
   void watch();
+  logs.start();
   return () => {
     abort.abort();
+    logs.stop();
     stopJob();
     stopCkpt();
     curves.destroy();
   };
+}
+
+// ---------- Logs: every rank's trainer lines, like `btctl logs -f` ----------
+
+class LogPanel {
+  readonly root: HTMLElement;
+  readonly state = h("span", { class: "muted", id: "logs-state" });
+  private readonly pre = h("pre", { id: "logs", class: "logs" });
+  private readonly rank = h("select", { id: "logs-rank" }, h("option", { value: "" }, "every rank"));
+  private readonly ranks = new Set<number>();
+  private abort = new AbortController();
+  private lastSeq = 0n;
+  /** Lines kept on the page; older ones scroll away. */
+  private static readonly KEEP = 2000;
+
+  constructor(private readonly jobId: string) {
+    this.root = h("div", {}, h("label", {}, "Rank ", this.rank), this.pre);
+    this.rank.addEventListener("change", () => {
+      this.stop();
+      this.pre.replaceChildren();
+      this.lastSeq = 0n;
+      this.start();
+    });
+  }
+
+  start(): void {
+    this.abort = new AbortController();
+    void this.follow(this.abort.signal);
+  }
+
+  stop(): void {
+    this.abort.abort();
+  }
+
+  private async follow(signal: AbortSignal): Promise<void> {
+    const only = this.rank.value === "" ? [] : [Number(this.rank.value)];
+    let delay = 500;
+    while (!signal.aborted) {
+      try {
+        this.state.textContent = "(live)";
+        // The first time the last 500 lines, after a drop only what came since.
+        const tail = this.lastSeq === 0n ? 500 : 0;
+        for await (const l of client.streamLogs({ jobId: this.jobId, ranks: only, tail, follow: true }, { signal })) {
+          delay = 500;
+          if (l.seq <= this.lastSeq) continue;
+          this.lastSeq = l.seq;
+          this.add(l.rank, l.text);
+        }
+        break; // the stream ends when the job does
+      } catch (e) {
+        if (signal.aborted) return;
+        this.state.textContent = `(reconnecting: ${errorText(e)})`;
+      }
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, 10000);
+    }
+    if (!signal.aborted) this.state.textContent = this.pre.childElementCount ? "(ended)" : "(no lines)";
+  }
+
+  private add(rank: number, text: string): void {
+    if (!this.ranks.has(rank)) {
+      this.ranks.add(rank);
+      this.rank.append(h("option", { value: String(rank) }, `rank ${rank}`));
+    }
+    const atEnd = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 4;
+    this.pre.append(h("div", { class: "log-line" }, h("span", { class: "muted" }, `[rank ${rank}] `), text));
+    while (this.pre.childElementCount > LogPanel.KEEP) this.pre.firstElementChild?.remove();
+    if (atEnd) this.pre.scrollTop = this.pre.scrollHeight;
+  }
 }
 
 // ---------- Workers ----------
@@ -471,7 +545,19 @@ function submitPage(main: HTMLElement): () => void {
   spec.value = sessionStorage.getItem("bt.spec") ?? "";
   const error = h("pre", { id: "submit-error", class: "error", hidden: true });
   const button = h("button", { id: "submit", type: "submit" }, "Submit job");
-  const form = h("form", { id: "submit-form" }, h("p", {}, "Paste a job spec (the TOML ", h("code", {}, "btctl submit"), " takes):"), spec, h("div", {}, button), error);
+  const upload = h("input", { id: "spec-file", type: "file", accept: ".toml,text/plain" }) as HTMLInputElement;
+  upload.addEventListener("change", async () => {
+    const f = upload.files?.[0];
+    if (f) spec.value = await f.text();
+  });
+  const form = h(
+    "form",
+    { id: "submit-form" },
+    h("p", {}, "Paste a job spec (the TOML ", h("code", {}, "btctl submit"), " takes) or load it from a file: ", upload),
+    spec,
+    h("div", {}, button),
+    error,
+  );
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     sessionStorage.setItem("bt.spec", spec.value);

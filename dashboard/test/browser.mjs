@@ -1,7 +1,7 @@
 // Drives the dashboard in headless Chromium (tests/tests/dashboard.rs runs it against a real
 // coordinator). Usage: node test/browser.mjs URL TOKEN JOB_ID BAD_SPEC_FILE GOOD_SPEC_FILE
 // Prints one line per check; exits 1 on the first failure (with the page's console and a
-// screenshot in $BT_BROWSER_ARTIFACTS when set).
+// screenshot in $BT_BROWSER_ARTIFACTS when set, where each passed check also leaves one).
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
@@ -19,10 +19,16 @@ const logs = [];
 page.on("console", (m) => logs.push(`console.${m.type()}: ${m.text()}`));
 page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
 
+let shot = 0;
 async function check(name, f) {
   try {
     await f();
     console.log(`ok: ${name}`);
+    // A screenshot of the page after each check, numbered in order.
+    if (process.env.BT_BROWSER_ARTIFACTS) {
+      shot += 1;
+      await page.screenshot({ path: `${process.env.BT_BROWSER_ARTIFACTS}/${String(shot).padStart(2, "0")}.png` }).catch(() => {});
+    }
   } catch (e) {
     console.log(`FAILED: ${name}: ${e.message.split("\n")[0]}`);
     console.log(logs.join("\n"));
@@ -79,11 +85,19 @@ await check("Submit with a bad spec shows the coordinator's field error inline",
 });
 
 let newId = "";
-await check("Submit with a good spec jumps to the new job", async () => {
-  await page.fill("#spec", readFileSync(goodSpecFile, "utf8"));
+await check("Submit with a good spec loaded from a file jumps to the new job", async () => {
+  await page.setInputFiles("#spec-file", goodSpecFile);
+  await page.waitForFunction((want) => document.querySelector("#spec")?.value === want, readFileSync(goodSpecFile, "utf8"), { timeout: T });
   await page.click("#submit");
   await page.waitForURL((u) => u.hash.startsWith("#/job/") && !u.hash.endsWith(jobId), { timeout: T });
   newId = decodeURIComponent(new URL(page.url()).hash.slice("#/job/".length));
+  await page.locator("#job-state .state", { hasText: "queued" }).waitFor({ timeout: T });
+});
+
+await check("the job submitted through the UI appears in the Jobs list", async () => {
+  await page.click('nav a[data-nav="jobs"]');
+  await page.locator(`#jobs tr[data-job="${newId}"]`).waitFor({ timeout: T });
+  await page.click(`#jobs a[href="#/job/${newId}"]`);
   await page.locator("#job-state .state", { hasText: "queued" }).waitFor({ timeout: T });
 });
 

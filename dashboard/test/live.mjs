@@ -1,6 +1,7 @@
 // Drives the Job page of a running job in headless Chromium (tests/tests/dashboard.rs starts a real
 // coordinator and daemon). Usage: node test/live.mjs URL TOKEN JOB_ID TOTAL_STEPS
-// Checks the live curves, the |C| heatmap, a checkpoint row and its Linear probe button; then,
+// Checks the live curves, the |C| heatmap, a checkpoint row and its Linear probe button, the
+// trainer's log lines; then,
 // once the job has ended, times a fresh load of its page until every point is drawn.
 // Prints one line per check; exits 1 on the first failure (with the page's console and a
 // screenshot in $BT_BROWSER_ARTIFACTS when set).
@@ -79,8 +80,17 @@ await check("the job runs to its end on the page", async () => {
   await page.locator("#job-state .state", { hasText: "succeeded" }).waitFor({ timeout: 240000 });
 });
 
+await check("the Logs panel shows the trainer's lines, through to its end", async () => {
+  await page.locator("#logs .log-line", { hasText: "trainer finished" }).waitFor({ timeout: T });
+  const n = await page.locator("#logs .log-line").count();
+  const ranks = await page.locator("#logs-rank option").count();
+  if (ranks < 2) throw new Error(`rank selector has ${ranks} options`);
+  console.log(`   logs: ${n} lines`);
+});
+
 await check(`a fresh load draws all ${totalSteps} points of the finished job`, async () => {
-  await page.goto(url);
+  // From a blank page: the app's assets, the calls and the drawing all count.
+  await page.goto("about:blank");
   const t0 = Date.now();
   await page.goto(`${url}#/job/${jobId}`);
   await page.waitForFunction((n) => Number(document.querySelector("#curves")?.getAttribute("data-points") ?? 0) >= n, Number(totalSteps), { timeout: T });

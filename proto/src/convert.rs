@@ -216,11 +216,14 @@ pub fn device_kind(dev: &crate::Device) -> Result<d::DeviceKind, WireError> {
     )
 }
 
-/// A notice's level (its name; see `NoticeLevel` in jobs.proto).
+/// A notice's level: `severity` when set, else `level` (its name).
 pub fn notice_level(n: &crate::Notice) -> Result<d::NoticeLevel, WireError> {
+    let wire = crate::NoticeLevel::try_from(n.severity)
+        .map_err(|_| ())
+        .and_then(d::NoticeLevel::try_from);
     prefer_enum(
         "level",
-        Err(()),
+        wire,
         &n.level,
         d::NoticeLevel::parse,
         &names(d::NoticeLevel::ALL, d::NoticeLevel::name),
@@ -343,6 +346,7 @@ impl From<d::Notice> for crate::Notice {
         crate::Notice {
             level: n.level.name().into(),
             message: n.message,
+            severity: crate::NoticeLevel::from(n.level) as i32,
         }
     }
 }
@@ -381,6 +385,18 @@ impl TryFrom<crate::CorrelationPicture> for d::CorrelationPicture {
         };
         p.check().map_err(|m| WireError::new("picture.cells", m))?;
         Ok(p)
+    }
+}
+
+impl From<d::LogLine> for crate::LogLine {
+    fn from(l: d::LogLine) -> Self {
+        crate::LogLine {
+            seq: l.seq,
+            epoch: l.epoch,
+            rank: l.rank,
+            time_ms: l.time_ms,
+            text: l.text,
+        }
     }
 }
 

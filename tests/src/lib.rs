@@ -263,6 +263,21 @@ impl Cluster {
             .expect("run btctl")
     }
 
+    /// Starts btctl against this cluster in the background, its stdout and stderr piped.
+    pub fn btctl_spawn(&self, args: &[&str]) -> Child {
+        Command::new(bin("btctl"))
+            .args(args)
+            .env("BT_COORDINATOR", &self.addr)
+            .env("BT_TOKEN_FILE", self.path("secrets/admin.token"))
+            .env("BT_CA_CERT", self.path("secrets/ca.pem"))
+            .env_remove("BT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start btctl")
+    }
+
     /// Runs a read command with `-o json`; None if it failed.
     pub fn btctl_json(&self, args: &[&str]) -> Option<Value> {
         let mut a: Vec<&str> = args.to_vec();

@@ -215,12 +215,15 @@ fn dashboard_pages_in_a_real_browser() {
     let good = c.path("good.toml");
     std::fs::write(&good, SPEC.replace("\"dashboard\"", "\"from-the-browser\"")).unwrap();
     let url = format!("http://{}/", c.addr);
+    // Screenshots (every page; the failing one) outlive the test's temporary directory.
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-pages");
+    std::fs::create_dir_all(&artifacts).unwrap();
     let out = Command::new("node")
         .arg("test/browser.mjs")
         .args([&url, &c.token(), &id])
         .args([&bad, &good])
         .current_dir(&dash)
-        .env("BT_BROWSER_ARTIFACTS", c.dir.path())
+        .env("BT_BROWSER_ARTIFACTS", &artifacts)
         .stdin(Stdio::null())
         .output()
         .expect("run node test/browser.mjs (is Node installed?)");

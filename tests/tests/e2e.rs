@@ -539,3 +539,59 @@ fn a_trainer_that_cannot_be_spawned_fails_the_job_naming_the_worker() {
     );
     assert!(c.trainer_pids().is_empty());
 }
+
+#[test]
+fn logs_follow_a_two_rank_job_from_before_it_starts_to_its_end_then_delete_forgets_it() {
+    // One slot: the 2-rank job waits in the queue until a second daemon comes.
+    let mut c = Cluster::start(1, 1);
+    let id = c.submit(TINY, &[]);
+    c.wait_state(&id, &["queued"], MINUTE);
+    let follower = c.btctl_spawn(&["logs", "-f", &id]);
+    c.add_worker(1, &[]);
+    c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    // The follower ends by itself once the job has ended.
+    let mut follower = Some(follower);
+    let out = wait_for("btctl logs -f to end with the job", MINUTE, || {
+        let child = follower.as_mut()?;
+        child.try_wait().ok()??;
+        follower
+            .take()
+            .map(|c| c.wait_with_output().expect("btctl output"))
+    });
+    let followed = stdout(&out);
+    assert!(out.status.success(), "logs -f failed: {}", stderr(&out));
+    for rank in [0, 1] {
+        assert!(
+            followed.lines().any(
+                |l| l.starts_with(&format!("[rank {rank}] ")) && l.contains("trainer finished")
+            ),
+            "rank {rank}'s last line is missing from:\n{followed}"
+        );
+    }
+    // What was followed is the whole persisted log.
+    let all = c.btctl(&["logs", &id]);
+    assert_eq!(stdout(&all), followed);
+    // --rank 1 --tail 5: exactly the last five lines of rank 1, without the prefix.
+    let rank1 = stdout(&c.btctl(&["logs", &id, "--rank", "1"]));
+    let rank1: Vec<&str> = rank1.lines().collect();
+    assert!(rank1.len() >= 5, "rank 1 wrote {} lines", rank1.len());
+    for n in [5, 2] {
+        let tail = c.btctl(&["logs", &id, "--rank", "1", "--tail", &n.to_string()]);
+        assert!(tail.status.success(), "{}", stderr(&tail));
+        assert_eq!(
+            stdout(&tail).lines().collect::<Vec<_>>(),
+            rank1[rank1.len() - n..]
+        );
+    }
+
+    // btctl delete --files: the job, its history and its checkpoint files are gone.
+    let ckpt_dir = c.path("checkpoints").join(&id);
+    assert!(ckpt_dir.is_dir());
+    let del = c.btctl(&["delete", &id, "--files"]);
+    assert!(del.status.success(), "{}", stderr(&del));
+    assert!(stdout(&del).contains("deleted"), "{}", stdout(&del));
+    assert!(!ckpt_dir.exists(), "checkpoint files removed");
+    let get = c.btctl(&["get", &id]);
+    assert!(!get.status.success());
+    assert!(stderr(&get).contains("NotFound"), "{}", stderr(&get));
+}

@@ -62,6 +62,7 @@ mod tests {
             body: Some(Body::Notice(Notice {
                 level: "info".into(),
                 message: "hello".into(),
+                ..Default::default()
             })),
         };
         let mut buf = Vec::new();

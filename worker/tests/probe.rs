@@ -61,7 +61,7 @@ fn probe_learns_and_reports_baseline() {
     let dir = tempfile::tempdir().unwrap();
     run(
         &assignment("probe-test", pretrain_spec(), dir.path()),
-        "cpu",
+        bt_common::domain::DeviceKind::Cpu,
         &mut Reporter::collecting(),
     )
     .expect("pretrain");
@@ -69,7 +69,7 @@ fn probe_learns_and_reports_baseline() {
     let mut rep = Reporter::collecting();
     run(
         &assignment("probe-test", probe_spec(ck.to_str().unwrap()), dir.path()),
-        "cpu",
+        bt_common::domain::DeviceKind::Cpu,
         &mut rep,
     )
     .expect("probe");
@@ -118,7 +118,7 @@ fn probe_of_missing_checkpoint_is_a_clear_user_error() {
             probe_spec(missing.to_str().unwrap()),
             dir.path(),
         ),
-        "cpu",
+        bt_common::domain::DeviceKind::Cpu,
         &mut Reporter::collecting(),
     ) {
         Ok(_) => panic!("probe of a missing checkpoint succeeded"),

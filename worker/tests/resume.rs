@@ -48,7 +48,12 @@ fn losses(rep: &Reporter) -> Vec<(u64, f64)> {
 fn resumed_run_matches_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let mut full = Reporter::collecting();
-    run(&assignment(dir.path(), ""), "cpu", &mut full).expect("full run");
+    run(
+        &assignment(dir.path(), ""),
+        bt_common::domain::DeviceKind::Cpu,
+        &mut full,
+    )
+    .expect("full run");
     let full = losses(&full);
     assert_eq!(full.len(), 8);
 
@@ -60,7 +65,7 @@ fn resumed_run_matches_uninterrupted_run() {
     let mut resumed = Reporter::collecting();
     run(
         &assignment(dir2.path(), ck.to_str().unwrap()),
-        "cpu",
+        bt_common::domain::DeviceKind::Cpu,
         &mut resumed,
     )
     .expect("resumed run");
@@ -81,14 +86,18 @@ fn corrupt_checkpoint_is_refused_with_its_path() {
     let spec = spec().replace("max_steps = 8", "max_steps = 3");
     let mut a = assignment(dir.path(), "");
     a.spec_toml = spec.clone();
-    run(&a, "cpu", &mut rep).expect("run");
+    run(&a, bt_common::domain::DeviceKind::Cpu, &mut rep).expect("run");
     let ck = dir.path().join("00000003");
     let model = ck.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
     let mut a = assignment(dir.path(), ck.to_str().unwrap());
     a.spec_toml = spec;
-    let err = match run(&a, "cpu", &mut Reporter::collecting()) {
+    let err = match run(
+        &a,
+        bt_common::domain::DeviceKind::Cpu,
+        &mut Reporter::collecting(),
+    ) {
         Ok(_) => panic!("a truncated checkpoint was accepted"),
         Err(e) => e,
     };

@@ -249,6 +249,7 @@ fn random_report(rng: &mut StdRng, job_ids: &[String], paths: &[String]) -> Trai
         5 => Some(Body::Notice(Notice {
             level: ["info", "warn", "error", ""][rng.gen_range(0..4)].into(),
             message: "n".repeat(rng.gen_range(0..100)),
+            ..Default::default()
         })),
         _ => Some(Body::Exit(TrainerExit {
             success: rng.gen(),

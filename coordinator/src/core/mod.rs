@@ -10,7 +10,7 @@ mod workers;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bt_common::domain::{EventKind, JobEvent};
+use bt_common::domain::{EventKind, JobEvent, JobState, LogLine};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::CoordinatorMessage;
 use tokio::sync::{broadcast, mpsc, Notify};
@@ -18,7 +18,7 @@ use tonic::Status;
 
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
-use crate::store::{Store, Tx};
+use crate::store::{LogQuery, Store, Tx};
 
 pub(crate) type Outbound = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 
@@ -48,6 +48,11 @@ struct Runtime {
     metric_appends: HashMap<JobId, u32>,
     /// Why each job the latest scheduling pass left queued waits (shown as `pending_reason`).
     waiting: HashMap<JobId, String>,
+    /// Log lines of each (job, epoch, rank) in the current one-second window: (window start,
+    /// accepted, dropped since the last marker).
+    log_rate: HashMap<(JobId, u64, u32), (i64, u32, u64)>,
+    /// Log lines appended per job since the last size check.
+    log_appends: HashMap<JobId, u32>,
     shutting_down: bool,
 }
 
@@ -98,6 +103,46 @@ impl Runtime {
         false
     }
 
+    /// How many of `n` new log lines of a rank fit in its per-second budget, and how many lines
+    /// were dropped before them (to be told in a marker line).
+    fn log_lines_allowed(&mut self, key: (JobId, u64, u32), n: u64, per_sec: u32) -> (u64, u64) {
+        let now = now_ms();
+        if self.log_rate.len() > 4096 {
+            self.log_rate.retain(|_, e| now - e.0 < 60_000);
+        }
+        let e = self.log_rate.entry(key).or_insert((now, 0, 0));
+        if now - e.0 >= 1000 {
+            e.0 = now;
+            e.1 = 0;
+        }
+        let room = u64::from(per_sec.saturating_sub(e.1));
+        let take = n.min(room);
+        e.1 += take as u32;
+        if take < n && e.2 == 0 {
+            tracing::warn!(job_id = %key.0, rank = key.2, limit = per_sec,
+                           "log lines over limits.max_log_lines_per_sec; dropping the excess");
+        }
+        let dropped_before = if take > 0 {
+            std::mem::take(&mut e.2)
+        } else {
+            0
+        };
+        e.2 += n - take;
+        (take, dropped_before)
+    }
+
+    /// Counts appended log lines; true when the job's log size is due for a check.
+    fn log_appended(&mut self, job_id: JobId, n: u32) -> bool {
+        let c = self.log_appends.entry(job_id).or_insert(0);
+        *c += n;
+        if *c >= THIN_CHECK_EVERY {
+            *c = 0;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Counts an appended metric event; true when the history size is due for a check.
     fn metric_appended(&mut self, job_id: JobId) -> bool {
         let n = self.metric_appends.entry(job_id).or_insert(0);
@@ -124,6 +169,8 @@ pub(crate) struct Effects {
     /// Sessions to close: (worker, connection, error sent to the worker).
     close: Vec<(WorkerId, Option<u64>, Status)>,
     schedule: bool,
+    /// Log lines were appended (log followers look again).
+    logs: bool,
 }
 
 pub struct Core {
@@ -134,6 +181,8 @@ pub struct Core {
     /// Open `WatchJob` streams per job (apart from the state lock: a closing stream never waits
     /// on a transaction).
     watching: Mutex<HashMap<JobId, usize>>,
+    /// Bumped when log lines were appended or a job ended: `StreamLogs` followers look again.
+    log_tick: tokio::sync::watch::Sender<u64>,
 }
 
 /// One open `WatchJob` stream, counted against the watcher limits until dropped.
@@ -173,6 +222,7 @@ impl Core {
             }),
             schedule_notify: Notify::new(),
             watching: Mutex::new(HashMap::new()),
+            log_tick: tokio::sync::watch::channel(0).0,
         });
         core.recover()?;
         Ok(core)
@@ -229,6 +279,9 @@ impl Core {
     }
 
     fn apply(&self, rt: &mut Runtime, fx: Effects) {
+        if fx.logs || fx.events.iter().any(JobEvent::is_terminal) {
+            self.log_tick.send_modify(|n| *n = n.wrapping_add(1));
+        }
         for ev in fx.events {
             let job_id = ev.job_id;
             let terminal = ev.is_terminal();
@@ -306,6 +359,26 @@ impl Core {
         Ok(WatchSlot {
             core: self.clone(),
             job_id,
+        })
+    }
+
+    /// A receiver that changes when log lines were appended or a job ended.
+    pub(crate) fn log_ticks(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log_tick.subscribe()
+    }
+
+    /// A job's log lines (`q`) and the job's state now.
+    pub(crate) fn read_logs(
+        &self,
+        job_id: JobId,
+        q: &LogQuery,
+    ) -> Result<(Vec<LogLine>, JobState)> {
+        self.read(|_, tx| {
+            let job = tx.get_job(job_id)?.ok_or_else(|| Error::NotFound {
+                what: "job",
+                id: job_id.to_string(),
+            })?;
+            Ok((tx.list_logs(job_id, q)?, job.state))
         })
     }
 

@@ -73,6 +73,8 @@ pub(crate) fn handle_report(
     };
     match body {
         trainer_report::Body::Exit(e) => on_exit(rt, tx, fx, worker_id, at, &e),
+        // A past attempt's last lines still tell why it ended.
+        trainer_report::Body::Logs(l) => on_logs(config, rt, tx, fx, at, l),
         _ if !at.current => {
             debug!(job_id = %job_id, epoch = r.epoch, current_epoch = at.job.epoch, rank = r.rank,
                    "report of a past attempt ignored");
@@ -413,6 +415,54 @@ fn on_picture(
         }
         Err(e) => refuse_report(tx, fx, &at.job, worker_id, "picture", e),
     }
+}
+
+/// Lines a rank wrote to stderr: bounded per report and line, rate-limited per rank (what goes
+/// is counted in a marker line), persisted, and the job's oldest lines dropped past its limit.
+fn on_logs(
+    config: &CoordinatorConfig,
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    at: Fenced,
+    l: bt_proto::LogLines,
+) -> Result<()> {
+    let job_id = at.job.id;
+    let per_sec = config.limits.max_log_lines_per_sec;
+    let offered = l.lines.len() as u64;
+    let (take, dropped_here) =
+        rt.log_lines_allowed((job_id, at.attempt.epoch, at.rank), offered, per_sec);
+    let dropped = dropped_here.saturating_add(l.dropped);
+    if take == 0 && dropped == 0 {
+        return Ok(());
+    }
+    let mut lines = Vec::with_capacity(take as usize + 1);
+    if dropped > 0 {
+        lines.push(format!(
+            "[bt: {dropped} log line(s) of this rank dropped over the rate limit]"
+        ));
+    }
+    lines.extend(
+        l.lines
+            .iter()
+            .take(take as usize)
+            .map(|t| bt_common::domain::LogLine::bounded(t)),
+    );
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let time_ms = if l.time_ms > 0 { l.time_ms } else { now_ms() };
+    tx.append_logs(job_id, at.attempt.epoch, at.rank, time_ms, &lines)?;
+    fx.logs = true;
+    if rt.log_appended(job_id, lines.len() as u32) {
+        let n = tx.count_logs(job_id)?;
+        let max = config.limits.max_log_lines_per_job;
+        if n > max {
+            let gone = tx.drop_oldest_logs(job_id, n - max)?;
+            info!(job_id = %job_id, lines = n, dropped = gone, "oldest log lines dropped (limits.max_log_lines_per_job)");
+        }
+    }
+    Ok(())
 }
 
 /// Which checkpoints (by index in `ckpts`, sorted by step) retention keeps: the last `keep_last`

@@ -5,7 +5,7 @@ mod sqlite;
 pub use sqlite::SqliteStore;
 
 use bt_common::domain::{
-    AttemptOutcome, DeviceKind, JobEvent, JobState, TrainMetrics, WorkerState,
+    AttemptOutcome, DeviceKind, JobEvent, JobState, LogLine, TrainMetrics, WorkerState,
 };
 use bt_common::JobKind;
 use bt_common::{JobId, WorkerId};
@@ -180,7 +180,51 @@ pub trait Tx {
     /// Deletes every other one of the job's `oldest` oldest events of `kind` ("metrics",
     /// "picture"); returns how many went.
     fn thin_events(&mut self, job_id: JobId, kind: &str, oldest: u64) -> Result<u64>;
+    /// Persists a rank's log lines (in order, one `time_ms`); returns the last line's `seq`.
+    fn append_logs(
+        &mut self,
+        job_id: JobId,
+        epoch: u64,
+        rank: u32,
+        time_ms: i64,
+        lines: &[String],
+    ) -> Result<u64>;
+    /// A job's log lines with `seq > after` (of `ranks` only, unless empty), in order: the first
+    /// `limit`, or with `tail` the last `tail` of them.
+    fn list_logs(&mut self, job_id: JobId, q: &LogQuery) -> Result<Vec<LogLine>>;
+    /// How many log lines a job has.
+    fn count_logs(&mut self, job_id: JobId) -> Result<u64>;
+    /// Deletes a job's `n` oldest log lines; returns how many went.
+    fn drop_oldest_logs(&mut self, job_id: JobId, n: u64) -> Result<u64>;
+    /// Removes a job and everything filed under it (attempts, ranks, events, checkpoint records,
+    /// log lines).
+    fn delete_job(&mut self, job_id: JobId) -> Result<Deleted>;
+    /// History housekeeping: for every finished job last updated before `before_ms`, deletes its
+    /// metric and picture events and its log lines (state changes, evaluations, checkpoints and
+    /// notices stay); returns (jobs touched, rows deleted).
+    fn prune_finished_history(&mut self, before_ms: i64) -> Result<(u64, u64)>;
     fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Which log lines `Tx::list_logs` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogQuery {
+    /// Only these ranks (empty: all).
+    pub ranks: Vec<u32>,
+    /// Lines after this `seq`.
+    pub after: u64,
+    /// The last `tail` lines (0: from the first).
+    pub tail: u64,
+    /// At most this many (0: no bound).
+    pub limit: u64,
+}
+
+/// Rows `Tx::delete_job` removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub events: u64,
+    pub checkpoints: u64,
+    pub log_lines: u64,
 }
 
 pub trait Store: Send {

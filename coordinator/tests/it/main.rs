@@ -3,6 +3,7 @@
 mod auth;
 mod faults;
 mod harness;
+mod history;
 mod lifecycle;
 mod ops;
 mod process;

@@ -140,6 +140,7 @@ async fn a_slow_watcher_misses_events_but_blocks_nobody() {
             trainer_report::Body::Notice(Notice {
                 level: "info".into(),
                 message: format!("{i} {big}"),
+                ..Default::default()
             }),
         )
         .await;

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bt_common::domain::NoticeLevel;
 use bt_proto::coordinator_message::Msg as Down;
 use bt_proto::worker_message::Msg as Up;
 use bt_proto::worker_service_client::WorkerServiceClient;
@@ -376,12 +377,13 @@ impl Daemon {
 
     fn buffer(&mut self, r: TrainerReport) {
         if self.pending.len() >= self.cfg.max_buffered_reports {
-            // Drop the oldest metrics first; exits, checkpoints and evals are kept.
-            if let Some(i) = self
-                .pending
-                .iter()
-                .position(|p| matches!(p.body, Some(trainer_report::Body::Metrics(_))))
-            {
+            // Drop the oldest metrics or log lines first; exits, checkpoints and evals are kept.
+            if let Some(i) = self.pending.iter().position(|p| {
+                matches!(
+                    p.body,
+                    Some(trainer_report::Body::Metrics(_) | trainer_report::Body::Logs(_))
+                )
+            }) {
                 self.pending.remove(i);
             } else {
                 self.pending.pop_front();
@@ -419,10 +421,13 @@ impl Daemon {
                                 job_id,
                                 epoch,
                                 rank: 0,
-                                body: Some(trainer_report::Body::Notice(Notice {
-                                    level: "warn".into(),
-                                    message: format!("checkpoint deletion refused: {why}"),
-                                })),
+                                body: Some(trainer_report::Body::Notice(
+                                    bt_common::domain::Notice {
+                                        level: NoticeLevel::Warn,
+                                        message: format!("checkpoint deletion refused: {why}"),
+                                    }
+                                    .into(),
+                                )),
                             })));
                         }
                     });
@@ -437,7 +442,7 @@ impl Daemon {
         if self.trainers.contains_key(&key) {
             return;
         }
-        if !self.devices.iter().any(|d| d.index == a.device) {
+        let Some(device) = self.devices.iter().find(|d| d.index == a.device) else {
             warn!(
                 device = a.device,
                 "assignment names a device this node does not have"
@@ -445,19 +450,21 @@ impl Daemon {
             let why = format!("device {} does not exist on worker {}", a.device, self.name);
             self.refuse(&a, why, false);
             return;
-        }
+        };
+        let kind = match bt_proto::convert::device_kind(device) {
+            Ok(kind) => kind,
+            Err(e) => {
+                let why = format!("worker {}: device {}: {e}", self.name, a.device);
+                self.refuse(&a, why, false);
+                return;
+            }
+        };
         if let Err(why) = confine_assignment(&a, &self.cfg) {
             warn!(job_id = %a.job_id, error = %why, "assignment refused");
             let why = format!("worker {} refused the assignment: {why}", self.name);
             self.refuse(&a, why, true);
             return;
         }
-        let kind = self
-            .devices
-            .iter()
-            .find(|d| d.index == a.device)
-            .map(|d| d.kind.clone())
-            .unwrap_or_default();
         info!(job_id = %a.job_id, epoch = a.epoch, rank = a.rank, world_size = a.world_size, "starting trainer");
         let a_ref = Assignment {
             spec_toml: String::new(),
@@ -468,7 +475,7 @@ impl Daemon {
             &self.trainer_bin,
             &self.cfg.work_dir,
             a,
-            &kind,
+            kind,
             self.local_tx.clone(),
         ) {
             Ok(h) => {
@@ -493,12 +500,13 @@ impl Daemon {
                 body: Some(body),
             }))
         };
-        let _ = self
-            .local_tx
-            .send(report(trainer_report::Body::Notice(Notice {
-                level: "error".into(),
+        let _ = self.local_tx.send(report(trainer_report::Body::Notice(
+            bt_common::domain::Notice {
+                level: NoticeLevel::Error,
                 message: reason.clone(),
-            })));
+            }
+            .into(),
+        )));
         let _ = self
             .local_tx
             .send(report(trainer_report::Body::Exit(TrainerExit {

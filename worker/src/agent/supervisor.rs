@@ -1,5 +1,6 @@
 //! One trainer child process: spawned with its assignment on stdin, events read from its stdout,
-//! stderr kept in a log file (the last lines go with the exit report), stopped with SIGTERM then
+//! stderr kept in a log file and relayed to the coordinator in batches (the last lines also go
+//! with the exit report), stopped with SIGTERM then
 //! SIGKILL.
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -20,6 +21,66 @@ use super::Local;
 
 /// Log lines kept for the exit report.
 const TAIL_LINES: usize = 20;
+
+/// Log lines relayed to the coordinator in one report at most.
+const LOG_BATCH_LINES: usize = 64;
+/// Lines are relayed at least this often while a trainer writes.
+const LOG_FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Lines a trainer may have relayed per second; the excess is dropped and counted.
+const LOG_LINES_PER_SEC: u32 = 200;
+
+/// Batches a trainer's stderr lines into `LogLines` reports: bounded per report and per second
+/// (what goes over is counted in the next report's `dropped`).
+#[derive(Default)]
+struct LogRelay {
+    lines: Vec<String>,
+    first_ms: i64,
+    dropped: u64,
+    window_start_ms: i64,
+    in_window: u32,
+}
+
+impl LogRelay {
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.dropped == 0
+    }
+
+    fn push(&mut self, line: &str, report: &impl Fn(Body)) {
+        let now = bt_common::now_ms();
+        if now - self.window_start_ms >= 1000 {
+            self.window_start_ms = now;
+            self.in_window = 0;
+        }
+        if self.in_window >= LOG_LINES_PER_SEC {
+            self.dropped += 1;
+            return;
+        }
+        self.in_window += 1;
+        if self.lines.is_empty() {
+            self.first_ms = now;
+        }
+        self.lines.push(bt_common::domain::LogLine::bounded(line));
+        if self.lines.len() >= LOG_BATCH_LINES {
+            self.flush(report);
+        }
+    }
+
+    fn flush(&mut self, report: &impl Fn(Body)) {
+        if self.is_empty() {
+            return;
+        }
+        let time_ms = if self.lines.is_empty() {
+            bt_common::now_ms()
+        } else {
+            self.first_ms
+        };
+        report(Body::Logs(LogLines {
+            lines: std::mem::take(&mut self.lines),
+            dropped: std::mem::take(&mut self.dropped),
+            time_ms,
+        }));
+    }
+}
 
 /// Exit code a trainer uses for an error in the job itself (bad spec, bad data): no restart helps.
 pub const EXIT_USER_ERROR: i32 = 2;
@@ -62,14 +123,14 @@ pub(crate) fn spawn(
     bin: &Path,
     work_dir: &Path,
     a: Assignment,
-    device_kind: &str,
+    device_kind: bt_common::domain::DeviceKind,
     tx: mpsc::UnboundedSender<Local>,
 ) -> anyhow::Result<TrainerHandle> {
     let log_path = work_dir.join(format!("{}-e{}-r{}.log", a.job_id, a.epoch, a.rank));
     let mut child = Command::new(bin)
         .arg("train")
         .arg("--device-kind")
-        .arg(device_kind)
+        .arg(device_kind.name())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -105,19 +166,38 @@ pub(crate) fn spawn(
     let stderr_task = {
         let tail = tail.clone();
         let log_path = log_path.clone();
+        let report = report.clone();
         tokio::spawn(async move {
             let mut log = tokio::fs::File::create(&log_path).await.ok();
             let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut relay = LogRelay::default();
+            loop {
+                // Waits for the next line; with lines in hand, at most until they are due.
+                let next = if relay.is_empty() {
+                    Ok(lines.next_line().await)
+                } else {
+                    tokio::time::timeout(LOG_FLUSH_EVERY, lines.next_line()).await
+                };
+                let line = match next {
+                    Ok(Ok(Some(line))) => line,
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                    Err(_due) => {
+                        relay.flush(&report);
+                        continue;
+                    }
+                };
                 if let Some(f) = log.as_mut() {
                     let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                 }
+                relay.push(&line, &report);
                 let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
                 if t.len() == TAIL_LINES {
                     t.pop_front();
                 }
                 t.push_back(line);
             }
+            // Before the exit report: the last lines tell why it ended.
+            relay.flush(&report);
         })
     };
     let events_task = {

@@ -47,9 +47,9 @@ struct PretrainArgs {
     /// Checkpoints go under this folder (default: a temporary one, removed at the end).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// "cpu" or "cuda".
+    /// The device kind to train on ("cpu" or "cuda").
     #[arg(long, default_value = "cpu")]
-    device_kind: String,
+    device_kind: bt_common::domain::DeviceKind,
     /// (set for the child processes) this process's rank.
     #[arg(long, hide = true)]
     rank: Option<usize>,
@@ -364,7 +364,7 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
     } else {
         bt_worker::trainer::Reporter::collecting()
     };
-    let out = bt_worker::trainer::run(&assignment, &a.device_kind, &mut rep);
+    let out = bt_worker::trainer::run(&assignment, a.device_kind, &mut rep);
     let _ = std::fs::remove_dir_all(&tmp);
     out.map_err(|e| anyhow::anyhow!("rank {rank}: {e}"))?;
     if rank == 0 {

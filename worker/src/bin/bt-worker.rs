@@ -62,9 +62,9 @@ enum Cmd {
     Daemon,
     /// Run one trainer rank (spawned by the daemon; reads its assignment on stdin).
     Train {
-        /// "cpu" or "cuda".
+        /// The device kind of the slot it runs on ("cpu" or "cuda").
         #[arg(long, default_value = "cpu")]
-        device_kind: String,
+        device_kind: bt_common::domain::DeviceKind,
     },
 }
 
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     bt_common::init_tracing();
     match cli.cmd {
-        Some(Cmd::Train { device_kind }) => ExitCode::from(bt_worker::trainer::main(&device_kind)),
+        Some(Cmd::Train { device_kind }) => ExitCode::from(bt_worker::trainer::main(device_kind)),
         Some(Cmd::Daemon) | None => match daemon(cli.daemon) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -18,8 +18,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// Default size of a gradient bucket for [`ProcessGroup::allreduce_grads`].
-pub const DEFAULT_BUCKET_BYTES: usize = 64 << 20;
+/// Size of the flat buffers [`ProcessGroup::broadcast_params`] packs parameters into (one
+/// broadcast each, once per attempt; gradient buckets are `trainer::GRAD_BUCKET_BYTES`).
+pub const BROADCAST_BUCKET_BYTES: usize = 64 << 20;
 
 /// Which c10d backend runs the collectives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -560,7 +561,7 @@ impl ProcessGroup {
                 ptrs.as_ptr(),
                 ptrs.len() as i64,
                 to_c_int(root, "root")?,
-                DEFAULT_BUCKET_BYTES as i64,
+                BROADCAST_BUCKET_BYTES as i64,
             )
         };
         self.check(err, "parameter broadcast")

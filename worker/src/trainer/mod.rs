@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bt_common::domain::DeviceKind;
 use bt_common::spec::{self, DataSource};
 use bt_common::{JobKind, JobSpec};
 use bt_proto::Assignment;
@@ -217,13 +218,12 @@ pub fn limited(src: Arc<dyn Source>, limit: u64) -> Arc<dyn Source> {
 }
 
 /// Runs the job of assignment `a` on this rank: parses its spec and dispatches on its kind.
-pub fn run(a: &Assignment, device_kind: &str, rep: &mut Reporter) -> TResult<Outcome> {
+pub fn run(a: &Assignment, device_kind: DeviceKind, rep: &mut Reporter) -> TResult<Outcome> {
     let spec =
         JobSpec::from_toml_str(&a.spec_toml).map_err(|e| TrainerError::spec(e.to_string()))?;
-    let device = if device_kind == "cuda" {
-        Device::Cuda(a.device as usize)
-    } else {
-        Device::Cpu
+    let device = match device_kind {
+        DeviceKind::Cuda => Device::Cuda(a.device as usize),
+        DeviceKind::Cpu => Device::Cpu,
     };
     if spec.train.torch_threads > 0 {
         tch::set_num_threads(spec.train.torch_threads as i32);
@@ -254,7 +254,7 @@ fn install_signal_handlers() {
 }
 
 /// Entry point of `bt-worker train`; returns the process exit code.
-pub fn main(device_kind: &str) -> u8 {
+pub fn main(device_kind: DeviceKind) -> u8 {
     install_signal_handlers();
     let mut buf = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut buf) {
@@ -268,7 +268,7 @@ pub fn main(device_kind: &str) -> u8 {
             return EXIT_INFRA_ERROR;
         }
     };
-    info!(job_id = %a.job_id, epoch = a.epoch, rank = a.rank, world_size = a.world_size, device_kind, "trainer starting");
+    info!(job_id = %a.job_id, epoch = a.epoch, rank = a.rank, world_size = a.world_size, %device_kind, "trainer starting");
     let mut reporter = Reporter::stdout();
     match run(&a, device_kind, &mut reporter) {
         Ok(Outcome::Finished) => {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bt_common::domain::NoticeLevel;
 use bt_common::JobSpec;
 use bt_proto::trainer_event::Body;
 use bt_proto::{Assignment, CheckpointInfo, CorrelationPicture, EvalResult, TrainMetrics};
@@ -439,7 +440,7 @@ fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> 
         start_step = ck.step;
         info!(step = start_step, path = %a.resume_from, "resumed from checkpoint");
         rep.notice(
-            "info",
+            NoticeLevel::Info,
             format!(
                 "rank {rank} resumed from {} at step {start_step}",
                 a.resume_from
@@ -526,7 +527,10 @@ impl Checkpointer<'_> {
             Err(e) => {
                 // A failed checkpoint write is reported, not fatal: training goes on.
                 warn!(step, path = %dir.display(), error = %e, "checkpoint write failed");
-                rep.notice("warn", format!("checkpoint at step {step} failed: {e}"));
+                rep.notice(
+                    NoticeLevel::Warn,
+                    format!("checkpoint at step {step} failed: {e}"),
+                );
             }
         }
         Ok(())

@@ -59,11 +59,14 @@ impl Reporter {
         }
     }
 
-    pub fn notice(&mut self, level: &str, message: impl Into<String>) {
-        self.send(Body::Notice(bt_proto::Notice {
-            level: level.into(),
-            message: message.into(),
-        }));
+    pub fn notice(&mut self, level: bt_common::domain::NoticeLevel, message: impl Into<String>) {
+        self.send(Body::Notice(
+            bt_common::domain::Notice {
+                level,
+                message: message.into(),
+            }
+            .into(),
+        ));
     }
 }
 

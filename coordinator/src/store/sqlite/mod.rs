@@ -2,11 +2,14 @@
 //! kill -9 and power loss), one connection owned by the coordinator core.
 use std::path::Path;
 
-use bt_common::domain::{JobEvent, JobState};
+use bt_common::domain::{JobEvent, JobState, LogLine};
 use bt_common::{JobId, WorkerId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use super::{AttemptRecord, CheckpointRecord, JobRecord, RankRecord, Store, Tx, WorkerRecord};
+use super::{
+    AttemptRecord, CheckpointRecord, Deleted, JobRecord, LogQuery, RankRecord, Store, Tx,
+    WorkerRecord,
+};
 use crate::error::{Error, Result};
 
 mod rows;
@@ -468,6 +471,139 @@ impl Tx for SqliteTx<'_> {
             params![job_id.to_string(), oldest.min(i64::MAX as u64) as i64, kind],
         )?;
         Ok(n as u64)
+    }
+
+    fn append_logs(
+        &mut self,
+        job_id: JobId,
+        epoch: u64,
+        rank: u32,
+        time_ms: i64,
+        lines: &[String],
+    ) -> Result<u64> {
+        let id = job_id.to_string();
+        let mut st = self.tx.prepare_cached(
+            "INSERT INTO log_lines (job_id, epoch, rank, time_ms, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for line in lines {
+            st.execute(params![id, epoch as i64, rank, time_ms, line])?;
+        }
+        Ok(self.tx.last_insert_rowid() as u64)
+    }
+
+    fn list_logs(&mut self, job_id: JobId, q: &LogQuery) -> Result<Vec<LogLine>> {
+        let ranks = if q.ranks.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = q.ranks.iter().map(|r| r.to_string()).collect();
+            format!(" AND rank IN ({})", list.join(","))
+        };
+        let cap = |n: u64| {
+            if n == 0 {
+                -1
+            } else {
+                n.min(i64::MAX as u64) as i64
+            }
+        };
+        // With a tail, the newest first (then put back in order); else the oldest first.
+        let (order, limit) = if q.tail > 0 {
+            ("DESC", cap(q.tail))
+        } else {
+            ("ASC", cap(q.limit))
+        };
+        let sql = format!(
+            "SELECT seq, epoch, rank, time_ms, text FROM log_lines WHERE job_id = ?1 AND seq > ?2\
+             {ranks} ORDER BY seq {order} LIMIT ?3"
+        );
+        let mut st = self.tx.prepare_cached(&sql)?;
+        let mut lines = st
+            .query_map(
+                params![
+                    job_id.to_string(),
+                    q.after.min(i64::MAX as u64) as i64,
+                    limit
+                ],
+                |r| {
+                    Ok(LogLine {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        job_id,
+                        epoch: r.get::<_, i64>(1)? as u64,
+                        rank: r.get(2)?,
+                        time_ms: r.get(3)?,
+                        text: r.get(4)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if q.tail > 0 {
+            lines.reverse();
+        }
+        Ok(lines)
+    }
+
+    fn count_logs(&mut self, job_id: JobId) -> Result<u64> {
+        let n: i64 = self.tx.query_row(
+            "SELECT COUNT(*) FROM log_lines WHERE job_id = ?1",
+            [job_id.to_string()],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    fn drop_oldest_logs(&mut self, job_id: JobId, n: u64) -> Result<u64> {
+        let gone = self.tx.execute(
+            "DELETE FROM log_lines WHERE seq IN (SELECT seq FROM log_lines WHERE job_id = ?1 \
+             ORDER BY seq LIMIT ?2)",
+            params![job_id.to_string(), n.min(i64::MAX as u64) as i64],
+        )?;
+        Ok(gone as u64)
+    }
+
+    fn delete_job(&mut self, job_id: JobId) -> Result<Deleted> {
+        let id = job_id.to_string();
+        let del = |tx: &Transaction, table: &str| -> Result<u64> {
+            Ok(tx.execute(&format!("DELETE FROM {table} WHERE job_id = ?1"), [&id])? as u64)
+        };
+        let deleted = Deleted {
+            events: del(&self.tx, "events")?,
+            checkpoints: del(&self.tx, "checkpoints")?,
+            log_lines: del(&self.tx, "log_lines")?,
+        };
+        del(&self.tx, "attempt_ranks")?;
+        del(&self.tx, "attempts")?;
+        self.tx.execute("DELETE FROM jobs WHERE id = ?1", [&id])?;
+        Ok(deleted)
+    }
+
+    fn prune_finished_history(&mut self, before_ms: i64) -> Result<(u64, u64)> {
+        let finished: Vec<String> = [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+            .iter()
+            .map(|s| job_state_code(*s).to_string())
+            .collect();
+        let finished = finished.join(",");
+        let jobs_sql = format!(
+            "SELECT id FROM jobs WHERE state IN ({finished}) AND updated_ms < ?1 AND (\
+             EXISTS (SELECT 1 FROM events e WHERE e.job_id = jobs.id \
+                     AND e.kind IN ('metrics', 'picture')) \
+             OR EXISTS (SELECT 1 FROM log_lines l WHERE l.job_id = jobs.id))"
+        );
+        let ids = self
+            .tx
+            .prepare(&jobs_sql)?
+            .query_map([before_ms], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut rows = 0u64;
+        for id in &ids {
+            rows += self.tx.execute(
+                "DELETE FROM events WHERE job_id = ?1 AND kind IN ('metrics', 'picture')",
+                [id],
+            )? as u64;
+            rows += self
+                .tx
+                .execute("DELETE FROM log_lines WHERE job_id = ?1", [id])?
+                as u64;
+        }
+        Ok((ids.len() as u64, rows))
     }
 
     fn commit(self: Box<Self>) -> Result<()> {

@@ -87,6 +87,15 @@ CREATE TABLE IF NOT EXISTS events (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS log_lines (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_lines_job ON log_lines (job_id, rank, seq);
 "#;
 
 /// The schema version this coordinator writes (`meta.schema`). A database without one was written

@@ -196,6 +196,7 @@ fn reads_a_database_written_by_schema_1() {
             bt_proto::job_event::Kind::Notice(bt_proto::Notice {
                 level: "warn".into(),
                 message: "slow".into(),
+                ..Default::default()
             }),
             bt_proto::job_event::Kind::Eval(bt_proto::EvalResult {
                 kind: "svm".into(),
@@ -361,4 +362,83 @@ fn schema_2_jobs_get_their_run_time_columns_from_the_spec() {
         })
         .unwrap();
     assert_eq!(v, 3);
+}
+
+#[test]
+fn retention_prunes_curves_and_logs_of_long_finished_jobs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+    let mut tx = s.begin().unwrap();
+    let event = |id: JobId, kind: EventKind| JobEvent {
+        seq: 0,
+        time_ms: 0,
+        job_id: id,
+        step: 1,
+        kind,
+    };
+    // old: finished long ago; recent: finished just now; running: old but still running.
+    let (old, recent, running) = (JobId::new(), JobId::new(), JobId::new());
+    for (id, state, updated) in [
+        (old, JobState::Succeeded, 1_000),
+        (recent, JobState::Failed, 9_000),
+        (running, JobState::Running, 1_000),
+    ] {
+        let mut j = job(id, 1);
+        j.state = state;
+        j.updated_ms = updated;
+        tx.put_job(&j).unwrap();
+        for kind in [
+            EventKind::Metrics(TrainMetrics::default()),
+            EventKind::State(StateChange {
+                state,
+                reason: String::new(),
+                epoch: 1,
+            }),
+        ] {
+            tx.append_event(&mut event(id, kind)).unwrap();
+        }
+        tx.append_logs(id, 1, 0, 5, &["a".into(), "b".into()])
+            .unwrap();
+    }
+    assert_eq!(tx.prune_finished_history(5_000).unwrap(), (1, 3));
+    assert_eq!(
+        tx.prune_finished_history(5_000).unwrap(),
+        (0, 0),
+        "idempotent"
+    );
+    let kinds = |tx: &mut dyn Tx, id| -> Vec<&'static str> {
+        tx.list_events(id, 0, None)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.name())
+            .collect()
+    };
+    assert_eq!(kinds(&mut *tx, old), ["state"], "the state history stays");
+    assert_eq!(tx.count_logs(old).unwrap(), 0);
+    for id in [recent, running] {
+        assert_eq!(kinds(&mut *tx, id).len(), 2);
+        assert_eq!(tx.count_logs(id).unwrap(), 2);
+    }
+    // Logs: tail and rank filters, oldest dropped first.
+    tx.append_logs(recent, 2, 1, 6, &["c".into(), "d".into(), "e".into()])
+        .unwrap();
+    let q = |ranks: Vec<u32>, tail| LogQuery {
+        ranks,
+        tail,
+        ..Default::default()
+    };
+    let text = |l: Vec<LogLine>| l.into_iter().map(|l| l.text).collect::<Vec<_>>();
+    assert_eq!(
+        text(tx.list_logs(recent, &q(vec![1], 2)).unwrap()),
+        ["d", "e"]
+    );
+    assert_eq!(
+        text(tx.list_logs(recent, &q(vec![0], 0)).unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(tx.drop_oldest_logs(recent, 3).unwrap(), 3);
+    assert_eq!(
+        text(tx.list_logs(recent, &q(vec![], 0)).unwrap()),
+        ["d", "e"]
+    );
 }
