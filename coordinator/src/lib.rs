@@ -10,6 +10,7 @@ pub mod secrets;
 mod server;
 mod service;
 pub mod store;
+pub mod view;
 
 pub use config::CoordinatorConfig;
 pub use error::{Error, Result};

@@ -150,7 +150,10 @@ pub async fn run(
                 let jobs = core.call(|c| c.list_jobs(&[], 0)).await;
                 let workers = core.call(|c| c.list_workers()).await;
                 match (jobs, workers) {
-                    (Ok(j), Ok(w)) => Ok((j, w)),
+                    (Ok(j), Ok(w)) => Ok((
+                        j.into_iter().map(Into::into).collect(),
+                        w.into_iter().map(Into::into).collect(),
+                    )),
                     (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
                 }
             }

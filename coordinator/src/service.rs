@@ -7,11 +7,11 @@ use bt_common::JobId;
 use bt_proto::job_service_server::JobService;
 use bt_proto::worker_service_server::WorkerService;
 use bt_proto::{
-    job_event, CancelJobRequest, CheckpointInfo, CoordinatorMessage, DeleteJobRequest,
-    DeleteJobResponse, GetJobRequest, Job, JobEvent, ListCheckpointsRequest,
-    ListCheckpointsResponse, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
-    ListWorkersResponse, LogLine, Missed, RegisterRequest, RegisterResponse, StreamLogsRequest,
-    SubmitJobRequest, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
+    job_event, CancelJobRequest, CoordinatorMessage, DeleteJobRequest, DeleteJobResponse,
+    GetJobRequest, Job, JobEvent, ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest,
+    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, LogLine, Missed, RegisterRequest,
+    RegisterResponse, StreamLogsRequest, SubmitJobRequest, WatchJobRequest, WorkerMessage,
+    PROTOCOL_VERSION,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -40,7 +40,11 @@ impl JobService for JobSvc {
         let who = principal(&req);
         let spec = req.into_inner().spec_toml;
         let owner = who.name.clone();
-        let job = self.core.call(move |c| c.submit(&spec, &owner)).await?;
+        let job: Job = self
+            .core
+            .call(move |c| c.submit(&spec, &owner))
+            .await?
+            .into();
         info!(job_id = %job.id, name = %job.name, world_size = job.world_size, owner = %who.name,
               "job submitted");
         Ok(Response::new(job))
@@ -48,7 +52,9 @@ impl JobService for JobSvc {
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
-        Ok(Response::new(self.core.call(move |c| c.get_job(id)).await?))
+        Ok(Response::new(
+            self.core.call(move |c| c.get_job(id)).await?.into(),
+        ))
     }
 
     async fn list_jobs(
@@ -69,7 +75,9 @@ impl JobService for JobSvc {
         }
         let limit = req.limit as usize;
         let jobs = self.core.call(move |c| c.list_jobs(&states, limit)).await?;
-        Ok(Response::new(ListJobsResponse { jobs }))
+        Ok(Response::new(ListJobsResponse {
+            jobs: jobs.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
@@ -77,10 +85,11 @@ impl JobService for JobSvc {
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let scope = who.cancel_scope().map(str::to_string);
-        let job = self
+        let job: Job = self
             .core
             .call(move |c| c.cancel(id, &req.reason, scope.as_deref()))
-            .await?;
+            .await?
+            .into();
         info!(job_id = %job.id, by = %who.name, "job cancel requested");
         Ok(Response::new(job))
     }
@@ -156,7 +165,9 @@ impl JobService for JobSvc {
         _req: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         let workers = self.core.call(|c| c.list_workers()).await?;
-        Ok(Response::new(ListWorkersResponse { workers }))
+        Ok(Response::new(ListWorkersResponse {
+            workers: workers.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_checkpoints(
@@ -164,9 +175,10 @@ impl JobService for JobSvc {
         req: Request<ListCheckpointsRequest>,
     ) -> Result<Response<ListCheckpointsResponse>, Status> {
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
-        let checkpoints: Vec<CheckpointInfo> =
-            self.core.call(move |c| c.list_checkpoints(id)).await?;
-        Ok(Response::new(ListCheckpointsResponse { checkpoints }))
+        let checkpoints = self.core.call(move |c| c.list_checkpoints(id)).await?;
+        Ok(Response::new(ListCheckpointsResponse {
+            checkpoints: checkpoints.into_iter().map(Into::into).collect(),
+        }))
     }
 
     type StreamLogsStream = ReceiverStream<Result<LogLine, Status>>;

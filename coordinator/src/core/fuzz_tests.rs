@@ -317,7 +317,7 @@ fn ten_thousand_random_protocol_messages() {
                 "fuzz",
             )
             .unwrap();
-        job_ids.push(j.id);
+        job_ids.push(j.job.id.to_string());
     }
     let root = dir.path().join("ckpt");
     let mut paths = vec![

@@ -6,7 +6,7 @@ use bt_common::domain::{
     StateChange, WorkerState,
 };
 use bt_common::{now_ms, JobId, JobSpec, WorkerId};
-use bt_proto::{Assignment, CancelAssignment, Job, RankPlacement};
+use bt_proto::{Assignment, CancelAssignment};
 use tracing::{info, warn};
 
 use super::{emit, Core, Effects, Runtime};
@@ -14,6 +14,7 @@ use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 use crate::scheduler::{plan_with_waits, FreeWorker, QueuedJob};
 use crate::store::{AttemptRecord, Deleted, JobRecord, RankRecord, Tx, WorkerRecord};
+use crate::view::{JobView, Placement};
 
 fn not_found(id: JobId) -> Error {
     Error::NotFound {
@@ -118,7 +119,7 @@ pub(crate) fn fail_attempt(
 }
 
 /// The public view of a job: record, placement of its current attempt, eval results.
-pub(crate) fn job_view(rt: &Runtime, tx: &mut dyn Tx, job: &JobRecord) -> Result<Job> {
+pub(crate) fn job_view(rt: &Runtime, tx: &mut dyn Tx, job: &JobRecord) -> Result<JobView> {
     let mut placement = Vec::new();
     let mut rendezvous = String::new();
     if job.epoch > 0 {
@@ -130,9 +131,9 @@ pub(crate) fn job_view(rt: &Runtime, tx: &mut dyn Tx, job: &JobRecord) -> Result
                     e.insert(tx.get_worker(r.worker_id)?);
                 }
                 let w = workers.get(&r.worker_id).and_then(|w| w.as_ref());
-                placement.push(RankPlacement {
+                placement.push(Placement {
                     rank: r.rank,
-                    worker_id: r.worker_id.to_string(),
+                    worker_id: r.worker_id,
                     worker_name: w.map(|w| w.name.clone()).unwrap_or_default(),
                     host: w.map(|w| w.host.clone()).unwrap_or_default(),
                     device: r.device,
@@ -140,33 +141,15 @@ pub(crate) fn job_view(rt: &Runtime, tx: &mut dyn Tx, job: &JobRecord) -> Result
             }
         }
     }
-    let evals = evals_of(tx, job)?.into_iter().map(Into::into).collect();
-    Ok(Job {
-        id: job.id.to_string(),
-        name: job.name.clone(),
-        kind: bt_common::domain::job_kind_name(job.kind).into(),
-        job_kind: bt_proto::JobKind::from(job.kind) as i32,
-        state: bt_proto::JobState::from(job.state) as i32,
-        spec_toml: job.spec_toml.clone(),
-        priority: job.priority,
-        world_size: job.world_size,
-        created_at_ms: job.created_ms,
-        updated_at_ms: job.updated_ms,
-        epoch: job.epoch,
-        attempts: job.attempts,
-        restarts_used: job.restarts_used,
-        max_restarts: job.max_restarts,
-        failure_reason: job.failure_reason.clone(),
-        total_steps: job.total_steps,
-        last_metrics: job.last_metrics.map(Into::into),
-        placement,
-        evals,
-        rendezvous,
-        owner: job.owner.clone(),
+    Ok(JobView {
+        evals: evals_of(tx, job)?,
         pending_reason: match job.state {
             JobState::Queued => rt.waiting.get(&job.id).cloned().unwrap_or_default(),
             _ => String::new(),
         },
+        job: job.clone(),
+        placement,
+        rendezvous,
     })
 }
 
@@ -409,7 +392,7 @@ fn start_attempt(
 impl Core {
     /// Validates the spec (the authoritative check: size, fields, the paths it reads) and queues
     /// the job for `owner`, within the owner's queue limit.
-    pub fn submit(&self, spec_toml: &str, owner: &str) -> Result<Job> {
+    pub fn submit(&self, spec_toml: &str, owner: &str) -> Result<JobView> {
         let limits = &self.config.limits;
         if spec_toml.len() > limits.max_spec_bytes {
             return Err(Error::invalid(
@@ -444,7 +427,7 @@ impl Core {
         })
     }
 
-    pub fn get_job(&self, id: JobId) -> Result<Job> {
+    pub fn get_job(&self, id: JobId) -> Result<JobView> {
         self.read(|rt, tx| {
             let job = tx.get_job(id)?.ok_or_else(|| not_found(id))?;
             job_view(rt, tx, &job)
@@ -452,7 +435,7 @@ impl Core {
     }
 
     /// Jobs in `states` (all when empty), newest first, at most `limit` (0: all).
-    pub fn list_jobs(&self, states: &[JobState], limit: usize) -> Result<Vec<Job>> {
+    pub fn list_jobs(&self, states: &[JobState], limit: usize) -> Result<Vec<JobView>> {
         self.read(|rt, tx| {
             let mut jobs = tx.list_jobs(states)?;
             jobs.reverse();
@@ -463,7 +446,7 @@ impl Core {
         })
     }
 
-    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<bt_proto::CheckpointInfo>> {
+    pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
         self.read(|_, tx| {
             tx.get_job(id)?.ok_or_else(|| not_found(id))?;
             let mut out: Vec<CheckpointInfo> = tx
@@ -472,7 +455,7 @@ impl Core {
                 .map(checkpoint_info)
                 .collect();
             attach_probe_state(tx, &mut out)?;
-            Ok(out.into_iter().map(Into::into).collect())
+            Ok(out)
         })
     }
 
@@ -480,7 +463,7 @@ impl Core {
     /// a terminal job is returned unchanged.
     ///
     /// With `only_owner` (a submitter), a job of anyone else is refused.
-    pub fn cancel(&self, id: JobId, reason: &str, only_owner: Option<&str>) -> Result<Job> {
+    pub fn cancel(&self, id: JobId, reason: &str, only_owner: Option<&str>) -> Result<JobView> {
         let reason = if reason.trim().is_empty() {
             "cancelled by user".to_string()
         } else {

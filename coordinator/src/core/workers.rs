@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bt_common::domain::{AttemptOutcome, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
-    worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest, Worker,
+    worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest,
     WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
@@ -16,6 +16,7 @@ use super::jobs::fail_attempt;
 use super::{Core, Effects, Runtime, SessionHandle};
 use crate::error::{Error, Result};
 use crate::store::{DeviceRecord, Tx, WorkerRecord};
+use crate::view::WorkerView;
 
 /// A session accepted by `Core::open_session`.
 pub(crate) struct OpenedSession {
@@ -205,24 +206,11 @@ pub(crate) fn lose_worker(
     Ok(())
 }
 
-fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> Worker {
-    Worker {
-        id: w.id.to_string(),
-        name: w.name.clone(),
-        host: w.host.clone(),
-        devices: w
-            .devices
-            .iter()
-            .map(|d| Device {
-                index: d.index,
-                kind: d.kind.name().into(),
-                device_kind: bt_proto::DeviceKind::from(d.kind) as i32,
-                name: d.name.clone(),
-            })
-            .collect(),
-        state: bt_proto::WorkerState::from(w.state) as i32,
+fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> WorkerView {
+    WorkerView {
         last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
         busy_devices: busy,
+        worker: w.clone(),
     }
 }
 
@@ -514,7 +502,7 @@ impl Core {
         })
     }
 
-    pub fn list_workers(&self) -> Result<Vec<Worker>> {
+    pub fn list_workers(&self) -> Result<Vec<WorkerView>> {
         self.read(|rt, tx| {
             let mut busy = std::collections::HashMap::<WorkerId, u32>::new();
             for a in tx.open_attempts()? {

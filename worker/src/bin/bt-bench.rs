@@ -125,9 +125,7 @@ struct StepArgs {
 
 /// Starts `world` copies of this command, one per rank, and waits for all of them.
 fn spawn_ranks(world: usize) -> anyhow::Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = bt_common::net::free_loopback_port()?;
     let exe = std::env::current_exe()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let children = (0..world)
