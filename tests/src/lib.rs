@@ -250,28 +250,26 @@ impl Cluster {
         );
     }
 
-    /// Runs btctl against this cluster.
-    pub fn btctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("btctl"))
-            .args(args)
+    /// btctl against this cluster, as the admin (stdin closed).
+    fn btctl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("btctl"));
+        cmd.args(args)
             .env("BT_COORDINATOR", &self.addr)
             .env("BT_TOKEN_FILE", self.path("secrets/admin.token"))
             .env("BT_CA_CERT", self.path("secrets/ca.pem"))
             .env_remove("BT_TOKEN")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run btctl")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs btctl against this cluster.
+    pub fn btctl(&self, args: &[&str]) -> Output {
+        self.btctl_command(args).output().expect("run btctl")
     }
 
     /// Starts btctl against this cluster in the background, its stdout and stderr piped.
     pub fn btctl_spawn(&self, args: &[&str]) -> Child {
-        Command::new(bin("btctl"))
-            .args(args)
-            .env("BT_COORDINATOR", &self.addr)
-            .env("BT_TOKEN_FILE", self.path("secrets/admin.token"))
-            .env("BT_CA_CERT", self.path("secrets/ca.pem"))
-            .env_remove("BT_TOKEN")
-            .stdin(Stdio::null())
+        self.btctl_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
