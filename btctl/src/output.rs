@@ -64,6 +64,7 @@ fn job_json(j: &Job) -> Value {
         "priority": j.priority, "world_size": j.world_size, "created_at_ms": j.created_at_ms,
         "updated_at_ms": j.updated_at_ms, "epoch": j.epoch, "attempts": j.attempts,
         "restarts_used": j.restarts_used, "max_restarts": j.max_restarts,
+        "preemptions": j.preemptions,
         "failure_reason": j.failure_reason, "pending_reason": j.pending_reason,
         "total_steps": j.total_steps,
         "rendezvous": j.rendezvous,
@@ -130,8 +131,8 @@ pub fn print_job(j: &Job, as_json: bool) {
     println!("priority:  {}", j.priority);
     println!("ranks:     {}", j.world_size);
     println!(
-        "attempts:  {} (epoch {}, restarts used {}/{})",
-        j.attempts, j.epoch, j.restarts_used, j.max_restarts
+        "attempts:  {} (epoch {}, restarts used {}/{}, preemptions {})",
+        j.attempts, j.epoch, j.restarts_used, j.max_restarts, j.preemptions
     );
     println!("created:   {}", time(j.created_at_ms));
     if !j.rendezvous.is_empty() {

@@ -59,6 +59,7 @@ impl From<JobView> for bt_proto::Job {
             attempts: j.attempts,
             restarts_used: j.restarts_used,
             max_restarts: j.max_restarts,
+            preemptions: j.preemptions,
             failure_reason: j.failure_reason,
             total_steps: j.total_steps,
             last_metrics: j.last_metrics.map(Into::into),

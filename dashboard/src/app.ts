@@ -317,7 +317,7 @@ function jobPage(main: HTMLElement, id: string): () => void {
       ["Progress", `${m?.step ?? 0n}/${j.totalSteps}`],
       ["Loss", m ? num(m.loss) : "–"],
       ["Images/s", m ? num(m.imagesPerSec, 1) : "–"],
-      ["Attempt", `${j.attempts} (restarts ${j.restartsUsed}/${j.maxRestarts})`],
+      ["Attempt", `${j.attempts} (restarts ${j.restartsUsed}/${j.maxRestarts}, preemptions ${j.preemptions})`],
       ["Created", `${new Date(Number(j.createdAtMs)).toLocaleString()} (${age(j.createdAtMs)} ago)`],
     ];
     if (j.pendingReason) items.push(["Waiting", j.pendingReason]);

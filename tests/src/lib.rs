@@ -318,6 +318,32 @@ impl Cluster {
         })
     }
 
+    /// Sends signal `sig` to daemon `i`.
+    pub fn signal_worker(&self, i: usize, sig: i32) {
+        // SAFETY: kill(2) on a daemon process this cluster started.
+        unsafe {
+            libc::kill(self.worker_pid(i) as i32, sig);
+        }
+    }
+
+    /// Waits (with a deadline) for daemon `i` to exit on its own; returns its exit status.
+    pub fn wait_worker_exit(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
+        let p = self.workers[i].as_mut().expect("worker running");
+        let status = wait_for(&format!("worker-{i} to exit"), timeout, || {
+            p.child.try_wait().ok().flatten()
+        });
+        self.workers[i] = None;
+        status
+    }
+
+    /// Kills daemon `i` with SIGKILL (its trainers are not told) and reaps it.
+    pub fn kill9_worker(&mut self, i: usize) {
+        if let Some(mut p) = self.workers[i].take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
     /// Pids of trainer processes (children of the daemons).
     pub fn trainer_pids(&self) -> Vec<u32> {
         let daemons: Vec<u32> = self
@@ -326,37 +352,27 @@ impl Cluster {
             .flatten()
             .map(|p| p.child.id())
             .collect();
-        let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return out;
-        };
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // ppid is the 2nd field after the parenthesised command name.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let (Some(state), Some(ppid)) = (fields.first(), fields.get(1)) else {
-                continue;
-            };
-            if *state == "Z" {
-                continue;
-            }
-            if let Ok(ppid) = ppid.parse::<u32>() {
-                if daemons.contains(&ppid) {
-                    out.push(pid);
-                }
-            }
-        }
-        out
+        children_of(&daemons)
     }
 
+    /// Pids of daemon `i`'s trainer processes.
+    pub fn trainer_pids_of(&self, i: usize) -> Vec<u32> {
+        children_of(&[self.worker_pid(i)])
+    }
+}
+
+/// Whether process `pid` is alive (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+impl Cluster {
     fn dump_logs(&self) {
         let mut logs: Vec<PathBuf> = vec![self.path("coordinator.log")];
         for i in 0..self.workers.len() {
@@ -431,4 +447,37 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Live processes whose parent is one of `parents`.
+fn children_of(parents: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // ppid is the 2nd field after the parenthesised command name.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid)) = (fields.first(), fields.get(1)) else {
+            continue;
+        };
+        if *state == "Z" {
+            continue;
+        }
+        if let Ok(ppid) = ppid.parse::<u32>() {
+            if parents.contains(&ppid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }

@@ -595,3 +595,82 @@ fn logs_follow_a_two_rank_job_from_before_it_starts_to_its_end_then_delete_forge
     assert!(!get.status.success());
     assert!(stderr(&get).contains("NotFound"), "{}", stderr(&get));
 }
+
+#[test]
+fn sigterm_to_a_daemon_preempts_its_job_which_resumes_from_the_stop_checkpoint() {
+    let mut c = Cluster::start(2, 1);
+    // No periodic checkpoint before the end: the one saved on the stop is the only resume point.
+    let id = c.submit(
+        TINY,
+        &[
+            "train.max_steps=40",
+            "train.epochs=20",
+            "train.log_every=1",
+            "checkpoint.every_steps=1000",
+            "restart.max_restarts=0",
+            "name=preempted",
+        ],
+    );
+    wait_for("a few steps", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= 3).then_some(())
+    });
+    // A terminating node: its trainer and the other node's agree on a step, rank 0 saves it,
+    // both stop, the daemon reports their exits and leaves within its stop grace.
+    c.signal_worker(1, libc::SIGTERM);
+    let status = c.wait_worker_exit(1, MINUTE);
+    assert!(
+        status.success(),
+        "the drained daemon exits cleanly: {status:?}"
+    );
+    let job = wait_for("the job to be requeued", MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["state"] == "queued" && j["preemptions"] == 1).then_some(j)
+    });
+    assert_eq!(
+        job["restarts_used"], 0,
+        "a preemption spends no restart: {job}"
+    );
+    let cps = c.btctl_json(&["checkpoints", &id]).expect("checkpoints");
+    let saved: Vec<u64> = cps
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["step"].as_u64())
+        .collect();
+    assert_eq!(saved.len(), 1, "the stop checkpoint: {cps}");
+    assert!(saved[0] >= 3, "saved at the stop step: {saved:?}");
+    wait_for("the other node's trainer to stop", MINUTE, || {
+        c.trainer_pids().is_empty().then_some(())
+    });
+    // The node comes back: the job resumes from the stop checkpoint and finishes, although its
+    // restart budget was 0.
+    c.start_worker(1, 1);
+    let job = c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    assert_eq!(job["restarts_used"], 0);
+    let out = stdout(&c.btctl(&["watch", "--plain", &id]));
+    assert!(
+        out.contains(&format!("at step {}", saved[0])),
+        "no resume from step {} in:\n{out}",
+        saved[0]
+    );
+    assert!(out.contains("preempted"), "{out}");
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_takes_its_trainers_with_it() {
+    let mut c = Cluster::start(2, 1);
+    let id = c.submit(TINY, &["train.max_steps=100000", "train.epochs=1000"]);
+    c.wait_state(&id, &["running"], MINUTE);
+    let orphans = wait_for("worker-0's trainer", MINUTE, || {
+        let p = c.trainer_pids_of(0);
+        (!p.is_empty()).then_some(p)
+    });
+    c.kill9_worker(0);
+    // Its trainer dies with it (parent-death signal): no orphan keeps the device or the port.
+    wait_for(
+        "the orphaned trainer to exit",
+        Duration::from_secs(10),
+        || orphans.iter().all(|p| !bt_tests::alive(*p)).then_some(()),
+    );
+}

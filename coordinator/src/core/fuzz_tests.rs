@@ -258,6 +258,7 @@ fn random_report(rng: &mut StdRng, job_ids: &[String], paths: &[String]) -> Trai
             user_error: rng.gen(),
             reason: "r".into(),
             last_log_lines: vec!["l".into(); rng.gen_range(0..3)],
+            preempted: rng.gen(),
         })),
     };
     TrainerReport {

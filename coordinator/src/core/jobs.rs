@@ -69,6 +69,45 @@ pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &s
     }
 }
 
+/// How the reason of an attempt ended by a preemption begins.
+pub(crate) const PREEMPTED: &str = "preempted: ";
+
+/// Ends the job's current attempt as preempted (a rank stopped on request after saving its
+/// state: its node is draining or terminating): the surviving ranks are cancelled and the job
+/// goes RESTARTING → QUEUED, counted in `preemptions`, its restart budget untouched.
+pub(crate) fn preempt_attempt(
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    job: &mut JobRecord,
+    attempt: &mut AttemptRecord,
+    reason: String,
+) -> Result<()> {
+    attempt.ended_ms = Some(now_ms());
+    attempt.outcome = Some(AttemptOutcome::Failed);
+    attempt.reason = format!("{PREEMPTED}{reason}");
+    cancel_ranks(fx, attempt, &format!("attempt preempted: {reason}"));
+    tx.put_attempt(attempt)?;
+    fx.schedule = true;
+    if job.state.is_terminal() || job.epoch != attempt.epoch {
+        return Ok(());
+    }
+    job.preemptions += 1;
+    info!(job_id = %job.id, epoch = attempt.epoch, preemptions = job.preemptions,
+          reason = %reason, "attempt preempted");
+    set_state(
+        tx,
+        fx,
+        job,
+        JobState::Restarting,
+        &format!("{PREEMPTED}{reason}"),
+    )?;
+    let why = format!(
+        "requeued after preemption {} (restart budget untouched: {} of {} used)",
+        job.preemptions, job.restarts_used, job.max_restarts
+    );
+    set_state(tx, fx, job, JobState::Queued, &why)
+}
+
 /// Ends the job's current attempt as failed: the surviving ranks are cancelled, then the job is
 /// FAILED (user error, or the restart budget is spent) or goes RESTARTING → QUEUED.
 pub(crate) fn fail_attempt(
@@ -203,6 +242,7 @@ pub(crate) fn insert_job(
         epoch: 0,
         attempts: 0,
         restarts_used: 0,
+        preemptions: 0,
         max_restarts: spec.restart.max_restarts,
         failure_reason: String::new(),
         total_steps: 0,
@@ -585,7 +625,11 @@ impl Core {
             let workers: Vec<WorkerRecord> = tx
                 .list_workers()?
                 .into_iter()
-                .filter(|w| w.state == WorkerState::Online && rt.sessions.contains_key(&w.id))
+                .filter(|w| {
+                    w.state == WorkerState::Online
+                        && rt.sessions.contains_key(&w.id)
+                        && !rt.draining.contains(&w.id)
+                })
                 .collect();
             let free = free_devices(tx, &workers)?;
             let queue: Vec<QueuedJob> = queued

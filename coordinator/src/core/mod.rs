@@ -53,6 +53,9 @@ struct Runtime {
     log_rate: HashMap<(JobId, u64, u32), (i64, u32, u64)>,
     /// Log lines appended per job since the last size check.
     log_appends: HashMap<JobId, u32>,
+    /// Workers whose daemon said it is going away (`Drain`): nothing more is placed on them
+    /// until they open a new session.
+    draining: std::collections::HashSet<WorkerId>,
     shutting_down: bool,
 }
 

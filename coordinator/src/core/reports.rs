@@ -9,7 +9,7 @@ use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
 
-use super::jobs::{checkpoint_info, fail_attempt, set_state};
+use super::jobs::{checkpoint_info, fail_attempt, preempt_attempt, set_state, PREEMPTED};
 use super::{emit, Effects, Runtime};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
@@ -75,6 +75,11 @@ pub(crate) fn handle_report(
         trainer_report::Body::Exit(e) => on_exit(rt, tx, fx, worker_id, at, &e),
         // A past attempt's last lines still tell why it ended.
         trainer_report::Body::Logs(l) => on_logs(config, rt, tx, fx, at, l),
+        // The checkpoint rank 0 saved when its attempt was preempted may arrive after another
+        // rank's exit ended the attempt: it is the resume point, as long as no newer attempt ran.
+        trainer_report::Body::Checkpoint(c) if saved_on_preemption(&at, r.epoch) => {
+            on_checkpoint(config, tx, fx, worker_id, at, c)
+        }
         _ if !at.current => {
             debug!(job_id = %job_id, epoch = r.epoch, current_epoch = at.job.epoch, rank = r.rank,
                    "report of a past attempt ignored");
@@ -100,6 +105,15 @@ pub(crate) fn handle_report(
         trainer_report::Body::Checkpoint(c) => on_checkpoint(config, tx, fx, worker_id, at, c),
         trainer_report::Body::Picture(p) => on_picture(config, rt, tx, fx, worker_id, at, p),
     }
+}
+
+/// Whether a report of a past attempt comes from the job's latest attempt, ended by a preemption,
+/// with no newer attempt since.
+fn saved_on_preemption(at: &Fenced, epoch: u64) -> bool {
+    !at.current
+        && at.job.epoch == epoch
+        && !at.job.state.is_terminal()
+        && at.attempt.reason.starts_with(PREEMPTED)
 }
 
 /// Fencing: a report counts only for a known job, an attempt its epoch names, a rank inside the
@@ -184,6 +198,10 @@ fn on_exit(
     }
     info!(job_id = %job_id, epoch, rank, success = e.success, code = e.code, signal = e.signal,
           user_error = e.user_error, "trainer exited");
+    if !e.success && e.preempted && !e.user_error {
+        let why = format!("rank {rank} on worker {worker_name} stopped on request (node draining)");
+        return preempt_attempt(tx, fx, &mut job, &mut attempt, why);
+    }
     if !e.success {
         let why = exit_reason(rank, &worker_name, e);
         return fail_attempt(tx, fx, &mut job, &mut attempt, e.user_error, why);

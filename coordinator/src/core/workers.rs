@@ -221,7 +221,12 @@ type RunningKey = (JobId, u64, u32);
 fn parse_hello(first: Option<WorkerMessage>) -> Result<(WorkerId, Vec<RunningKey>)> {
     let hello: Hello = match first.and_then(|m| m.msg) {
         Some(worker_message::Msg::Hello(h)) => h,
-        Some(worker_message::Msg::Heartbeat(_) | worker_message::Msg::Report(_)) | None => {
+        Some(
+            worker_message::Msg::Heartbeat(_)
+            | worker_message::Msg::Report(_)
+            | worker_message::Msg::Drain(_),
+        )
+        | None => {
             return Err(Error::invalid(
                 "msg",
                 "the first message of a session must be a hello",
@@ -254,6 +259,7 @@ fn install_session(
     Arc<Notify>,
 ) {
     rt.next_conn += 1;
+    rt.draining.remove(&worker_id);
     let conn_id = rt.next_conn;
     let (out, rx) = mpsc::unbounded_channel();
     let kill = Arc::new(Notify::new());
@@ -429,6 +435,13 @@ impl Core {
                 )),
                 Some(worker_message::Msg::Report(r)) => {
                     super::reports::handle_report(config, rt, tx, fx, worker_id, r)
+                }
+                Some(worker_message::Msg::Drain(d)) => {
+                    if rt.draining.insert(worker_id) {
+                        info!(worker_id = %worker_id, reason = %d.reason,
+                              "worker draining: nothing more is placed on it");
+                    }
+                    Ok(())
                 }
                 None => Err(Error::invalid("msg", "empty message")),
             }

@@ -27,8 +27,11 @@ pub struct JobRecord {
     /// The current (or last) attempt's fencing epoch; 0 before the first attempt.
     pub epoch: u64,
     pub attempts: u32,
+    /// Restarts after infrastructure failures (the budget `max_restarts` bounds).
     pub restarts_used: u32,
     pub max_restarts: u32,
+    /// Attempts ended by a preemption (requeued without spending the restart budget).
+    pub preemptions: u32,
     pub failure_reason: String,
     pub total_steps: u64,
     pub last_metrics: Option<TrainMetrics>,

@@ -6,5 +6,6 @@ mod harness;
 mod history;
 mod lifecycle;
 mod ops;
+mod preemption;
 mod process;
 mod watch;

@@ -166,6 +166,17 @@ pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
         .collect()
 }
 
+/// Why an assignment is refused, which decides how its job goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The job's own fault (paths outside the roots): no restart helps.
+    Job,
+    /// This node's (missing device, spawn failure): a restart elsewhere may work.
+    Infra,
+    /// The node is draining: a preemption, the job requeues.
+    Draining,
+}
+
 /// Events the daemon's main loop handles, from trainer supervisors.
 #[derive(Debug)]
 pub(crate) enum Local {
@@ -186,6 +197,8 @@ struct Daemon {
     pending: VecDeque<TrainerReport>,
     local_tx: mpsc::UnboundedSender<Local>,
     trainer_bin: PathBuf,
+    /// SIGTERM came: assignments are refused, trainers are stopping.
+    draining: bool,
 }
 
 /// Runs the daemon until `shutdown` resolves; then stops its trainers (SIGTERM, then SIGKILL).
@@ -225,15 +238,19 @@ pub async fn run(
         pending: VecDeque::new(),
         local_tx,
         trainer_bin,
+        draining: false,
     };
     info!(name = %d.name, devices = d.devices.len(), coordinator = %d.cfg.coordinator, "worker daemon starting");
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     loop {
-        let result = tokio::select! {
-            _ = &mut shutdown => break,
-            r = d.session(&mut local_rx) => r,
-        };
+        let result = d.session(&mut local_rx, shutdown.as_mut()).await;
+        if d.draining {
+            if let Err(e) = result {
+                warn!(error = %e, "session lost while draining");
+            }
+            break;
+        }
         match result {
             Ok(()) => {
                 info!("session ended; reconnecting");
@@ -265,6 +282,7 @@ impl Daemon {
     async fn session(
         &mut self,
         local_rx: &mut mpsc::UnboundedReceiver<Local>,
+        mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> anyhow::Result<()> {
         let channel = self.client.connect().await?;
         let mut client = WorkerServiceClient::new(channel);
@@ -330,8 +348,27 @@ impl Daemon {
         }
         let hb = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
         let mut tick = tokio::time::interval(hb);
+        // Draining: until every trainer has exited (or this deadline), then the session ends.
+        let mut give_up: Option<tokio::time::Instant> = None;
         loop {
+            if self.draining && self.trainers.is_empty() {
+                // Every exit went up; close our half and let the coordinator read it all.
+                drop(up_tx);
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    while let Some(Ok(_)) = down.next().await {}
+                })
+                .await;
+                info!("drained: every trainer stopped and reported");
+                return Ok(());
+            }
             tokio::select! {
+                _ = shutdown.as_mut(), if !self.draining => {
+                    give_up = Some(self.begin_drain(&up_tx).await?);
+                }
+                _ = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
+                    warn!(trainers = self.trainers.len(), "trainers still running after the stop grace; leaving");
+                    return Ok(());
+                }
                 _ = tick.tick() => {
                     up_tx.send(WorkerMessage { msg: Some(Up::Heartbeat(Heartbeat { time_ms: bt_common::now_ms() })) }).await?;
                 }
@@ -442,27 +479,32 @@ impl Daemon {
         if self.trainers.contains_key(&key) {
             return;
         }
+        if self.draining {
+            let why = format!("worker {} is draining", self.name);
+            self.refuse(&a, why, Refusal::Draining);
+            return;
+        }
         let Some(device) = self.devices.iter().find(|d| d.index == a.device) else {
             warn!(
                 device = a.device,
                 "assignment names a device this node does not have"
             );
             let why = format!("device {} does not exist on worker {}", a.device, self.name);
-            self.refuse(&a, why, false);
+            self.refuse(&a, why, Refusal::Infra);
             return;
         };
         let kind = match bt_proto::convert::device_kind(device) {
             Ok(kind) => kind,
             Err(e) => {
                 let why = format!("worker {}: device {}: {e}", self.name, a.device);
-                self.refuse(&a, why, false);
+                self.refuse(&a, why, Refusal::Infra);
                 return;
             }
         };
         if let Err(why) = confine_assignment(&a, &self.cfg) {
             warn!(job_id = %a.job_id, error = %why, "assignment refused");
             let why = format!("worker {} refused the assignment: {why}", self.name);
-            self.refuse(&a, why, true);
+            self.refuse(&a, why, Refusal::Job);
             return;
         }
         info!(job_id = %a.job_id, epoch = a.epoch, rank = a.rank, world_size = a.world_size, "starting trainer");
@@ -484,14 +526,14 @@ impl Daemon {
             Err(e) => {
                 warn!(error = %e, "cannot start trainer");
                 let why = format!("worker {} cannot start a trainer: {e}", self.name);
-                self.refuse(&a_ref, why, false);
+                self.refuse(&a_ref, why, Refusal::Infra);
             }
         }
     }
 
     /// Reports that the rank of `a` will not run here: a notice for the job, then its exit.
     /// `user_error`: the job's own fault (no restart helps).
-    fn refuse(&self, a: &Assignment, reason: String, user_error: bool) {
+    fn refuse(&self, a: &Assignment, reason: String, why: Refusal) {
         let report = |body| {
             Local::Report(Box::new(TrainerReport {
                 job_id: a.job_id.clone(),
@@ -512,10 +554,38 @@ impl Daemon {
             .send(report(trainer_report::Body::Exit(TrainerExit {
                 success: false,
                 code: -1,
-                user_error,
+                user_error: why == Refusal::Job,
+                preempted: why == Refusal::Draining,
                 reason,
                 ..Default::default()
             })));
+    }
+
+    /// SIGTERM (a terminating or drained node): tells the coordinator to place nothing more here
+    /// and asks every trainer to stop; they agree on a step, rank 0 checkpoints it, and their
+    /// exits (preemptions: the jobs requeue without spending their restart budget) still go up
+    /// this session. Returns when to give up waiting for them.
+    async fn begin_drain(
+        &mut self,
+        up: &mpsc::Sender<WorkerMessage>,
+    ) -> anyhow::Result<tokio::time::Instant> {
+        self.draining = true;
+        let grace = Duration::from_millis(self.cfg.stop_grace_ms);
+        info!(
+            trainers = self.trainers.len(),
+            grace_ms = self.cfg.stop_grace_ms,
+            "draining: stopping trainers (they checkpoint first)"
+        );
+        up.send(WorkerMessage {
+            msg: Some(Up::Drain(Drain {
+                reason: format!("worker {} is terminating", self.name),
+            })),
+        })
+        .await?;
+        for t in self.trainers.values() {
+            t.stop(grace);
+        }
+        Ok(tokio::time::Instant::now() + grace + Duration::from_secs(2))
     }
 
     async fn stop_all(&mut self) {

@@ -127,14 +127,32 @@ pub(crate) fn spawn(
     tx: mpsc::UnboundedSender<Local>,
 ) -> anyhow::Result<TrainerHandle> {
     let log_path = work_dir.join(format!("{}-e{}-r{}.log", a.job_id, a.epoch, a.rank));
-    let mut child = Command::new(bin)
-        .arg("train")
+    let mut cmd = Command::new(bin);
+    cmd.arg("train")
         .arg("--device-kind")
         .arg(device_kind.name())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(false)
+        .kill_on_drop(false);
+    // A trainer never outlives its daemon: killed with it (kill -9 included), it frees its device
+    // and its store port at once instead of running on as an orphan nobody reports for.
+    let daemon_pid = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (prctl, getppid, _exit) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon died between fork and prctl: nobody would be told of this trainer.
+            if libc::getppid() != daemon_pid {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start trainer {}: {e}", bin.display()))?;
     let pid = child.id().unwrap_or(0);
@@ -242,6 +260,8 @@ pub(crate) fn spawn(
                 let sig = s.signal().unwrap_or(0);
                 let reason = if s.success() {
                     "finished".to_string()
+                } else if code == i32::from(crate::trainer::EXIT_STOPPED) {
+                    "trainer stopped on request (state saved)".to_string()
                 } else if sig != 0 {
                     format!("trainer killed by signal {sig}")
                 } else {
@@ -260,6 +280,8 @@ pub(crate) fn spawn(
                     code,
                     signal: sig,
                     user_error: code == EXIT_USER_ERROR,
+                    // Stopped on request after saving its state (see `trainer::EXIT_STOPPED`).
+                    preempted: code == i32::from(crate::trainer::EXIT_STOPPED),
                     reason,
                     last_log_lines: last,
                 }

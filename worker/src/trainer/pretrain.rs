@@ -241,10 +241,14 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     let mut next_picture = start_step + picture_every;
     info!(total_steps, steps_per_epoch, start_step, "training");
     while step < total_steps {
-        if stop_requested() {
-            if is_rank0 && step > last_ckpt_step && spec.checkpoint.every_steps > 0 {
+        if stop_agreed(&st.group, stop_requested())? {
+            // Every rank stops at this same step; rank 0 saves it, and the others leave only
+            // after that checkpoint is reported, so the resume point is this step.
+            if is_rank0 && step > last_ckpt_step {
                 ckpt.save(rep, &st.model, &st.opt, step)?;
             }
+            st.group.barrier()?;
+            info!(step, "stopped on request, state saved");
             return Ok(Outcome::Stopped);
         }
         let step_start = Instant::now();
@@ -335,6 +339,18 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     }
     st.group.barrier()?;
     Ok(Outcome::Finished)
+}
+
+/// Whether any rank was asked to stop (SIGTERM: its node drains or terminates): one tiny
+/// all-reduce per step, so that all ranks stop together at the same step instead of leaving the
+/// others blocked in the next collective.
+fn stop_agreed(group: &ProcessGroup, local: bool) -> TResult<bool> {
+    if group.world_size() == 1 {
+        return Ok(local);
+    }
+    let flag = Tensor::from(if local { 1f32 } else { 0f32 }).to_device(group.device());
+    group.all_reduce_sum(&flag)?;
+    Ok(flag.f_double_value(&[])? > 0.0)
 }
 
 /// Steps between kNN monitor runs (0: none before the end).

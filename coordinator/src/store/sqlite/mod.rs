@@ -180,7 +180,7 @@ impl Tx for SqliteTx<'_> {
             &format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLS}) VALUES \
                  (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                 ?19, ?20, ?21)"
+                 ?19, ?20, ?21, ?22)"
             ),
             params![
                 j.id.to_string(),
@@ -204,6 +204,7 @@ impl Tx for SqliteTx<'_> {
                 j.run.keep_last,
                 j.run.keep_every_epochs,
                 j.run.auto_eval,
+                j.preemptions,
             ],
         )?;
         Ok(())

@@ -60,7 +60,7 @@ fn worker_state(v: i32) -> Result<WorkerState> {
 
 pub(super) const JOB_COLS: &str = "id, name, kind, spec_toml, priority, world_size, state, created_ms, \
     updated_ms, epoch, attempts, restarts_used, max_restarts, failure_reason, total_steps, last_metrics, owner, \
-    probe_checkpoint, keep_last, keep_every_epochs, auto_eval";
+    probe_checkpoint, keep_last, keep_every_epochs, auto_eval, preemptions";
 
 pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRaw)> {
     Ok((
@@ -88,6 +88,7 @@ pub(super) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<(String, JobRecordRa
                 keep_every_epochs: r.get(19)?,
                 auto_eval: r.get(20)?,
             },
+            preemptions: r.get(21)?,
         },
     ))
 }
@@ -110,6 +111,7 @@ pub(super) struct JobRecordRaw {
     last_metrics: Option<Vec<u8>>,
     owner: String,
     run: super::super::JobRunInfo,
+    preemptions: u32,
 }
 
 pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
@@ -135,6 +137,7 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
         attempts: r.attempts,
         restarts_used: r.restarts_used,
         max_restarts: r.max_restarts,
+        preemptions: r.preemptions,
         failure_reason: r.failure_reason,
         total_steps: r.total_steps,
         last_metrics,

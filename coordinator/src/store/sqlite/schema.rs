@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     probe_checkpoint TEXT NOT NULL DEFAULT '',
     keep_last INTEGER NOT NULL DEFAULT 0,
     keep_every_epochs INTEGER NOT NULL DEFAULT 0,
-    auto_eval INTEGER NOT NULL DEFAULT 0
+    auto_eval INTEGER NOT NULL DEFAULT 0,
+    preemptions INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_ms);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -108,12 +109,13 @@ CREATE INDEX IF NOT EXISTS log_lines_job ON log_lines (job_id, rank, seq);
 pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Columns added to `jobs` after the first schema: (name, definition).
-const ADDED_JOB_COLUMNS: [(&str, &str); 5] = [
+const ADDED_JOB_COLUMNS: [(&str, &str); 6] = [
     ("owner", "TEXT NOT NULL DEFAULT ''"),
     ("probe_checkpoint", "TEXT NOT NULL DEFAULT ''"),
     ("keep_last", "INTEGER NOT NULL DEFAULT 0"),
     ("keep_every_epochs", "INTEGER NOT NULL DEFAULT 0"),
     ("auto_eval", "INTEGER NOT NULL DEFAULT 0"),
+    ("preemptions", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Brings a database written by an earlier version up to this schema (idempotent), in one

@@ -16,6 +16,7 @@ fn job(id: JobId, created_ms: i64) -> JobRecord {
         epoch: 0,
         attempts: 0,
         restarts_used: 0,
+        preemptions: 0,
         max_restarts: 2,
         failure_reason: String::new(),
         total_steps: 0,
