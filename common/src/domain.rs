@@ -172,6 +172,48 @@ pub fn parse_job_kind(s: &str) -> Option<crate::JobKind> {
         .find(|k| job_kind_name(*k) == s)
 }
 
+/// Serde for the `f64` figures of the domain types: a finite value is a JSON number; NaN and the
+/// infinities (a diverged loss is worth keeping) are the strings "NaN", "inf" and "-inf", which
+/// JSON numbers cannot hold. Reading also takes `null` (what a plain `f64` field wrote for them)
+/// as NaN.
+pub mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if *v > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Any {
+            Num(f64),
+            Text(String),
+            Null(()),
+        }
+        match Option::<Any>::deserialize(d)? {
+            Some(Any::Num(v)) => Ok(v),
+            Some(Any::Text(t)) => match t.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a number, \"NaN\", \"inf\" or \"-inf\", found {other:?}"
+                ))),
+            },
+            Some(Any::Null(())) | None => Ok(f64::NAN),
+        }
+    }
+}
+
 /// Training metrics of one logged step (rank 0's view of the global batch).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -179,19 +221,29 @@ pub struct TrainMetrics {
     pub step: u64,
     pub epoch: u32,
     pub total_steps: u64,
+    #[serde(with = "float")]
     pub loss: f64,
     /// Sum_i (1 - C_ii)^2
+    #[serde(with = "float")]
     pub on_diag: f64,
     /// Sum_{i != j} C_ij^2 (before lambda)
+    #[serde(with = "float")]
     pub off_diag: f64,
     /// lambda * off_diag
+    #[serde(with = "float")]
     pub off_diag_scaled: f64,
+    #[serde(with = "float")]
     pub mean_diag: f64,
+    #[serde(with = "float")]
     pub mean_abs_off_diag: f64,
+    #[serde(with = "float")]
     pub max_abs_off_diag: f64,
+    #[serde(with = "float")]
     pub lr: f64,
+    #[serde(with = "float")]
     pub images_per_sec: f64,
     pub skipped_images: u64,
+    #[serde(with = "float")]
     pub step_time_ms: f64,
 }
 
@@ -201,11 +253,16 @@ pub struct EvalResult {
     pub step: u64,
     pub epoch: u32,
     pub kind: EvalKind,
+    #[serde(with = "float")]
     pub top1: f64,
+    #[serde(with = "float")]
     pub top5: f64,
+    #[serde(with = "float")]
     pub baseline_top1: f64,
     pub detail: String,
+    #[serde(with = "float")]
     pub raw_pixels_top1: f64,
+    #[serde(with = "float")]
     pub margin: f64,
     pub has_baselines: bool,
 }
@@ -247,7 +304,9 @@ pub struct CorrelationPicture {
     pub step: u64,
     pub side: u32,
     pub cells: Vec<u8>,
+    #[serde(with = "float")]
     pub mean_diag: f64,
+    #[serde(with = "float")]
     pub mean_abs_off_diag: f64,
 }
 
@@ -367,5 +426,33 @@ impl JobEvent {
     /// A state change into a terminal state: the last event of a job.
     pub fn is_terminal(&self) -> bool {
         matches!(&self.kind, EventKind::State(s) if s.state.is_terminal())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_figures_survive_json_and_null_reads_as_nan() {
+        let m = TrainMetrics {
+            step: 3,
+            loss: f64::NAN,
+            on_diag: f64::INFINITY,
+            off_diag: f64::NEG_INFINITY,
+            lr: 0.5,
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains(r#""loss":"NaN""#), "{text}");
+        let back: TrainMetrics = serde_json::from_str(&text).unwrap();
+        assert!(back.loss.is_nan());
+        assert_eq!(back.on_diag, f64::INFINITY);
+        assert_eq!(back.off_diag, f64::NEG_INFINITY);
+        assert_eq!((back.step, back.lr), (3, 0.5));
+        // What a plain f64 field wrote for NaN before: null.
+        let old: TrainMetrics = serde_json::from_str(r#"{"step":1,"loss":null}"#).unwrap();
+        assert!(old.loss.is_nan());
+        assert!(serde_json::from_str::<TrainMetrics>(r#"{"loss":"fast"}"#).is_err());
     }
 }

@@ -35,6 +35,29 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     pub dashboard: DashboardConfig,
     pub retention: RetentionConfig,
+    pub watchdog: WatchdogConfig,
+}
+
+/// The progress watchdog: a running job none of whose ranks has reported anything (steps,
+/// evaluations, checkpoints, log lines) for `multiple` × its recent interval between step reports,
+/// and at least `min_ms`, is declared hung (a stopped process, a deadlocked collective) and
+/// restarted through the same path as a lost worker, well before the collective timeout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// Multiple of the recent step-report interval (0: no watchdog).
+    pub multiple: f64,
+    /// Never sooner than this (above the longest silent phase, such as a kNN evaluation).
+    pub min_ms: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            multiple: 10.0,
+            min_ms: 300_000,
+        }
+    }
 }
 
 /// Housekeeping of finished jobs' history (run at start and every hour).
@@ -177,6 +200,7 @@ impl Default for CoordinatorConfig {
             limits: Limits::default(),
             dashboard: DashboardConfig::default(),
             retention: RetentionConfig::default(),
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
@@ -195,6 +219,9 @@ impl CoordinatorConfig {
         }
         if self.start_deadline_ms == 0 {
             return Err("start_deadline_ms: must be greater than 0".into());
+        }
+        if !(self.watchdog.multiple >= 0.0 && self.watchdog.multiple.is_finite()) {
+            return Err("watchdog.multiple: must be 0 (off) or a positive number".into());
         }
         if self.watch_buffer == 0 {
             return Err("watch_buffer: must be greater than 0".into());

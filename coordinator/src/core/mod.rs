@@ -56,7 +56,40 @@ struct Runtime {
     /// Workers whose daemon said it is going away (`Drain`): nothing more is placed on them
     /// until they open a new session.
     draining: std::collections::HashSet<WorkerId>,
+    /// Signs of life of each active attempt (job, epoch), for the progress watchdog.
+    progress: HashMap<(JobId, u64), Progress>,
     shutting_down: bool,
+}
+
+/// An attempt's signs of life (any report of a rank), for the progress watchdog.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Progress {
+    /// The latest report of any rank.
+    last_ms: i64,
+    /// The latest step (metrics) report.
+    last_step_ms: Option<i64>,
+    /// Smoothed interval between step reports.
+    step_interval_ms: Option<f64>,
+}
+
+impl Runtime {
+    /// A current report of the attempt arrived (`step`: a metrics report).
+    fn touch(&mut self, key: (JobId, u64), step: bool) {
+        let now = now_ms();
+        let p = self.progress.entry(key).or_insert(Progress {
+            last_ms: now,
+            last_step_ms: None,
+            step_interval_ms: None,
+        });
+        p.last_ms = now;
+        if step {
+            if let Some(prev) = p.last_step_ms {
+                let dt = (now - prev).max(0) as f64;
+                p.step_interval_ms = Some(p.step_interval_ms.map_or(dt, |i| 0.7 * i + 0.3 * dt));
+            }
+            p.last_step_ms = Some(now);
+        }
+    }
 }
 
 /// Metric events appended between two checks of a job's history size.

@@ -71,6 +71,10 @@ pub(crate) fn handle_report(
     let Some(at) = fence(tx, worker_id, job_id, r.epoch, r.rank)? else {
         return Ok(());
     };
+    if at.current {
+        let step = matches!(body, trainer_report::Body::Metrics(_));
+        rt.touch((job_id, r.epoch), step);
+    }
     match body {
         trainer_report::Body::Exit(e) => on_exit(rt, tx, fx, worker_id, at, &e),
         // A past attempt's last lines still tell why it ended.

@@ -2,7 +2,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bt_common::domain::{AttemptOutcome, WorkerState};
+use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
     worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest,
@@ -133,6 +133,64 @@ fn start_deadlines(
         );
         a.ranks[i].mark_failed(now, why.clone());
         warn!(job_id = %a.job_id, epoch = a.epoch, rank, worker = %wname, "rank did not start");
+        fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
+    }
+    Ok(())
+}
+
+/// The progress watchdog (`watchdog.*`): a running attempt none of whose ranks has reported for
+/// `multiple` × its recent step-report interval (at least `min_ms`) is hung; it fails as an
+/// infrastructure failure (restart by the budget), its ranks are told to stop.
+fn watchdog(
+    config: &crate::config::CoordinatorConfig,
+    rt: &mut Runtime,
+    tx: &mut dyn Tx,
+    fx: &mut Effects,
+    now: i64,
+) -> Result<()> {
+    let w = &config.watchdog;
+    if w.multiple <= 0.0 {
+        rt.progress.clear();
+        return Ok(());
+    }
+    let keys: Vec<(JobId, u64)> = rt.progress.keys().copied().collect();
+    for key @ (job_id, epoch) in keys {
+        let p = rt.progress[&key];
+        let (job, attempt) = (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?);
+        let (Some(mut job), Some(mut a)) = (job, attempt) else {
+            rt.progress.remove(&key);
+            continue;
+        };
+        if job.epoch != epoch || job.state.is_terminal() || !a.is_active() {
+            rt.progress.remove(&key);
+            continue;
+        }
+        if job.state != JobState::Running {
+            continue;
+        }
+        let limit = (w.multiple * p.step_interval_ms.unwrap_or(0.0)).max(w.min_ms as f64);
+        let silent = now - p.last_ms;
+        if (silent as f64) <= limit {
+            continue;
+        }
+        rt.progress.remove(&key);
+        let why = match p.step_interval_ms {
+            Some(i) => format!(
+                "hung: no report from any rank for {:.1} s, {:.0}x its recent step-report \
+                 interval of {:.0} ms (watchdog.multiple {}, watchdog.min_ms {})",
+                silent as f64 / 1e3,
+                silent as f64 / i.max(1.0),
+                i,
+                w.multiple,
+                w.min_ms
+            ),
+            None => format!(
+                "hung: no report from any rank for {:.1} s (watchdog.min_ms {})",
+                silent as f64 / 1e3,
+                w.min_ms
+            ),
+        };
+        warn!(job_id = %job_id, epoch, silent_ms = silent, "job declared hung");
         fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
     }
     Ok(())
@@ -511,7 +569,8 @@ impl Core {
                 );
                 fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
             }
-            start_deadlines(config, tx, fx, now)
+            start_deadlines(config, tx, fx, now)?;
+            watchdog(config, rt, tx, fx, now)
         })
     }
 

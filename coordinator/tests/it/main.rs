@@ -9,3 +9,4 @@ mod ops;
 mod preemption;
 mod process;
 mod watch;
+mod watchdog;
