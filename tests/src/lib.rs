@@ -61,6 +61,8 @@ pub struct Cluster {
     workers: Vec<Option<Proc>>,
     heartbeat_timeout_ms: u64,
     port_base: u32,
+    /// Extra environment of the coordinator (`BT_COORDINATOR_*` settings).
+    coordinator_env: Vec<(String, String)>,
 }
 
 fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
@@ -90,6 +92,16 @@ impl Cluster {
     }
 
     pub fn start_with(workers: usize, slots: u32, heartbeat_timeout_ms: u64) -> Cluster {
+        Self::start_configured(workers, slots, heartbeat_timeout_ms, &[])
+    }
+
+    /// Like `start_with`, the coordinator with extra `BT_COORDINATOR_*` settings.
+    pub fn start_configured(
+        workers: usize,
+        slots: u32,
+        heartbeat_timeout_ms: u64,
+        coordinator_env: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("bt-e2e-")
             .tempdir()
@@ -103,6 +115,10 @@ impl Cluster {
             workers: Vec::new(),
             heartbeat_timeout_ms,
             port_base,
+            coordinator_env: coordinator_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         // Every cluster runs secured, as a user would deploy it: a CA and certificates from
         // `bt-coordinator init-secrets`, TLS with client certificates for daemons, tokens.
@@ -158,7 +174,8 @@ impl Cluster {
             .arg("--tls-key")
             .arg(self.path("secrets/server.key"))
             .arg("--tls-client-ca")
-            .arg(self.path("secrets/ca.pem"));
+            .arg(self.path("secrets/ca.pem"))
+            .envs(self.coordinator_env.iter().map(|(k, v)| (k, v)));
         let p = spawn("coordinator", &mut cmd, self.path("coordinator.log"));
         self.coordinator = Some(p);
         let addr = wait_for(

@@ -674,3 +674,50 @@ fn a_daemon_killed_with_sigkill_takes_its_trainers_with_it() {
         || orphans.iter().all(|p| !bt_tests::alive(*p)).then_some(()),
     );
 }
+
+#[test]
+fn a_stopped_trainer_is_declared_hung_and_the_job_restarts() {
+    // A short watchdog: 4 s without any report (the step reports come every ~0.1-1 s).
+    let c = Cluster::start_configured(
+        2,
+        1,
+        3000,
+        &[
+            ("BT_COORDINATOR_WATCHDOG__MIN_MS", "4000"),
+            ("BT_COORDINATOR_WATCHDOG__MULTIPLE", "10"),
+        ],
+    );
+    let id = c.submit(
+        TINY,
+        &[
+            "train.max_steps=30",
+            "train.epochs=10",
+            "train.log_every=1",
+            "checkpoint.every_steps=5",
+            "restart.max_restarts=1",
+            "name=hung",
+        ],
+    );
+    wait_for("a few steps", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= 2).then_some(())
+    });
+    let pids = c.trainer_pids();
+    assert_eq!(pids.len(), 2);
+    // SIGSTOP: the rank neither dies nor reports; its peer waits in the next collective.
+    // SAFETY: kill(2) on a trainer of this cluster.
+    unsafe {
+        libc::kill(pids[0] as i32, libc::SIGSTOP);
+    }
+    let job = wait_for("the job to be declared hung", MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["restarts_used"] == 1).then_some(j)
+    });
+    let reason = job["failure_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("hung: no report"), "{reason}");
+    // The stopped trainer is killed (SIGTERM stays pending while stopped, SIGKILL does not), the
+    // job resumes from its latest checkpoint and finishes.
+    let job = c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    assert_eq!(job["restarts_used"], 1);
+    assert!(!bt_tests::alive(pids[0]), "the stopped trainer is gone");
+}
