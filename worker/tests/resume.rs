@@ -104,3 +104,46 @@ fn corrupt_checkpoint_is_refused_with_its_path() {
     assert!(err.is_user_error());
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_one_before() {
+    // Checkpoints at steps 3 and 6; the newest one is then truncated.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec().replace("max_steps = 8", "max_steps = 6");
+    let mut a = assignment(dir.path(), "");
+    a.spec_toml = spec.clone();
+    let mut full = Reporter::collecting();
+    run(&a, bt_common::domain::DeviceKind::Cpu, &mut full).expect("run");
+    let (older, newest) = (dir.path().join("00000003"), dir.path().join("00000006"));
+    let model = newest.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut a = assignment(dir2.path(), newest.to_str().unwrap());
+    a.spec_toml = spec.clone();
+    a.resume_fallbacks = vec![older.to_str().unwrap().into()];
+    let mut rep = Reporter::collecting();
+    run(&a, bt_common::domain::DeviceKind::Cpu, &mut rep).expect("resumed from the older one");
+    let resumed = losses(&rep);
+    assert_eq!(resumed.first().map(|l| l.0), Some(4), "resumed at step 3");
+    assert_eq!(resumed, losses(&full)[3..], "and continues exactly");
+    let notices: Vec<String> = rep
+        .collected
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(Body::Notice(n)) => Some(n.message.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("00000006") && n.contains("not usable")),
+        "{notices:?}"
+    );
+    assert!(
+        notices.iter().any(|n| n.contains("resumed from")),
+        "{notices:?}"
+    );
+}

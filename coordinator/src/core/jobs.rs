@@ -69,6 +69,9 @@ pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &s
     }
 }
 
+/// Earlier checkpoints an assignment names for a resume whose newest checkpoint is corrupt.
+const RESUME_FALLBACKS: usize = 4;
+
 /// How the reason of an attempt ended by a preemption begins.
 pub(crate) const PREEMPTED: &str = "preempted: ";
 
@@ -357,11 +360,15 @@ fn start_attempt(
     let epoch = tx.next_epoch()?;
     let span = rank0.port_end.saturating_sub(rank0.port_start).max(1);
     let master_port = rank0.port_start + (epoch % span as u64) as u32;
-    let resume_from = tx
+    // The newest committed checkpoint, and the ones before it (newest first) should it be corrupt.
+    let mut committed: Vec<String> = tx
         .list_checkpoints(job.id, false)?
-        .last()
-        .map(|c| c.path.clone())
-        .unwrap_or_default();
+        .into_iter()
+        .map(|c| c.path)
+        .collect();
+    let resume_from = committed.pop().unwrap_or_default();
+    let resume_fallbacks: Vec<String> =
+        committed.into_iter().rev().take(RESUME_FALLBACKS).collect();
     let attempt = AttemptRecord {
         job_id: job.id,
         epoch,
@@ -422,6 +429,7 @@ fn start_attempt(
                 checkpoint_dir: checkpoint_dir.to_string_lossy().into_owned(),
                 resume_from: resume_from.clone(),
                 store_prefix: store_prefix.clone(),
+                resume_fallbacks: resume_fallbacks.clone(),
             }
             .into(),
         ));

@@ -150,3 +150,41 @@ async fn a_late_stop_checkpoint_counts_until_the_next_attempt_starts() {
         .collect();
     assert_eq!(paths, [first]);
 }
+
+#[tokio::test]
+async fn a_restart_names_the_earlier_checkpoints_as_fallbacks_newest_first() {
+    let c = Coord::start().await;
+    let mut d = FakeDaemon::connect(&c, "node-a", 1).await;
+    let job = c.submit(&spec(1, 1)).await;
+    let a = d.next_assignment().await;
+    assert!(a.resume_from.is_empty() && a.resume_fallbacks.is_empty());
+    d.started(&a).await;
+    let path = |step: u64| format!("{}/{step:08}", a.checkpoint_dir);
+    for step in [2, 4, 6] {
+        d.report(
+            &a,
+            trainer_report::Body::Checkpoint(CheckpointInfo {
+                step,
+                path: path(step),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+    eventually("three checkpoints", || async {
+        c.checkpoints(&job.id).await.len() == 3
+    })
+    .await;
+    d.report(
+        &a,
+        trainer_report::Body::Exit(TrainerExit {
+            code: 3,
+            reason: "lost the collective".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let b = d.next_assignment().await;
+    assert_eq!(b.resume_from, path(6));
+    assert_eq!(b.resume_fallbacks, [path(4), path(2)]);
+}

@@ -659,6 +659,9 @@ pub fn confine_assignment(a: &Assignment, cfg: &WorkerConfig) -> Result<(), Stri
     if !a.resume_from.is_empty() {
         resolve_within("resume_from", Path::new(&a.resume_from), root)?;
     }
+    for (i, p) in a.resume_fallbacks.iter().enumerate() {
+        resolve_within(&format!("resume_fallbacks[{i}]"), Path::new(p), root)?;
+    }
     let spec = bt_common::JobSpec::from_toml_str(&a.spec_toml).map_err(|e| e.to_string())?;
     for (field, p) in spec.read_paths() {
         let p = Path::new(p);
@@ -765,6 +768,11 @@ mod tests {
             },
             Assignment {
                 resume_from: format!("{}/../x", root.display()),
+                ..ok.clone()
+            },
+            Assignment {
+                resume_from: format!("{}/j/1", root.display()),
+                resume_fallbacks: vec![format!("{}/j/0", root.display()), "/etc".into()],
                 ..ok.clone()
             },
             Assignment {

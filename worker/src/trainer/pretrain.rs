@@ -341,6 +341,47 @@ pub fn run(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -
     Ok(Outcome::Finished)
 }
 
+/// Where to resume: `resume_from` if it verifies, else the newest of `resume_fallbacks` that does
+/// (each one skipped with a notice naming it and why); every rank must pick the same. None: start
+/// fresh. When none verifies, the newest one's error (with its path).
+fn resume_point(
+    a: &Assignment,
+    group: &ProcessGroup,
+    rep: &mut Reporter,
+) -> TResult<Option<String>> {
+    if a.resume_from.is_empty() {
+        return Ok(None);
+    }
+    let mut first_err = None;
+    let mut pick = None;
+    for p in std::iter::once(&a.resume_from).chain(&a.resume_fallbacks) {
+        match checkpoint::verify(Path::new(p)) {
+            Ok(_) => {
+                pick = Some(p.clone());
+                break;
+            }
+            Err(e) => {
+                warn!(path = %p, error = %e, "checkpoint does not verify; trying the one before");
+                if a.rank == 0 {
+                    rep.notice(
+                        NoticeLevel::Warn,
+                        format!("checkpoint {p} is not usable ({e}); resuming from an earlier one"),
+                    );
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match (pick, first_err) {
+        (Some(pick), _) => {
+            group.check_agreement("resume checkpoint", pick.as_bytes())?;
+            Ok(Some(pick))
+        }
+        (None, Some(e)) => Err(e.into()),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Whether any rank was asked to stop (SIGTERM: its node drains or terminates): one tiny
 /// all-reduce per step, so that all ranks stop together at the same step instead of leaving the
 /// others blocked in the next collective.
@@ -451,16 +492,13 @@ fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> 
     let mut st = TrainState::new(model, opt, group, settings)?;
 
     let mut start_step = 0u64;
-    if !a.resume_from.is_empty() {
-        let ck = checkpoint::load(Path::new(&a.resume_from), &st.model, &mut st.opt)?;
+    if let Some(from) = resume_point(a, &st.group, rep)? {
+        let ck = checkpoint::load(Path::new(&from), &st.model, &mut st.opt)?;
         start_step = ck.step;
-        info!(step = start_step, path = %a.resume_from, "resumed from checkpoint");
+        info!(step = start_step, path = %from, "resumed from checkpoint");
         rep.notice(
             NoticeLevel::Info,
-            format!(
-                "rank {rank} resumed from {} at step {start_step}",
-                a.resume_from
-            ),
+            format!("rank {rank} resumed from {from} at step {start_step}"),
         );
     }
 
