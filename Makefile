@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build demo quality test bench dashboard
+.PHONY: setup build demo quality test bench dashboard chaos
 
 setup:
 	scripts/setup.sh
@@ -23,6 +23,12 @@ test: setup
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) cargo build --workspace --bins
 	$(ENV) scripts/run-tests.sh
+
+# The long chaos run (the short one is part of `make test`): CHAOS_SECONDS of seeded faults
+# (CHAOS_SEED) over a real cluster, then its figures.
+chaos: build
+	$(ENV) CHAOS_SECONDS=$${CHAOS_SECONDS:-600} CHAOS_SEED=$${CHAOS_SEED:-1} \
+	  cargo nextest run --profile chaos -p bt-tests --test chaos --no-capture
 
 # Benchmark figures (release build: the first run compiles everything once more).
 bench: setup
