@@ -7,6 +7,41 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Two ranks, a tiny ResNet-18 and projector, a few steps on 256 Fashion-MNIST images.
+pub const TINY: &str = r#"
+name = "e2e"
+world_size = 2
+[data]
+source = "fashion-mnist"
+path = "/usr/share/datasets/fashion-mnist"
+limit = 256
+image_size = 16
+threads = 1
+prefetch = 2
+[model]
+backbone = "resnet18"
+cifar_stem = true
+projector = [64, 64]
+[train]
+batch_size = 16
+epochs = 1
+max_steps = 6
+warmup_epochs = 0
+log_every = 2
+torch_threads = 1
+[checkpoint]
+every_steps = 2
+keep_last = 2
+[eval]
+knn_at_end = true
+knn_k = 10
+bank_size = 200
+test_size = 100
+baseline = false
+[dist]
+timeout_secs = 20
+"#;
+
 /// Where the binaries are: `BT_BIN_DIR`, else the workspace's `target/debug`.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("BT_BIN_DIR")

@@ -2,42 +2,7 @@
 //! (tiny) Barlow Twins job on Fashion-MNIST.
 use std::time::Duration;
 
-use bt_tests::{wait_for, Cluster};
-
-/// Two ranks, a tiny ResNet-18 and projector, a few steps on 256 Fashion-MNIST images.
-const TINY: &str = r#"
-name = "e2e"
-world_size = 2
-[data]
-source = "fashion-mnist"
-path = "/usr/share/datasets/fashion-mnist"
-limit = 256
-image_size = 16
-threads = 1
-prefetch = 2
-[model]
-backbone = "resnet18"
-cifar_stem = true
-projector = [64, 64]
-[train]
-batch_size = 16
-epochs = 1
-max_steps = 6
-warmup_epochs = 0
-log_every = 2
-torch_threads = 1
-[checkpoint]
-every_steps = 2
-keep_last = 2
-[eval]
-knn_at_end = true
-knn_k = 10
-bank_size = 200
-test_size = 100
-baseline = false
-[dist]
-timeout_secs = 20
-"#;
+use bt_tests::{wait_for, Cluster, TINY};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
