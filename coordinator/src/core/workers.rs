@@ -153,9 +153,17 @@ fn watchdog(
         rt.progress.clear();
         return Ok(());
     }
-    let keys: Vec<(JobId, u64)> = rt.progress.keys().copied().collect();
-    for key @ (job_id, epoch) in keys {
-        let p = rt.progress[&key];
+    // Only attempts silent past their limit are looked up in the store (a tick reads nothing for
+    // jobs that report); entries of attempts that ended go when they come due.
+    let limit_of =
+        |p: &super::Progress| (w.multiple * p.step_interval_ms.unwrap_or(0.0)).max(w.min_ms as f64);
+    let due: Vec<((JobId, u64), super::Progress)> = rt
+        .progress
+        .iter()
+        .filter(|(_, p)| (now - p.last_ms) as f64 > limit_of(p))
+        .map(|(k, p)| (*k, *p))
+        .collect();
+    for (key @ (job_id, epoch), p) in due {
         let (job, attempt) = (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?);
         let (Some(mut job), Some(mut a)) = (job, attempt) else {
             rt.progress.remove(&key);
@@ -168,11 +176,7 @@ fn watchdog(
         if job.state != JobState::Running {
             continue;
         }
-        let limit = (w.multiple * p.step_interval_ms.unwrap_or(0.0)).max(w.min_ms as f64);
         let silent = now - p.last_ms;
-        if (silent as f64) <= limit {
-            continue;
-        }
         rt.progress.remove(&key);
         let why = match p.step_interval_ms {
             Some(i) => format!(

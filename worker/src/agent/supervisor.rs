@@ -83,7 +83,9 @@ impl LogRelay {
 }
 
 /// Exit code a trainer uses for an error in the job itself (bad spec, bad data): no restart helps.
-pub const EXIT_USER_ERROR: i32 = 2;
+const EXIT_USER_ERROR: i32 = crate::trainer::EXIT_USER_ERROR as i32;
+/// Stopped on request after saving its state (see `trainer::EXIT_STOPPED`): a preemption.
+const EXIT_STOPPED: i32 = crate::trainer::EXIT_STOPPED as i32;
 
 pub struct TrainerHandle {
     pid: u32,
@@ -260,7 +262,7 @@ pub(crate) fn spawn(
                 let sig = s.signal().unwrap_or(0);
                 let reason = if s.success() {
                     "finished".to_string()
-                } else if code == i32::from(crate::trainer::EXIT_STOPPED) {
+                } else if code == EXIT_STOPPED {
                     "trainer stopped on request (state saved)".to_string()
                 } else if sig != 0 {
                     format!("trainer killed by signal {sig}")
@@ -280,8 +282,7 @@ pub(crate) fn spawn(
                     code,
                     signal: sig,
                     user_error: code == EXIT_USER_ERROR,
-                    // Stopped on request after saving its state (see `trainer::EXIT_STOPPED`).
-                    preempted: code == i32::from(crate::trainer::EXIT_STOPPED),
+                    preempted: code == EXIT_STOPPED,
                     reason,
                     last_log_lines: last,
                 }
