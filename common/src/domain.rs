@@ -111,6 +111,9 @@ named! {
         Succeeded = "succeeded",
         Failed = "failed",
         Cancelled = "cancelled",
+        /// A rank stopped on request (its node drained or terminated) after saving its state:
+        /// the job requeues without spending its restart budget.
+        Preempted = "preempted",
     }
 }
 

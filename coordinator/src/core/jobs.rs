@@ -72,7 +72,8 @@ pub(crate) fn cancel_ranks(fx: &mut Effects, attempt: &AttemptRecord, reason: &s
 /// Earlier checkpoints an assignment names for a resume whose newest checkpoint is corrupt.
 const RESUME_FALLBACKS: usize = 4;
 
-/// How the reason of an attempt ended by a preemption begins.
+/// How the reason of an attempt ended by a preemption begins (for people: code reads the
+/// attempt's outcome, `AttemptOutcome::Preempted`).
 pub(crate) const PREEMPTED: &str = "preempted: ";
 
 /// Ends the job's current attempt as preempted (a rank stopped on request after saving its
@@ -86,7 +87,7 @@ pub(crate) fn preempt_attempt(
     reason: String,
 ) -> Result<()> {
     attempt.ended_ms = Some(now_ms());
-    attempt.outcome = Some(AttemptOutcome::Failed);
+    attempt.outcome = Some(AttemptOutcome::Preempted);
     attempt.reason = format!("{PREEMPTED}{reason}");
     cancel_ranks(fx, attempt, &format!("attempt preempted: {reason}"));
     tx.put_attempt(attempt)?;

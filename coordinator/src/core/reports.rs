@@ -9,7 +9,7 @@ use bt_common::{now_ms, JobId, JobSpec, WorkerId};
 use bt_proto::{trainer_report, DeleteCheckpoints, TrainerExit, TrainerReport};
 use tracing::{debug, info, warn};
 
-use super::jobs::{checkpoint_info, fail_attempt, preempt_attempt, set_state, PREEMPTED};
+use super::jobs::{checkpoint_info, fail_attempt, preempt_attempt, set_state};
 use super::{emit, Effects, Runtime};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
@@ -117,7 +117,7 @@ fn saved_on_preemption(at: &Fenced, epoch: u64) -> bool {
     !at.current
         && at.job.epoch == epoch
         && !at.job.state.is_terminal()
-        && at.attempt.reason.starts_with(PREEMPTED)
+        && at.attempt.outcome == Some(AttemptOutcome::Preempted)
 }
 
 /// Fencing: a report counts only for a known job, an attempt its epoch names, a rank inside the

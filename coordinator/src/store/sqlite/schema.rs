@@ -106,7 +106,9 @@ CREATE INDEX IF NOT EXISTS log_lines_job ON log_lines (job_id, rank, seq);
 ///   `stored`), no longer the wire's encoding.
 /// - 3: what the coordinator needs from a job's spec at run time as columns of `jobs`
 ///   (`probe_checkpoint`, `keep_last`, `keep_every_epochs`, `auto_eval`), taken from the spec once.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+/// - 4: a preempted attempt has its own outcome (`preempted`); before, it was stored as `failed`
+///   with a reason beginning "preempted: ".
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Columns added to `jobs` after the first schema: (name, definition).
 const ADDED_JOB_COLUMNS: [(&str, &str); 6] = [
@@ -151,6 +153,13 @@ pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<(
     }
     if version < 3 {
         run_info_from_specs(&tx)?;
+    }
+    if version < 4 {
+        tx.execute(
+            "UPDATE attempts SET outcome = 'preempted' \
+             WHERE outcome = 'failed' AND reason LIKE 'preempted: %'",
+            [],
+        )?;
     }
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",

@@ -362,7 +362,46 @@ fn schema_2_jobs_get_their_run_time_columns_from_the_spec() {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(v, 3);
+    assert_eq!(v, super::schema::SCHEMA_VERSION);
+}
+
+/// A database as schema 3 wrote it: a preempted attempt was stored as `failed` with a reason
+/// beginning "preempted: "; after the migration its outcome is `preempted`, and a real failure
+/// stays `failed`.
+#[test]
+fn schema_3_preempted_attempts_get_their_own_outcome() {
+    use bt_common::domain::AttemptOutcome;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.db");
+    let id = JobId::new();
+    {
+        let mut s = SqliteStore::open(&path).unwrap();
+        let mut tx = s.begin().unwrap();
+        tx.put_job(&job(id, 1)).unwrap();
+        tx.commit().unwrap();
+        for (epoch, reason) in [
+            (1, "preempted: rank 1 stopped on request"),
+            (2, "rank 0 died"),
+        ] {
+            s.conn
+                .execute(
+                    "INSERT INTO attempts (job_id, epoch, started_ms, ended_ms, outcome, reason, \
+                     resume_from, master_addr, master_port) \
+                     VALUES (?1, ?2, 0, 1, 'failed', ?3, '', '127.0.0.1', 1)",
+                    params![id.to_string(), epoch, reason],
+                )
+                .unwrap();
+        }
+        s.conn
+            .execute("UPDATE meta SET value = 3 WHERE key = 'schema'", [])
+            .unwrap();
+    }
+    let mut s = SqliteStore::open(&path).unwrap();
+    let mut tx = s.begin().unwrap();
+    let outcome =
+        |tx: &mut dyn crate::store::Tx, e| tx.get_attempt(id, e).unwrap().unwrap().outcome;
+    assert_eq!(outcome(&mut *tx, 1), Some(AttemptOutcome::Preempted));
+    assert_eq!(outcome(&mut *tx, 2), Some(AttemptOutcome::Failed));
 }
 
 #[test]
