@@ -203,6 +203,21 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Format,
     },
+    /// Drain a worker (admins): nothing more is placed on it, and its trainers checkpoint and
+    /// stop, so their jobs requeue on other workers without spending their restart budget. The
+    /// drain holds (across restarts) until `btctl undrain`.
+    Drain {
+        /// The worker's name or id (see `btctl workers`).
+        worker: String,
+        /// Why (shown by `btctl workers`).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Let a drained worker take work again.
+    Undrain {
+        /// The worker's name or id.
+        worker: String,
+    },
     /// List a job's committed checkpoints.
     Checkpoints {
         job_id: String,
@@ -383,6 +398,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .workers;
             output::print_workers(&ws, output == Format::Json);
         }
+        Cmd::Drain { worker, reason } => {
+            let w = drain(&cli.conn, worker, reason, false).await?;
+            println!("worker {} drained: {}", w.name, w.drained);
+        }
+        Cmd::Undrain { worker } => {
+            let w = drain(&cli.conn, worker, String::new(), true).await?;
+            println!("worker {} takes work again", w.name);
+        }
         Cmd::Checkpoints { job_id, output } => {
             let mut c = connect(&cli.conn).await?;
             let cps = c
@@ -466,6 +489,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// Sends a validated spec; prints the job id, then follows it when asked.
+/// Drains (or, with `undo`, undrains) a worker; returns it as the coordinator now has it.
+async fn drain(conn: &Conn, worker: String, reason: String, undo: bool) -> Result<Worker> {
+    let mut c = connect(conn).await?;
+    Ok(c.drain_worker(DrainWorkerRequest {
+        worker,
+        reason,
+        undo,
+    })
+    .await
+    .map_err(rpc_err)?
+    .into_inner())
+}
+
 async fn submit(conn: &Conn, spec: &bt_common::JobSpec, watch: bool) -> Result<ExitCode> {
     let mut c = connect(conn).await?;
     let job = c

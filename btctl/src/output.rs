@@ -267,6 +267,7 @@ pub fn print_workers(ws: &[Worker], as_json: bool) {
                 json!({
                     "id": w.id, "name": w.name, "host": w.host, "state": state(w),
                     "last_seen_ms": w.last_seen_ms, "busy_devices": w.busy_devices,
+                    "drained": w.drained,
                     "devices": w.devices.iter().map(|d| json!({
                         "index": d.index, "kind": device_kind(d), "name": d.name})).collect::<Vec<_>>(),
                 })
@@ -276,19 +277,24 @@ pub fn print_workers(ws: &[Worker], as_json: bool) {
         return;
     }
     println!(
-        "{:<36}  {:<16} {:<16} {:<7} {:>7}  LAST SEEN",
-        "ID", "NAME", "HOST", "STATE", "BUSY"
+        "{:<36}  {:<16} {:<16} {:<7} {:>7}  {:<19}  DRAINED",
+        "ID", "NAME", "HOST", "STATE", "BUSY", "LAST SEEN"
     );
     for w in ws {
         println!(
-            "{:<36}  {:<16} {:<16} {:<7} {:>3}/{:<3}  {}",
+            "{:<36}  {:<16} {:<16} {:<7} {:>3}/{:<3}  {:<19}  {}",
             w.id,
             truncate(&w.name, 16),
             truncate(&w.host, 16),
             state(w),
             w.busy_devices,
             w.devices.len(),
-            time(w.last_seen_ms)
+            time(w.last_seen_ms),
+            if w.drained.is_empty() {
+                "-"
+            } else {
+                &w.drained
+            }
         );
     }
 }

@@ -101,6 +101,8 @@ pub enum Access {
     Submit,
     /// The daemon-facing service.
     Worker,
+    /// Cluster operations (draining a worker): admins only.
+    Admin,
 }
 
 /// Every RPC of bt's own services and what it needs. A new RPC must be added here, or every caller
@@ -115,6 +117,7 @@ pub const POLICY: &[(&str, Access)] = &[
     ("/bt.v1.JobService/ListCheckpoints", Access::Read),
     ("/bt.v1.JobService/StreamLogs", Access::Read),
     ("/bt.v1.JobService/DeleteJob", Access::Submit),
+    ("/bt.v1.JobService/DrainWorker", Access::Admin),
     ("/bt.v1.WorkerService/Register", Access::Worker),
     ("/bt.v1.WorkerService/Session", Access::Worker),
 ];
@@ -506,6 +509,10 @@ mod tests {
         assert!(!Role::Submitter.allows(Worker));
         assert!(Role::Viewer.allows(Read) && !Role::Viewer.allows(Submit));
         assert!(Role::Worker.allows(Worker) && !Role::Worker.allows(Read));
+        assert!(Role::Admin.allows(Admin));
+        for r in [Role::Submitter, Role::Viewer, Role::Worker] {
+            assert!(!r.allows(Admin), "{r:?} may drain workers");
+        }
         assert_eq!(
             access_for("/grpc.health.v1.Health/Check", false),
             Some(Open)

@@ -8,10 +8,10 @@ use bt_proto::job_service_server::JobService;
 use bt_proto::worker_service_server::WorkerService;
 use bt_proto::{
     job_event, CancelJobRequest, CoordinatorMessage, DeleteJobRequest, DeleteJobResponse,
-    GetJobRequest, Job, JobEvent, ListCheckpointsRequest, ListCheckpointsResponse, ListJobsRequest,
-    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, LogLine, Missed, RegisterRequest,
-    RegisterResponse, StreamLogsRequest, SubmitJobRequest, WatchJobRequest, WorkerMessage,
-    PROTOCOL_VERSION,
+    DrainWorkerRequest, GetJobRequest, Job, JobEvent, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
+    ListWorkersResponse, LogLine, Missed, RegisterRequest, RegisterResponse, StreamLogsRequest,
+    SubmitJobRequest, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
 };
 use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
@@ -168,6 +168,33 @@ impl JobService for JobSvc {
         Ok(Response::new(ListWorkersResponse {
             workers: workers.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    async fn drain_worker(
+        &self,
+        req: Request<DrainWorkerRequest>,
+    ) -> Result<Response<bt_proto::Worker>, Status> {
+        let who = principal(&req);
+        let req = req.into_inner();
+        let reason = if req.reason.trim().is_empty() && !req.undo {
+            format!(
+                "drained by {}",
+                if who.name.is_empty() {
+                    "an operator"
+                } else {
+                    &who.name
+                }
+            )
+        } else {
+            req.reason
+        };
+        let undo = req.undo;
+        let w = self
+            .core
+            .call(move |c| c.drain_worker(&req.worker, &reason, undo))
+            .await?;
+        info!(worker = %w.worker.name, by = %who.name, undo, "drain request");
+        Ok(Response::new(w.into()))
     }
 
     async fn list_checkpoints(

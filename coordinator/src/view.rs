@@ -104,6 +104,7 @@ impl From<WorkerView> for bt_proto::Worker {
             state: bt_proto::WorkerState::from(w.state) as i32,
             last_seen_ms: v.last_seen_ms,
             busy_devices: v.busy_devices,
+            drained: w.drained,
         }
     }
 }

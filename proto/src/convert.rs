@@ -494,6 +494,7 @@ macro_rules! down {
 down!(Assignment, Assign);
 down!(CancelAssignment, Cancel);
 down!(DeleteCheckpoints, DeleteCheckpoints);
+down!(StopTrainers, StopTrainers);
 
 #[cfg(test)]
 mod tests {

@@ -623,6 +623,78 @@ fn sigterm_to_a_daemon_preempts_its_job_which_resumes_from_the_stop_checkpoint()
 }
 
 #[test]
+fn btctl_drain_moves_a_running_job_off_a_worker_which_stays_up_until_undrained() {
+    let c = Cluster::start(3, 1);
+    let id = c.submit(
+        TINY,
+        &[
+            "train.max_steps=40",
+            "train.epochs=20",
+            "train.log_every=1",
+            "checkpoint.every_steps=1000",
+            "restart.max_restarts=0",
+            "name=drained",
+        ],
+    );
+    wait_for("a few steps", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= 3).then_some(())
+    });
+    let victim = (0..3)
+        .find(|&i| !c.trainer_pids_of(i).is_empty())
+        .expect("a worker running a rank");
+    let name = format!("worker-{victim}");
+    // btctl runs with the admin token here (the auth tests refuse drains to other roles).
+    let out = c.btctl(&["drain", &name, "--reason", "kernel upgrade"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("kernel upgrade"), "{}", stdout(&out));
+    let job = wait_for("the job to be requeued", MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["preemptions"] == 1).then_some(j)
+    });
+    assert_eq!(job["restarts_used"], 0, "a drain spends no restart: {job}");
+    // It runs again on the two other workers and finishes from the stop checkpoint; the drained
+    // daemon stays up with no trainer.
+    let job = c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    assert_eq!(job["restarts_used"], 0);
+    let out = stdout(&c.btctl(&["watch", "--plain", &id]));
+    assert!(out.contains("resumed from"), "no resume in:\n{out}");
+    assert!(
+        bt_tests::alive(c.worker_pid(victim)),
+        "the drained daemon stays up"
+    );
+    assert!(c.trainer_pids_of(victim).is_empty());
+    let ws = c.btctl_json(&["workers"]).expect("workers");
+    let w = ws
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(w["drained"], "kernel upgrade", "{ws}");
+    // Undrained, it takes work again: a 3-rank job needs every worker.
+    let out = c.btctl(&["undrain", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let three = c.submit(
+        TINY,
+        &[
+            "world_size=3",
+            "train.batch_size=12",
+            "train.max_steps=2",
+            "eval.knn_at_end=false",
+            "name=after-undrain",
+        ],
+    );
+    c.wait_state(&three, &["succeeded"], 3 * MINUTE);
+    let ws = c.btctl_json(&["workers"]).expect("workers");
+    assert!(
+        ws.as_array().unwrap().iter().all(|w| w["drained"] == ""),
+        "{ws}"
+    );
+}
+
+#[test]
 fn a_daemon_killed_with_sigkill_takes_its_trainers_with_it() {
     let mut c = Cluster::start(2, 1);
     let id = c.submit(TINY, &["train.max_steps=100000", "train.epochs=1000"]);

@@ -638,6 +638,7 @@ impl Core {
                     w.state == WorkerState::Online
                         && rt.sessions.contains_key(&w.id)
                         && !rt.draining.contains(&w.id)
+                        && w.drained.is_empty()
                 })
                 .collect();
             let free = free_devices(tx, &workers)?;

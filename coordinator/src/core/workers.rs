@@ -6,7 +6,7 @@ use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
     worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest,
-    WorkerMessage, PROTOCOL_VERSION,
+    StopTrainers, WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
@@ -268,6 +268,17 @@ pub(crate) fn lose_worker(
     Ok(())
 }
 
+/// Longest drain reason kept (characters).
+const MAX_DRAIN_REASON: usize = 200;
+
+/// The message that asks a drained worker's trainers to checkpoint and stop.
+fn stop_trainers(w: &WorkerRecord) -> CoordinatorMessage {
+    StopTrainers {
+        reason: format!("worker {} drained: {}", w.name, w.drained),
+    }
+    .into()
+}
+
 fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> WorkerView {
     WorkerView {
         last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
@@ -429,6 +440,11 @@ impl Core {
                 port_end: req.port_range_end,
                 state: WorkerState::Online,
                 last_seen_ms: now,
+                // An operator's drain holds across the daemon's restarts.
+                drained: existing
+                    .as_ref()
+                    .map(|w| w.drained.clone())
+                    .unwrap_or_default(),
             };
             tx.put_worker(&w)?;
             rt.last_seen.insert(id, now);
@@ -453,6 +469,11 @@ impl Core {
             tx.put_worker(&w)?;
             rt.last_seen.insert(worker_id, now);
             let keep = cancel_stale_trainers(tx, fx, &w, &running)?;
+            if !w.drained.is_empty() && !keep.is_empty() {
+                // Drained while the coordinator was away (or before the daemon restarted): the
+                // trainers it still runs are asked again to checkpoint and stop.
+                fx.messages.push((worker_id, stop_trainers(&w)));
+            }
             let deadline = now + config.heartbeat_timeout_ms as i64;
             await_missing_ranks(rt, tx, worker_id, &keep, now, deadline)?;
             fx.schedule = true;
@@ -575,6 +596,58 @@ impl Core {
             }
             start_deadlines(config, tx, fx, now)?;
             watchdog(config, rt, tx, fx, now)
+        })
+    }
+
+    /// Drains the worker named `worker` (a name or an id) for `reason`, or with `undo` lets it take
+    /// work again. Draining places nothing more on it and asks its trainers to checkpoint and
+    /// stop: their jobs requeue as preemptions. Stored, so it holds across restarts.
+    pub fn drain_worker(&self, worker: &str, reason: &str, undo: bool) -> Result<WorkerView> {
+        let worker = worker.trim();
+        if worker.is_empty() {
+            return Err(Error::invalid("worker", "a worker name or id is needed"));
+        }
+        self.transition(|_, rt, tx, fx| {
+            let found = match worker.parse::<WorkerId>() {
+                Ok(id) => tx.get_worker(id)?,
+                Err(_) => None,
+            };
+            let mut w = match found {
+                Some(w) => w,
+                None => tx.get_worker_by_name(worker)?.ok_or_else(|| Error::NotFound {
+                    what: "worker",
+                    id: worker.to_string(),
+                })?,
+            };
+            if undo {
+                if !w.drained.is_empty() {
+                    info!(worker_id = %w.id, worker = %w.name, "worker undrained: it takes work again");
+                    w.drained.clear();
+                    tx.put_worker(&w)?;
+                    fx.schedule = true;
+                }
+            } else {
+                let first = w.drained.is_empty();
+                w.drained = reason.trim().chars().take(MAX_DRAIN_REASON).collect();
+                if w.drained.is_empty() {
+                    w.drained = "drained by an operator".into();
+                }
+                tx.put_worker(&w)?;
+                if first {
+                    info!(worker_id = %w.id, worker = %w.name, reason = %w.drained,
+                          "worker drained: nothing more is placed on it, its trainers stop");
+                }
+                if rt.sessions.contains_key(&w.id) {
+                    fx.messages.push((w.id, stop_trainers(&w)));
+                }
+            }
+            let busy = tx
+                .open_attempts()?
+                .iter()
+                .flat_map(|a| a.ranks.iter())
+                .filter(|r| r.worker_id == w.id && r.exited_ms.is_none())
+                .count() as u32;
+            Ok(worker_view(rt, &w, busy))
         })
     }
 

@@ -127,6 +127,8 @@ pub struct WorkerRecord {
     pub port_end: u32,
     pub state: WorkerState,
     pub last_seen_ms: i64,
+    /// Why an operator drained the worker; empty: it takes work.
+    pub drained: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -188,3 +188,101 @@ async fn a_restart_names_the_earlier_checkpoints_as_fallbacks_newest_first() {
     assert_eq!(b.resume_from, path(6));
     assert_eq!(b.resume_fallbacks, [path(4), path(2)]);
 }
+
+/// `btctl drain`: the drained worker's trainers are asked to stop (their job requeues as a
+/// preemption and goes to another worker), nothing more is placed on it, the drain is stored
+/// across a coordinator restart and a daemon re-registration, and undrain gives it work again.
+#[tokio::test]
+async fn an_operator_drain_stops_the_trainers_requeues_and_holds_until_undone() {
+    use bt_proto::{coordinator_message, DrainWorkerRequest, ListWorkersRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Coord::start_in(tmp.path(), |_| {}).await;
+    let mut a_node = FakeDaemon::connect(&c, "node-a", 1).await;
+    let job = c.submit(&spec(1, 0)).await;
+    let r = a_node.next_assignment().await;
+    a_node.started(&r).await;
+    c.wait_state(&job.id, JobState::Running).await;
+
+    let mut jobs = c.jobs().await;
+    for (worker, code) in [
+        ("", tonic::Code::InvalidArgument),
+        ("node-zz", tonic::Code::NotFound),
+    ] {
+        let e = jobs
+            .drain_worker(DrainWorkerRequest {
+                worker: worker.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{worker:?}: {e}");
+    }
+    let w = jobs
+        .drain_worker(DrainWorkerRequest {
+            worker: "node-a".into(),
+            reason: "kernel upgrade".into(),
+            undo: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (w.name.as_str(), w.drained.as_str()),
+        ("node-a", "kernel upgrade")
+    );
+    match a_node.next().await {
+        coordinator_message::Msg::StopTrainers(s) => {
+            assert!(s.reason.contains("kernel upgrade"), "{}", s.reason)
+        }
+        other => panic!("expected StopTrainers, got {other:?}"),
+    }
+    a_node.report(&r, preempted_exit()).await;
+    let j = c
+        .wait_job(&job.id, "requeued", |j| {
+            j.state == JobState::Queued as i32 && j.preemptions == 1
+        })
+        .await;
+    assert_eq!(j.restarts_used, 0);
+    // Nothing more goes to node-a; a second worker takes the job.
+    let mut b_node = FakeDaemon::connect(&c, "node-b", 1).await;
+    let n = b_node.next_assignment().await;
+    assert!(n.epoch > r.epoch);
+    b_node.started(&n).await;
+    b_node.exit_ok(&n).await;
+    c.wait_state(&job.id, JobState::Succeeded).await;
+
+    // Stored: after a coordinator restart and node-a's re-registration it is still drained.
+    drop((a_node, b_node, jobs));
+    c.stop().await;
+    let c = Coord::start_in(tmp.path(), |_| {}).await;
+    let mut a_node = FakeDaemon::connect(&c, "node-a", 1).await;
+    let second = c.submit(&spec(1, 0)).await;
+    let j = c
+        .wait_job(&second.id, "a pending reason", |j| {
+            !j.pending_reason.is_empty()
+        })
+        .await;
+    assert_eq!(j.state, JobState::Queued as i32);
+    let mut jobs = c.jobs().await;
+    let listed = jobs
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let a = listed.iter().find(|w| w.name == "node-a").unwrap();
+    assert_eq!(a.drained, "kernel upgrade");
+    // Undrained (by id this time): it takes the waiting job.
+    let w = jobs
+        .drain_worker(DrainWorkerRequest {
+            worker: a.id.clone(),
+            undo: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.drained, "");
+    let n = a_node.next_assignment().await;
+    assert_eq!(n.job_id, second.id);
+}

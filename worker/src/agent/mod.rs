@@ -449,6 +449,16 @@ impl Daemon {
                     }
                 }
             }
+            Some(Down::StopTrainers(s)) => {
+                // An operator drained this node: every trainer checkpoints and stops, as on
+                // SIGTERM of the daemon, but the daemon stays up (the coordinator places nothing
+                // here until the drain is undone).
+                info!(trainers = self.trainers.len(), reason = %s.reason,
+                      "drained: stopping trainers (they checkpoint first)");
+                for t in self.trainers.values() {
+                    t.stop(Duration::from_millis(self.cfg.stop_grace_ms));
+                }
+            }
             Some(Down::DeleteCheckpoints(d)) => {
                 for p in d.paths {
                     let root = self.cfg.checkpoint_root.clone();

@@ -327,7 +327,7 @@ impl Tx for SqliteTx<'_> {
             .map_err(|e| Error::Internal(format!("encode devices: {e}")))?;
         self.tx.execute(
             &format!(
-                "INSERT OR REPLACE INTO workers ({WORKER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                "INSERT OR REPLACE INTO workers ({WORKER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
             ),
             params![
                 w.id.to_string(),
@@ -337,7 +337,8 @@ impl Tx for SqliteTx<'_> {
                 w.port_start,
                 w.port_end,
                 worker_state_code(w.state),
-                w.last_seen_ms
+                w.last_seen_ms,
+                w.drained
             ],
         )?;
         Ok(())

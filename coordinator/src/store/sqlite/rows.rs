@@ -146,7 +146,7 @@ pub(super) fn job_finish((id, r): (String, JobRecordRaw)) -> Result<JobRecord> {
     })
 }
 
-type WorkerRaw = (String, String, String, String, u32, u32, i32, i64);
+type WorkerRaw = (String, String, String, String, u32, u32, i32, i64, String);
 
 pub(super) fn worker_from_row(r: &Row<'_>) -> rusqlite::Result<WorkerRaw> {
     Ok((
@@ -158,6 +158,7 @@ pub(super) fn worker_from_row(r: &Row<'_>) -> rusqlite::Result<WorkerRaw> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        r.get(8)?,
     ))
 }
 
@@ -173,8 +174,9 @@ pub(super) fn worker_finish(w: WorkerRaw) -> Result<WorkerRecord> {
         port_end: w.5,
         state: worker_state(w.6)?,
         last_seen_ms: w.7,
+        drained: w.8,
     })
 }
 
 pub(super) const WORKER_COLS: &str =
-    "id, name, host, devices, port_start, port_end, state, last_seen_ms";
+    "id, name, host, devices, port_start, port_end, state, last_seen_ms, drained";

@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS workers (
     port_start INTEGER NOT NULL,
     port_end INTEGER NOT NULL,
     state INTEGER NOT NULL,
-    last_seen_ms INTEGER NOT NULL
+    last_seen_ms INTEGER NOT NULL,
+    drained TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id TEXT NOT NULL,
@@ -120,16 +121,25 @@ const ADDED_JOB_COLUMNS: [(&str, &str); 6] = [
     ("preemptions", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
+/// Columns added to `workers` after the first schema: (name, definition).
+const ADDED_WORKER_COLUMNS: [(&str, &str); 1] = [("drained", "TEXT NOT NULL DEFAULT ''")];
+
 /// Brings a database written by an earlier version up to this schema (idempotent), in one
 /// transaction.
 pub(super) fn migrate(conn: &mut rusqlite::Connection) -> crate::error::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for (name, def) in ADDED_JOB_COLUMNS {
+    let added = ADDED_JOB_COLUMNS
+        .iter()
+        .map(|c| ("jobs", c))
+        .chain(ADDED_WORKER_COLUMNS.iter().map(|c| ("workers", c)));
+    for (table, (name, def)) in added {
         let has = tx
-            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = ?1")?
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
             .exists([name])?;
         if !has {
-            tx.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {def};"))?;
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {def};"))?;
         }
     }
     tx.execute_batch(

@@ -57,6 +57,7 @@ fn survives_reopen() {
             port_end: 200,
             state: WorkerState::Online,
             last_seen_ms: 9,
+            drained: "disk swap".into(),
         })
         .unwrap();
         tx.put_attempt(&AttemptRecord {
@@ -121,7 +122,8 @@ fn survives_reopen() {
     assert_eq!(a.ranks.len(), 1);
     assert_eq!(a.ranks[0].worker_id, wid);
     assert_eq!(tx.open_attempts().unwrap().len(), 1);
-    assert_eq!(tx.get_worker_by_name("w").unwrap().unwrap().id, wid);
+    let w = tx.get_worker_by_name("w").unwrap().unwrap();
+    assert_eq!((w.id, w.drained.as_str()), (wid, "disk swap"));
     assert_eq!(tx.list_checkpoints(id, false).unwrap()[0].path, "/c/10");
     let evs = tx.list_events(id, 100, None).unwrap();
     assert_eq!(evs.len(), 1, "state events are replayed whatever from_step");
