@@ -516,7 +516,7 @@ function workersPage(main: HTMLElement): () => void {
   const body = h("tbody");
   main.append(
     h("h1", {}, "Workers"),
-    h("table", { id: "workers" }, h("thead", {}, h("tr", {}, ...["Worker", "Host", "State", "Devices", "Busy", "Last heartbeat"].map((c) => h("th", {}, c)))), body),
+    h("table", { id: "workers" }, h("thead", {}, h("tr", {}, ...["Worker", "Host", "State", "Devices", "Busy", "Last heartbeat", "Drained"].map((c) => h("th", {}, c)))), body),
   );
   return poll(2000, async () => {
     const { workers } = await client.listWorkers({});
@@ -531,10 +531,11 @@ function workersPage(main: HTMLElement): () => void {
           h("td", {}, w.devices.map((d) => `${d.kind}:${d.index}${d.name ? ` (${d.name})` : ""}`).join(", ")),
           h("td", {}, `${w.busyDevices}/${w.devices.length}`),
           h("td", {}, w.lastSeenMs ? `${age(w.lastSeenMs)} ago` : "never"),
+          h("td", { class: w.drained ? "" : "muted" }, w.drained || "–"),
         ),
       ),
     );
-    if (!workers.length) body.append(h("tr", {}, h("td", { colspan: "6", class: "muted" }, "no workers")));
+    if (!workers.length) body.append(h("tr", {}, h("td", { colspan: "7", class: "muted" }, "no workers")));
   });
 }
 
