@@ -170,6 +170,8 @@ pub struct JobSpec {
     #[serde(default)]
     pub restart: RestartSpec,
     #[serde(default)]
+    pub elastic: ElasticSpec,
+    #[serde(default)]
     pub dist: DistSpec,
     #[serde(default)]
     pub eval: EvalSpec,
@@ -302,6 +304,15 @@ pub struct RestartSpec {
     /// Attempts that may be restarted after an infrastructure failure (lost worker, crashed trainer).
     #[serde(default = "defaults::max_restarts")]
     pub max_restarts: u32,
+}
+
+/// Restarts on fewer ranks: see [`JobSpec::allowed_world_sizes`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticSpec {
+    /// The fewest ranks a restart may run on when `world_size` cannot be placed (0: not elastic).
+    #[serde(default)]
+    pub min_world_size: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -533,6 +544,26 @@ impl JobSpec {
         self.train.batch_size / self.world_size.max(1)
     }
 
+    /// The world sizes the job may run at, largest first: `world_size`, then, when elastic, every
+    /// smaller size down to `elastic.min_world_size` that splits the global batch evenly (and, for
+    /// pretraining, into at least 2 samples per rank for batch norm). The global batch, hence the
+    /// results, are the same at each: only the per-rank batch (global / W) changes.
+    pub fn allowed_world_sizes(&self) -> Vec<u32> {
+        let (w, b) = (self.world_size, self.train.batch_size);
+        // 0 (not elastic) is `w` itself.
+        let min = match self.elastic.min_world_size {
+            0 => w,
+            m => m.clamp(1, w.max(1)),
+        };
+        let mut sizes = vec![w];
+        sizes.extend(
+            (min..w)
+                .rev()
+                .filter(|n| b.is_multiple_of(*n) && (self.kind != JobKind::Pretrain || b / n >= 2)),
+        );
+        sizes
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let err = |f: &str, m: String| Err(SpecError::new(f, m));
         if self.name.trim().is_empty() {
@@ -657,6 +688,27 @@ impl JobSpec {
             return err(
                 "world_size",
                 "a linear probe runs on one device: world_size must be 1".into(),
+            );
+        }
+        let min = self.elastic.min_world_size;
+        if min > self.world_size {
+            return err(
+                "elastic.min_world_size",
+                format!(
+                    "must be between 1 and world_size {} (0: not elastic), got {min}",
+                    self.world_size
+                ),
+            );
+        }
+        if min > 0 && min < self.world_size && self.allowed_world_sizes().len() == 1 {
+            return err(
+                "elastic.min_world_size",
+                format!(
+                    "no world size from {min} to {} divides train.batch_size {} evenly, so the \
+                     job could never shrink",
+                    self.world_size - 1,
+                    t.batch_size
+                ),
             );
         }
         if self.kind == JobKind::LinearProbe && e.checkpoint.trim().is_empty() {
@@ -844,5 +896,43 @@ mod tests {
         assert!(e.message.contains("key=value"));
         let e = JobSpec::from_toml_with_overrides("", &["name.x=1".into()]).unwrap_err();
         assert_eq!(e.field, "name");
+    }
+
+    #[test]
+    fn elastic_world_sizes_keep_the_global_batch_whole() {
+        let sizes = |text: &str| JobSpec::from_toml_str(text).unwrap().allowed_world_sizes();
+        assert_eq!(sizes("world_size = 4\n[train]\nbatch_size = 16"), [4]);
+        let elastic = "world_size = 4\n[elastic]\nmin_world_size = 1\n[train]\nbatch_size =";
+        // 3 does not divide 16: skipped.
+        assert_eq!(sizes(&format!("{elastic} 16")), [4, 2, 1]);
+        assert_eq!(sizes(&format!("{elastic} 12")), [4, 3, 2, 1]);
+        assert_eq!(
+            sizes("world_size = 6\n[elastic]\nmin_world_size = 3\n[train]\nbatch_size = 24"),
+            [6, 4, 3]
+        );
+        assert_eq!(
+            sizes("world_size = 2\n[elastic]\nmin_world_size = 2\n[train]\nbatch_size = 8"),
+            [2]
+        );
+        let over = "world_size = 2\n[elastic]\nmin_world_size = 3\n[train]\nbatch_size = 8";
+        assert_eq!(field_of(over), "elastic.min_world_size");
+        // Elastic in name only: 3 cannot split 16.
+        let none = "world_size = 4\n[elastic]\nmin_world_size = 3\n[train]\nbatch_size = 16";
+        let e = JobSpec::from_toml_str(none).unwrap_err();
+        assert_eq!(e.field, "elastic.min_world_size", "{e}");
+        assert_eq!(field_of("[elastic]\nmax = 1"), "elastic.max");
+        assert_eq!(JobSpec::default().elastic.min_world_size, 0);
+    }
+
+    #[test]
+    fn the_examples_are_valid() {
+        let demo = JobSpec::from_toml_str(include_str!("../../examples/demo.toml")).unwrap();
+        assert_eq!(demo.allowed_world_sizes(), [2, 1]);
+        for text in [
+            include_str!("../../examples/gpu.toml"),
+            include_str!("../../examples/quality.toml"),
+        ] {
+            JobSpec::from_toml_str(text).unwrap();
+        }
     }
 }

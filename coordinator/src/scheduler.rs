@@ -7,7 +7,9 @@ pub struct QueuedJob {
     pub id: JobId,
     pub priority: i32,
     pub created_ms: i64,
-    pub world_size: u32,
+    /// The world sizes the job may be placed at, largest first (its `world_size` alone unless
+    /// it is elastic).
+    pub world_sizes: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +29,9 @@ pub struct Placement {
 }
 
 /// Places jobs in priority order (higher first, then oldest first). Gang scheduling: a job is
-/// placed only when all of its `world_size` ranks fit at once. Strict: the first job that does not
-/// fit stops the pass, so a large job is never starved by smaller ones behind it.
+/// placed only when all the ranks of one of its world sizes fit at once, the largest that fits.
+/// Strict: the first job that fits at none stops the pass, so a large job is never starved by
+/// smaller ones behind it.
 ///
 /// Ranks fill the workers with the most free devices first (fewer nodes per job), rank 0 on the
 /// first of them.
@@ -39,7 +42,8 @@ pub fn plan(queue: &[QueuedJob], free: &[FreeWorker]) -> Vec<Placement> {
 /// Why a queued job was not placed by a pass.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Wait {
-    /// The head of the queue: its gang does not fit in what is free.
+    /// The head of the queue: its gang does not fit in what is free (`needed`: its smallest
+    /// world size).
     Devices {
         needed: u32,
         free: usize,
@@ -96,22 +100,27 @@ pub fn plan_with_waits(
             continue;
         }
         let available: usize = pool.iter().map(|(_, _, d)| d.len()).sum();
-        if job.world_size == 0 || job.world_size as usize > available {
+        let fits = job
+            .world_sizes
+            .iter()
+            .map(|w| *w as usize)
+            .find(|w| *w > 0 && *w <= available);
+        let Some(world) = fits else {
             head = Some(job.id);
             waits.push((
                 job.id,
                 Wait::Devices {
-                    needed: job.world_size,
+                    needed: job.world_sizes.iter().copied().min().unwrap_or(0),
                     free: available,
                     workers: free.len(),
                 },
             ));
             continue;
-        }
+        };
         pool.sort_by(|a, b| b.2.len().cmp(&a.2.len()).then(a.1.cmp(&b.1)));
-        let mut ranks = Vec::with_capacity(job.world_size as usize);
+        let mut ranks = Vec::with_capacity(world);
         for (wid, _, devices) in pool.iter_mut() {
-            while ranks.len() < job.world_size as usize && !devices.is_empty() {
+            while ranks.len() < world && !devices.is_empty() {
                 ranks.push((*wid, devices.remove(0)));
             }
         }
@@ -132,7 +141,7 @@ mod tests {
             id: JobId::new(),
             priority,
             created_ms,
-            world_size,
+            world_sizes: vec![world_size],
         }
     }
 
@@ -228,6 +237,64 @@ mod tests {
         assert_eq!(p.len(), 2, "c does not fit after a and b: {p:?}");
         assert_eq!(p[0].ranks, vec![(free[1].id, 0), (free[1].id, 1)]);
         assert_eq!(p[1].ranks, vec![(free[0].id, 3), (free[2].id, 7)]);
+    }
+
+    /// An elastic job of 4 ranks (min 2, global batch 16: 3 does not divide it) takes the largest
+    /// size that fits; a job of fixed size 4 waits in the same spot.
+    #[test]
+    fn elastic_job_takes_the_largest_size_that_fits() {
+        let spec: bt_common::JobSpec = bt_common::JobSpec::from_toml_str(
+            "world_size = 4\n[elastic]\nmin_world_size = 2\n[train]\nbatch_size = 16",
+        )
+        .unwrap();
+        let elastic = QueuedJob {
+            world_sizes: spec.allowed_world_sizes(),
+            ..q(0, 1, 4)
+        };
+        assert_eq!(elastic.world_sizes, [4, 2]);
+        let three = [w("a", &[0, 1]), w("b", &[0])];
+        let p = plan(std::slice::from_ref(&elastic), &three);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].ranks, vec![(three[0].id, 0), (three[0].id, 1)]);
+        let four = [w("a", &[0, 1]), w("b", &[0, 1])];
+        assert_eq!(
+            plan(std::slice::from_ref(&elastic), &four)[0].ranks.len(),
+            4
+        );
+
+        let fixed = q(0, 1, 4);
+        let (placed, waits) = plan_with_waits(std::slice::from_ref(&fixed), &three);
+        assert!(placed.is_empty());
+        assert_eq!(
+            waits,
+            vec![(
+                fixed.id,
+                Wait::Devices {
+                    needed: 4,
+                    free: 3,
+                    workers: 2
+                }
+            )]
+        );
+        // An elastic head that fits at none of its sizes waits for its smallest one, and the
+        // jobs behind it still wait for it (no backfill).
+        let small = q(0, 2, 1);
+        let (placed, waits) = plan_with_waits(&[elastic.clone(), small.clone()], &[w("a", &[0])]);
+        assert!(placed.is_empty());
+        assert_eq!(
+            waits,
+            vec![
+                (
+                    elastic.id,
+                    Wait::Devices {
+                        needed: 2,
+                        free: 1,
+                        workers: 1
+                    }
+                ),
+                (small.id, Wait::Behind(elastic.id)),
+            ]
+        );
     }
 
     #[test]

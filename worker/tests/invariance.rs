@@ -1,7 +1,8 @@
 //! World-size invariance through the real trainer (model with SyncBN, data loader, all-gathered
 //! global-batch loss, bucketed gradient all-reduce, LARS): one rank with global batch N, two with N/2
 //! and four with N/4 give the same losses and the same parameters. With SyncBN off they differ, so
-//! the test can fail.
+//! the test can fail. An elastic restart (a checkpoint written at four ranks, resumed at two)
+//! continues as the four-rank run does.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -55,15 +56,24 @@ fn train_with(
     extra_train: &str,
     dir: &Path,
 ) -> (Vec<f64>, HashMap<String, Tensor>) {
+    let losses = run_ranks(&spec(world, sync_bn, extra_train), world, dir, "");
+    let params = bt_worker::model::read_safetensors(&dir.join("00000003/model.safetensors"))
+        .expect("final checkpoint");
+    (losses.into_iter().map(|(_, l)| l).collect(), params)
+}
+
+/// Runs `spec` on `world` ranks (the assignment's world size, whatever the spec's), checkpoints
+/// under `dir`, resuming from `resume_from` when not empty; returns rank 0's (step, loss) pairs.
+fn run_ranks(spec: &str, world: u32, dir: &Path, resume_from: &str) -> Vec<(u64, f64)> {
     let port = free_port();
-    let spec = spec(world, sync_bn, extra_train);
     let children: Vec<_> = (0..world)
         .map(|rank| {
             let a = Assignment {
                 rank,
                 world_size: world,
                 master_port: port,
-                ..assignment("inv", spec.clone(), dir)
+                resume_from: resume_from.into(),
+                ..assignment("inv", spec.to_string(), dir)
             };
             let mut child = Command::new(env!("CARGO_BIN_EXE_bt-worker"))
                 .args(["train", "--device-kind", "cpu"])
@@ -97,12 +107,10 @@ fn train_with(
     while !buf.is_empty() {
         let ev = TrainerEvent::decode_length_delimited(&mut buf).expect("event");
         if let Some(Body::Metrics(m)) = ev.body {
-            losses.push(m.loss);
+            losses.push((m.step, m.loss));
         }
     }
-    let params = bt_worker::model::read_safetensors(&dir.join("00000003/model.safetensors"))
-        .expect("final checkpoint");
-    (losses, params)
+    losses
 }
 
 fn max_rel_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f64, String) {
@@ -201,4 +209,89 @@ fn bf16_channels_last_training_stays_close_to_fp32() {
     for (name, t) in &p16 {
         assert_eq!(t.kind(), p32[name].kind(), "{name}: checkpoint kind");
     }
+}
+
+/// World size 4, elastic down to 2, a checkpoint after every step, six steps (one LR schedule
+/// over all six, so a run stopped early is not the same run: the resume starts from run A's own
+/// step-3 checkpoint).
+fn elastic_spec() -> String {
+    format!(
+        r#"world_size = 4
+{data}{TINY_MODEL}sync_bn = true
+[train]
+batch_size = 16
+max_steps = 6
+warmup_epochs = 0.25
+log_every = 1
+seed = 3
+lr_weights = 0.5
+[checkpoint]
+every_steps = 1
+keep_last = 0
+[elastic]
+min_world_size = 2
+[eval]
+knn_at_end = false
+[dist]
+timeout_secs = 30
+"#,
+        data = fashion_data(128)
+    )
+}
+
+/// An elastic restart: the checkpoint run A (4 ranks) wrote after step 3, resumed on 2 ranks,
+/// gives steps 4–6 the losses and the final parameters of run A's own steps 4–6.
+#[test]
+fn resume_at_two_ranks_from_a_four_rank_checkpoint_continues_identically() {
+    let spec = elastic_spec();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let full = run_ranks(&spec, 4, a.path(), "");
+    assert_eq!(
+        full.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    let ck = a.path().join("00000003");
+    assert!(ck.join("meta.json").exists(), "no checkpoint at step 3");
+    let resumed = run_ranks(&spec, 2, b.path(), ck.to_str().unwrap());
+    assert_eq!(
+        resumed.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [4, 5, 6],
+        "the resume continues at step 4"
+    );
+    let mut worst_loss: f64 = 0.0;
+    for ((step, l2), (_, l4)) in resumed.iter().zip(&full[3..]) {
+        let rel = (l2 - l4).abs() / l4.abs();
+        worst_loss = worst_loss.max(rel);
+        assert!(
+            rel <= 1e-4,
+            "step {step}: loss {l2} at W=2 after the resume, {l4} at W=4 ({rel:e} relative)"
+        );
+    }
+    let read = |d: &Path| {
+        bt_worker::model::read_safetensors(&d.join("00000006/model.safetensors"))
+            .expect("final checkpoint")
+    };
+    let (d, k) = max_rel_diff(&read(a.path()), &read(b.path()));
+    eprintln!(
+        "resume at W=2 from W=4's step 3: losses {resumed:?} vs {:?} (up to {worst_loss:e} \
+         relative); worst parameter {k}: {d:e} relative",
+        &full[3..]
+    );
+    assert!(d < 1e-4, "parameter {k} differs by {d:e} (relative)");
+}
+
+/// A world size the spec does not allow (3 does not split the global batch of 16) is refused
+/// before any rendezvous, naming the sizes it allows.
+#[test]
+fn an_assignment_outside_the_allowed_world_sizes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Assignment {
+        world_size: 3,
+        ..assignment("inv", elastic_spec(), dir.path())
+    };
+    let mut rep = bt_worker::trainer::Reporter::collecting();
+    let e = bt_worker::trainer::run(&a, bt_common::domain::DeviceKind::Cpu, &mut rep)
+        .expect_err("a 3-rank assignment of a 4-rank job elastic to 2");
+    let msg = e.to_string();
+    assert!(msg.contains("world_size 4 runs at 4 or 2"), "{msg}");
 }

@@ -344,6 +344,19 @@ fn free_devices(tx: &mut dyn Tx, workers: &[WorkerRecord]) -> Result<Vec<FreeWor
         .collect())
 }
 
+/// The world sizes a queued job may be placed at, largest first. A job runs its first attempt at
+/// its `world_size`; a restart of an elastic job may take fewer ranks (`elastic.min_world_size`)
+/// when the full gang no longer fits. The stored spec was validated at submit; one that does not
+/// parse now is placed at its `world_size` only.
+fn world_sizes(job: &JobRecord) -> Vec<u32> {
+    match JobSpec::from_toml_str(&job.spec_toml) {
+        Ok(spec) if job.attempts > 0 && spec.world_size == job.world_size => {
+            spec.allowed_world_sizes()
+        }
+        _ => vec![job.world_size],
+    }
+}
+
 /// A new attempt of `job` on `ranks` ((worker, device) per rank): a fresh epoch, the rendezvous
 /// on rank 0's worker, resuming from the newest checkpoint; the job goes SCHEDULED and every
 /// rank's worker gets its assignment.
@@ -401,10 +414,17 @@ fn start_attempt(
         .iter()
         .map(|(w, d)| format!("{}:{d}", by_id.get(w).map_or("?", |w| w.name.as_str())))
         .collect();
+    // Elastic: fewer ranks than the spec's world_size, the same global batch.
+    let world = attempt.ranks.len() as u32;
     let why = format!(
-        "attempt {} placed on {}{}",
+        "attempt {} placed on {}{}{}",
         job.attempts,
         names.join(", "),
+        if world < job.world_size {
+            format!(" (elastic: {world} of {} ranks)", job.world_size)
+        } else {
+            String::new()
+        },
         if resume_from.is_empty() {
             String::new()
         } else {
@@ -422,7 +442,7 @@ fn start_attempt(
                 job_id: job.id.to_string(),
                 epoch,
                 rank: r.rank,
-                world_size: job.world_size,
+                world_size: world,
                 device: r.device,
                 master_addr: attempt.master_addr.clone(),
                 master_port,
@@ -648,7 +668,7 @@ impl Core {
                     id: j.id,
                     priority: j.priority,
                     created_ms: j.created_ms,
-                    world_size: j.world_size,
+                    world_sizes: world_sizes(j),
                 })
                 .collect();
             let (placements, waits) = plan_with_waits(&queue, &free);

@@ -121,7 +121,8 @@ fn saved_on_preemption(at: &Fenced, epoch: u64) -> bool {
 }
 
 /// Fencing: a report counts only for a known job, an attempt its epoch names, a rank inside the
-/// world size that is placed on the reporting worker. Anything else is stale or stray: ignored.
+/// attempt's world size (an elastic restart may have fewer ranks than the spec) that is placed on
+/// the reporting worker. Anything else is stale or stray: ignored.
 fn fence(
     tx: &mut dyn Tx,
     worker_id: WorkerId,
@@ -138,13 +139,9 @@ fn fence(
               "report with an unknown epoch ignored (stale)");
         return Ok(None);
     };
-    if rank >= job.world_size {
-        warn!(worker_id = %worker_id, job_id = %job_id, rank, world_size = job.world_size,
-              "report with a rank outside the world size ignored");
-        return Ok(None);
-    }
     let Some(placed) = attempt.ranks.get(rank as usize) else {
-        warn!(job_id = %job_id, epoch, rank, "report for a rank the attempt does not have ignored");
+        warn!(worker_id = %worker_id, job_id = %job_id, epoch, rank,
+              world_size = attempt.ranks.len(), "report with a rank outside the world size ignored");
         return Ok(None);
     };
     if placed.worker_id != worker_id {
@@ -235,7 +232,7 @@ fn on_started(tx: &mut dyn Tx, fx: &mut Effects, at: Fenced, pid: u32) -> Result
         info!(job_id = %job.id, epoch = attempt.epoch, rank, pid, "trainer started");
     }
     if job.state == JobState::Scheduled && attempt.ranks.iter().all(|r| r.started_ms.is_some()) {
-        let why = format!("all {} ranks started", job.world_size);
+        let why = format!("all {} ranks started", attempt.ranks.len());
         set_state(tx, fx, &mut job, JobState::Running, &why)?;
     }
     Ok(())

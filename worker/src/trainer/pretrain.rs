@@ -404,10 +404,20 @@ fn knn_every(spec: &JobSpec, steps_per_epoch: u64) -> u64 {
 /// rank), the optimizer and the gradient buckets, resumes from the assignment's checkpoint, and
 /// starts the loader and the kNN monitor.
 fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> TResult<Setup> {
-    if a.world_size != spec.world_size || a.rank >= a.world_size {
+    // An elastic restart runs on fewer ranks than `world_size`: the same global batch, split
+    // over the assignment's ranks (nothing else, the checkpoint included, depends on W).
+    let allowed = spec.allowed_world_sizes();
+    if !allowed.contains(&a.world_size) || a.rank >= a.world_size {
         return Err(TrainerError::spec(format!(
-            "assignment rank {} of {} does not fit world_size {}",
-            a.rank, a.world_size, spec.world_size
+            "assignment rank {} of {} does not fit the job: world_size {} runs at {}",
+            a.rank,
+            a.world_size,
+            spec.world_size,
+            allowed
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
         )));
     }
     let rank = a.rank as usize;
