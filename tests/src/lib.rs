@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod proxy;
+pub use proxy::Proxy;
+
 /// Two ranks, a tiny ResNet-18 and projector, a few steps on 256 Fashion-MNIST images.
 pub const TINY: &str = r#"
 name = "e2e"
@@ -98,6 +101,10 @@ pub struct Cluster {
     port_base: u32,
     /// Extra environment of the coordinator (`BT_COORDINATOR_*` settings).
     coordinator_env: Vec<(String, String)>,
+    /// With [`Cluster::start_partitionable`]: daemon `i` reaches the coordinator through
+    /// `proxies[i]`, which can stall its traffic (a partition).
+    proxies: Vec<Proxy>,
+    partitionable: bool,
 }
 
 fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
@@ -137,6 +144,27 @@ impl Cluster {
         heartbeat_timeout_ms: u64,
         coordinator_env: &[(&str, &str)],
     ) -> Cluster {
+        Self::start_inner(workers, slots, heartbeat_timeout_ms, coordinator_env, false)
+    }
+
+    /// Like `start_configured`, every daemon reaching the coordinator through its own TCP proxy,
+    /// so that [`Cluster::partition_worker`] can cut it off without closing its socket.
+    pub fn start_partitionable(
+        workers: usize,
+        slots: u32,
+        heartbeat_timeout_ms: u64,
+        coordinator_env: &[(&str, &str)],
+    ) -> Cluster {
+        Self::start_inner(workers, slots, heartbeat_timeout_ms, coordinator_env, true)
+    }
+
+    fn start_inner(
+        workers: usize,
+        slots: u32,
+        heartbeat_timeout_ms: u64,
+        coordinator_env: &[(&str, &str)],
+        partitionable: bool,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("bt-e2e-")
             .tempdir()
@@ -154,6 +182,8 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            proxies: Vec::new(),
+            partitionable,
         };
         // Every cluster runs secured, as a user would deploy it: a CA and certificates from
         // `bt-coordinator init-secrets`, TLS with client certificates for daemons, tokens.
@@ -248,9 +278,19 @@ impl Cluster {
 
     fn start_worker_with_env(&mut self, i: usize, slots: u32, env: &[(&str, &std::ffi::OsStr)]) {
         let start = self.port_base + (i as u32) * 10;
+        let coordinator = if self.partitionable {
+            // The coordinator keeps its address across restarts: one proxy per daemon for good.
+            while self.proxies.len() <= i {
+                let up = self.addr.parse().expect("coordinator address");
+                self.proxies.push(Proxy::start(up));
+            }
+            self.proxies[i].addr.to_string()
+        } else {
+            self.addr.clone()
+        };
         let mut cmd = Command::new(bin("bt-worker"));
         cmd.arg("--coordinator")
-            .arg(&self.addr)
+            .arg(&coordinator)
             .arg("--name")
             .arg(format!("worker-{i}"))
             .arg("--cpu-slots")
@@ -368,6 +408,12 @@ impl Cluster {
                 .contains(&j["state"].as_str().unwrap_or(""))
                 .then_some(j)
         })
+    }
+
+    /// Stalls (true) or restores (false) the traffic between daemon `i` and the coordinator, every
+    /// socket left open (a cluster from [`Cluster::start_partitionable`]).
+    pub fn partition_worker(&self, i: usize, on: bool) {
+        self.proxies[i].stall(on);
     }
 
     /// Sends signal `sig` to daemon `i`.

@@ -1,6 +1,6 @@
 //! End-to-end: the real coordinator, worker daemons, trainer processes and btctl on loopback, a real
 //! (tiny) Barlow Twins job on Fashion-MNIST.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bt_tests::{wait_for, Cluster, TINY};
 
@@ -692,6 +692,70 @@ fn btctl_drain_moves_a_running_job_off_a_worker_which_stays_up_until_undrained()
         ws.as_array().unwrap().iter().all(|w| w["drained"] == ""),
         "{ws}"
     );
+}
+
+#[test]
+fn a_partitioned_daemon_is_lost_its_job_moves_and_on_return_it_is_fenced_then_takes_work() {
+    // Every daemon reaches the coordinator through a proxy that can go silent without closing.
+    let c = Cluster::start_partitionable(3, 1, 3000, &[]);
+    let id = c.submit(
+        TINY,
+        &[
+            "train.max_steps=40",
+            "train.epochs=20",
+            "train.log_every=1",
+            "checkpoint.every_steps=4",
+            "name=partitioned",
+        ],
+    );
+    wait_for("a few steps", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= 5).then_some(())
+    });
+    let victim = (0..3)
+        .find(|&i| !c.trainer_pids_of(i).is_empty())
+        .expect("a worker running a rank");
+    let attempts = c.job(&id)["attempts"].as_u64().unwrap();
+    let t0 = Instant::now();
+    c.partition_worker(victim, true);
+    // No heartbeat gets through: after the heartbeat timeout the worker is lost and the job
+    // restarts on the two other workers, although the daemon's socket never closed.
+    let lost = wait_for("the worker to be lost", MINUTE, || {
+        let ws = c.btctl_json(&["workers"])?;
+        let w = ws
+            .as_array()?
+            .iter()
+            .find(|w| w["name"].as_str() == Some(format!("worker-{victim}").as_str()))?;
+        (w["state"] == "lost").then(|| t0.elapsed())
+    });
+    let job = wait_for("the job to restart elsewhere", MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["attempts"].as_u64()? > attempts && j["state"] == "running").then_some(j)
+    });
+    eprintln!(
+        "partition: worker lost after {:.1} s, job running again after {:.1} s",
+        lost.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(job["restarts_used"].as_u64().unwrap() >= 1, "{job}");
+    // The partition heals: the daemon's old session is gone, it opens a new one, any trainer of
+    // the old attempt is stopped, and the worker is online again.
+    c.partition_worker(victim, false);
+    wait_for("the worker back online", MINUTE, || {
+        let ws = c.btctl_json(&["workers"])?;
+        let w = ws
+            .as_array()?
+            .iter()
+            .find(|w| w["name"].as_str() == Some(format!("worker-{victim}").as_str()))?;
+        (w["state"] == "online").then_some(())
+    });
+    wait_for("the stale trainer to be gone", MINUTE, || {
+        c.trainer_pids_of(victim).is_empty().then_some(())
+    });
+    let job = c.wait_state(&id, &["succeeded"], 3 * MINUTE);
+    let out = stdout(&c.btctl(&["watch", "--plain", &id]));
+    assert!(out.contains("resumed from"), "no resume in:\n{out}");
+    assert_eq!(job["state"], "succeeded");
 }
 
 #[test]
