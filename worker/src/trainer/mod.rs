@@ -250,6 +250,9 @@ fn install_signal_handlers() {
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        // A file-size limit (RLIMIT_FSIZE) is a write that fails (EFBIG), like a full volume: a
+        // checkpoint write that is refused, not a trainer killed by SIGXFSZ.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 
