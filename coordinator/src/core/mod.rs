@@ -3,6 +3,7 @@
 //! watchers, messages down worker sessions, a scheduling pass) are applied only after the commit.
 #[cfg(test)]
 mod fuzz_tests;
+mod history;
 mod jobs;
 mod reports;
 mod workers;
