@@ -1,7 +1,10 @@
-//! Chaos: a real coordinator, three daemons and 2-rank Barlow Twins jobs on loopback under a seeded
-//! schedule of faults (kill -9 of a trainer, of a daemon, of the coordinator; SIGSTOP of a trainer,
-//! a hang; SIGTERM of a daemon, a preemption). Every job must finish, and every metric the
-//! coordinator acknowledged must still be in the replayed history. Prints the figures.
+//! Chaos: a real coordinator, three daemons and elastic 2-rank Barlow Twins jobs on loopback under
+//! a seeded schedule of faults: kill -9 of a trainer, of a daemon, of the coordinator; SIGSTOP of
+//! a trainer (a hang); SIGTERM of a daemon (a preemption); `btctl drain` of a worker, undone a few
+//! seconds later; a partition (the daemon's link to the coordinator goes silent, sockets open);
+//! a full checkpoint volume (every trainer's file-size limit cut to 4 KiB for a few seconds).
+//! Every job must finish, and every metric the coordinator acknowledged must still be in the
+//! replayed history. Prints the figures.
 //!
 //! `CHAOS_SECONDS` (default 60) bounds the fault phase, `CHAOS_SEED` (default 1) picks the
 //! schedule; `make chaos` runs a long one.
@@ -18,6 +21,8 @@ const JOB: &[&str] = &[
     "checkpoint.every_steps=4", // CHECKPOINT_EVERY
     "eval.knn_at_end=false",
     "restart.max_restarts=50",
+    // Restarts may run on one rank when only one device is free (same global batch).
+    "elastic.min_world_size=1",
 ];
 
 const CHECKPOINT_EVERY: u64 = 4;
@@ -48,15 +53,61 @@ enum Fault {
     KillDaemon,
     TermDaemon,
     KillCoordinator,
+    DrainWorker,
+    Partition,
+    FullDisk,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 8] = [
     Fault::KillTrainer,
     Fault::StopTrainer,
     Fault::KillDaemon,
     Fault::TermDaemon,
     Fault::KillCoordinator,
+    Fault::DrainWorker,
+    Fault::Partition,
+    Fault::FullDisk,
 ];
+
+/// What ends a fault that lasts a while.
+enum Undo {
+    Undrain(usize),
+    Heal(usize),
+    /// Trainers whose file-size limit is lifted again.
+    Refill(Vec<u32>),
+}
+
+/// Sets the file-size limit (RLIMIT_FSIZE, soft) of process `pid`: a write past it fails.
+fn limit_file_size(pid: u32, bytes: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit(2) on a trainer of this test's cluster; a process gone since is ESRCH.
+    unsafe {
+        libc::prlimit(pid as i32, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut());
+    }
+}
+
+impl Undo {
+    fn apply(self, c: &Cluster) {
+        match self {
+            Undo::Undrain(w) => {
+                // The coordinator may be down for a moment (a kill fault): retry.
+                wait_for("undrain", Duration::from_secs(60), || {
+                    let out = c.btctl(&["undrain", &format!("worker-{w}")]);
+                    out.status.success().then_some(())
+                });
+            }
+            Undo::Heal(w) => c.partition_worker(w, false),
+            Undo::Refill(pids) => {
+                for p in pids {
+                    limit_file_size(p, libc::RLIM_INFINITY);
+                }
+            }
+        }
+    }
+}
 
 fn env_u64(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -79,6 +130,8 @@ struct Seen {
     /// The last acknowledged step.
     step: u64,
     attempts: u64,
+    /// Workers its current attempt is placed on (`worker-N`).
+    workers: BTreeSet<String>,
 }
 
 /// The job as the coordinator answers for it (None while it is down).
@@ -88,15 +141,35 @@ fn poll(c: &Cluster, id: &str) -> Option<Seen> {
         state: j["state"].as_str()?.to_string(),
         step: j["last_metrics"]["step"].as_u64().unwrap_or(0),
         attempts: j["attempts"].as_u64().unwrap_or(0),
+        workers: j["placement"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p["worker_name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
 /// Steps redone after each resume in a `btctl watch --plain` replay: the highest step reported
-/// before a "resumed from … at step S" notice, minus S.
-fn redone_per_resume(replay: &str) -> Vec<u64> {
+/// before a "resumed from … at step S" notice, minus S; with the checkpoint writes that failed
+/// after S (each one widens the gap by an interval).
+fn redone_per_resume(replay: &str) -> Vec<(u64, u64)> {
     let mut highest = 0u64;
     let mut out = Vec::new();
+    let mut failed = BTreeSet::new();
     for line in replay.lines() {
+        if let Some(s) = line
+            .split("checkpoint at step ")
+            .nth(1)
+            .filter(|_| line.contains(" failed"))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|r| r.parse::<u64>().ok())
+        {
+            failed.insert(s);
+            continue;
+        }
         if let Some(s) = line.split("step ").nth(1).and_then(|r| r.split('/').next()) {
             if let Ok(s) = s.trim().parse::<u64>() {
                 highest = highest.max(s);
@@ -109,7 +182,10 @@ fn redone_per_resume(replay: &str) -> Vec<u64> {
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|r| r.parse::<u64>().ok())
             {
-                out.push(highest.saturating_sub(s));
+                out.push((
+                    highest.saturating_sub(s),
+                    failed.range(s + 1..).count() as u64,
+                ));
             }
         }
     }
@@ -121,7 +197,7 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
     let seconds = env_u64("CHAOS_SECONDS", 60);
     let seed = env_u64("CHAOS_SEED", 1);
     let mut rng = Rng(seed);
-    let mut c = Cluster::start_configured(
+    let mut c = Cluster::start_partitionable(
         WORKERS,
         1,
         3000,
@@ -143,6 +219,8 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
     let mut pending: Vec<(Fault, Instant, String, u64, Option<usize>)> = Vec::new();
 
     let mut ended: BTreeSet<String> = BTreeSet::new();
+    // Faults that last: when and how each ends.
+    let mut undo: Vec<(Instant, Undo)> = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         // One look at every unfinished job per round (the coordinator may be down: no answer).
         let mut states: BTreeMap<String, Seen> = BTreeMap::new();
@@ -162,6 +240,12 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
                 ended.insert(id.clone());
             }
             states.insert(id.clone(), seen);
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            undo.drain(..).partition(|(at, _)| *at <= Instant::now());
+        undo = later;
+        for (_, u) in due {
+            u.apply(&c);
         }
         // Keep jobs in flight.
         if reachable && jobs.len() - ended.len() < JOBS_IN_FLIGHT {
@@ -193,16 +277,32 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
         });
         if Instant::now() >= next_fault {
             let f = FAULTS[rng.below(FAULTS.len() as u64) as usize];
-            // The job a trainer fault hits (the first running one with trainers).
+            let pids = c.trainer_pids();
+            let mut w = rng.below(WORKERS as u64) as usize;
+            // A trainer fault hits a trainer of a random worker that runs one.
+            let pid = (!pids.is_empty()).then(|| pids[rng.below(pids.len() as u64) as usize]);
+            if let (Fault::KillTrainer | Fault::StopTrainer, Some(p)) = (f, pid) {
+                w = (0..WORKERS)
+                    .find(|&i| c.trainer_pids_of(i).contains(&p))
+                    .unwrap_or(w);
+            }
+            // The job whose recovery is timed: a running one with a rank on the victim worker
+            // (none for a coordinator kill, which running trainers ride out, nor for a full
+            // volume, which costs a checkpoint, not an attempt).
+            let on_victim = format!("worker-{w}");
             let victim_job = states
                 .iter()
-                .find(|(_, s)| s.state == "running")
+                .find(|(_, s)| {
+                    s.state == "running"
+                        && match f {
+                            Fault::KillCoordinator | Fault::FullDisk => false,
+                            _ => s.workers.contains(&on_victim),
+                        }
+                })
                 .map(|(id, s)| (id.clone(), s.attempts));
-            let pids = c.trainer_pids();
-            let w = rng.below(WORKERS as u64) as usize;
             let done = match f {
-                Fault::KillTrainer | Fault::StopTrainer if !pids.is_empty() => {
-                    let p = pids[rng.below(pids.len() as u64) as usize];
+                Fault::KillTrainer | Fault::StopTrainer if pid.is_some() => {
+                    let p = pid.unwrap_or_default();
                     signal(
                         p,
                         if f == Fault::KillTrainer {
@@ -232,6 +332,28 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
                     c.start_coordinator();
                     true
                 }
+                Fault::DrainWorker => {
+                    let out = c.btctl(&["drain", &format!("worker-{w}"), "--reason", "chaos"]);
+                    let at = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
+                    undo.push((at, Undo::Undrain(w)));
+                    out.status.success()
+                }
+                Fault::Partition => {
+                    // 1-8 s of silence: past the 3 s heartbeat timeout the worker is lost.
+                    c.partition_worker(w, true);
+                    let at = Instant::now() + Duration::from_millis(1000 + rng.below(7000));
+                    undo.push((at, Undo::Heal(w)));
+                    true
+                }
+                Fault::FullDisk if !pids.is_empty() => {
+                    for p in &pids {
+                        limit_file_size(*p, 4096);
+                    }
+                    let at = Instant::now() + Duration::from_millis(2000 + rng.below(4000));
+                    undo.push((at, Undo::Refill(pids.clone())));
+                    true
+                }
+                Fault::FullDisk => false,
             };
             if done {
                 *injected.entry(f).or_default() += 1;
@@ -250,6 +372,9 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
     }
 
     // Faults stop; every job must finish.
+    for (_, u) in undo.drain(..) {
+        u.apply(&c);
+    }
     c.wait_workers_online(WORKERS);
     let mut restarts = 0u64;
     let mut preemptions = 0u64;
@@ -273,10 +398,16 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
     let mut missing = Vec::new();
     let mut acked_total = 0;
     let mut redone = Vec::new();
+    let (mut elastic, mut failed_writes) = (0, 0);
     for (id, steps) in &acked {
         let out = c.btctl(&["watch", "--plain", id]);
         let text = String::from_utf8_lossy(&out.stdout);
         redone.extend(redone_per_resume(&text));
+        elastic += text.matches("(elastic: ").count();
+        failed_writes += text
+            .lines()
+            .filter(|l| l.contains("checkpoint at step ") && l.contains(" failed"))
+            .count();
         for s in steps.iter().filter(|s| **s > 0) {
             acked_total += 1;
             if !text.contains(&format!("step {s}/")) {
@@ -300,10 +431,15 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
         missing.len()
     );
     println!(
-        "  resumes: {}, steps redone per resume {:?} (at most one checkpoint interval, {})",
+        "  resumes: {}, steps redone per resume {:?} (at most one checkpoint interval, {}, \
+         more only past failed checkpoint writes)",
         redone.len(),
-        redone,
+        redone.iter().map(|r| r.0).collect::<Vec<_>>(),
         CHECKPOINT_EVERY
+    );
+    println!(
+        "  attempts placed on fewer ranks (elastic): {elastic}; checkpoint writes refused: \
+         {failed_writes}"
     );
     for (f, detect, back) in &recoveries {
         match back {
@@ -319,9 +455,11 @@ fn chaos_no_job_and_no_acknowledged_metric_is_lost() {
         "acknowledged metrics missing: {missing:#?}"
     );
     // A checkpoint is committed before the steps after it are reported, so a resume redoes at
-    // most one checkpoint interval.
+    // most one checkpoint interval, and one more for each write refused since (a full volume).
     assert!(
-        redone.iter().all(|r| *r <= CHECKPOINT_EVERY),
-        "steps redone per resume over {CHECKPOINT_EVERY}: {redone:?}"
+        redone
+            .iter()
+            .all(|(r, failed)| *r <= CHECKPOINT_EVERY * (1 + failed)),
+        "steps redone per resume over {CHECKPOINT_EVERY} (per failed write): {redone:?}"
     );
 }
