@@ -13,7 +13,14 @@ built, then for every `run K` line on stdin runs K steps and prints
 `{"ms": [...], "peak_rss_kib": N}`; `quit` (or end of input) exits.
 
 usage: torch_step.py ARCH CIFAR_STEM(0|1) PROJECTOR(e.g. 8192,8192,8192) BATCH IMAGE_SIZE THREADS
+                     [PRECISION(fp32|bf16) [LAYOUT(contiguous|channels-last)]]
+
+PRECISION bf16 runs the forward under `torch.autocast(device_type="cpu", dtype=torch.bfloat16)`
+(what a PyTorch user turns on first, the recipe's own AMP on a CPU); LAYOUT channels-last converts the
+model and the inputs with `memory_format=torch.channels_last`. The defaults are the recipe as
+published on a CPU: fp32, contiguous.
 """
+import contextlib
 import json
 import resource
 import sys
@@ -96,19 +103,33 @@ class Lars:
 
 def main():
     arch, cifar, projector, batch, size, threads = sys.argv[1:7]
+    precision = sys.argv[7] if len(sys.argv) > 7 else "fp32"
+    layout = sys.argv[8] if len(sys.argv) > 8 else "contiguous"
+    if precision not in ("fp32", "bf16") or layout not in ("contiguous", "channels-last"):
+        sys.exit(f"bad precision/layout {precision!r} {layout!r}")
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     model = Recipe(arch, cifar == "1", [int(x) for x in projector.split(",")]).train()
-    opt = Lars(model.parameters())
     b, s = int(batch), int(size)
     y1 = torch.randn(b, 3, s, s)
     y2 = torch.randn(b, 3, s, s)
+    if layout == "channels-last":
+        model = model.to(memory_format=torch.channels_last)
+        y1 = y1.contiguous(memory_format=torch.channels_last)
+        y2 = y2.contiguous(memory_format=torch.channels_last)
+    opt = Lars(model.parameters())
     lr_scale = b / 256
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def step():
         for p in model.parameters():
             p.grad = None
-        loss = model(y1, y2)
+        with autocast():
+            loss = model(y1, y2)
         loss.backward()
         opt.step(lr_scale)
 

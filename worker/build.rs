@@ -60,13 +60,16 @@ fn main() {
         .file("csrc/bt_dist.cpp")
         .file("csrc/bt_amp.cpp")
         .file("csrc/bt_export.cpp")
+        .file("csrc/bt_optim.cpp")
         .include("csrc/gloo_decl")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .define("USE_C10D_GLOO", None)
         .warnings(false)
-        .flag_if_supported("-Wno-deprecated-declarations");
+        .flag_if_supported("-Wno-deprecated-declarations")
+        // The fused optimizer matches the per-tensor ops' rounding: no contracted multiply-adds.
+        .flag_if_supported("-ffp-contract=off");
 
     let nccl = env::var_os("CARGO_FEATURE_NCCL").is_some();
     if nccl {

@@ -312,6 +312,15 @@ fn against_torch(
             &c.batch.to_string(),
             &c.image_size.to_string(),
             &threads.to_string(),
+            // The recipe runs with bt's precision and layout: a like-for-like step.
+            match c.precision {
+                Precision::Bf16 => "bf16",
+                _ => "fp32",
+            },
+            match c.layout {
+                MemoryFormat::ChannelsLast => "channels-last",
+                _ => "contiguous",
+            },
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -365,6 +374,7 @@ fn against_torch(
         "# side by side, fixed inputs, {} interleaved rounds of {} steps, {threads} thread(s) each",
         t.rounds, c.steps
     );
+    println!("# both sides {:?} / {:?}", c.precision, c.layout);
     println!(
         "  PyTorch recipe step (torchvision, D x D loss, per-parameter LARS) {torch_med:>9.1} ms   {:>8.1} img/s",
         b * 1e3 / torch_med

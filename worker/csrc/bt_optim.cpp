@@ -1,0 +1,100 @@
+// bt's fused LARS step on the CPU. The recipe's optimizer (and bt's per-tensor path) runs a chain
+// of whole-tensor ops per parameter: scale, add decay, two norms, scale by the trust ratio,
+// momentum multiply-add, parameter update: about fifteen passes over memory per weight tensor,
+// each a separate kernel. Here a weight tensor costs two passes (one reading p and g for both
+// norms, one reading p, g, m and writing m and p) and a 1-D tensor one, all tensors in one call,
+// each pass split over ATen's intra-op threads. Same arithmetic, in the same order, as
+// `optim::lars` (fp32 elementwise; the norms accumulate in double). Errors as in bt_error.h.
+#include <array>
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "bt_error.h"
+
+namespace {
+
+// Elements per task of the parallel loops (small tensors run on one thread).
+constexpr int64_t kGrain = 32768;
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* what, int i) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "fused LARS: ", what, " ", i, " must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(t.numel() == like.numel(), "fused LARS: ", what, " ", i, " has ", t.numel(),
+              " elements, its parameter ", like.numel());
+}
+
+}  // namespace
+
+extern "C" {
+
+// One LARS update of n parameters: params[i], their gradients grads[i] (a NULL or undefined
+// gradient skips the parameter) and momentum buffers moms[i]; weight[i] != 0 for the weights
+// group (decay and trust ratio, lr_w), 0 for 1-D tensors (lr_b).
+char* bt_lars_step_cpu(at::Tensor** params, at::Tensor** grads, at::Tensor** moms,
+                       const int* weight, int n, double scale, double weight_decay,
+                       double momentum, double eta, double lr_w, double lr_b) {
+  return bt_guarded([&] {
+    const float s = static_cast<float>(scale);
+    const float wd = static_cast<float>(weight_decay);
+    const float mom = static_cast<float>(momentum);
+    const bool scaled = scale != 1.0;
+    for (int i = 0; i < n; ++i) {
+      if (grads[i] == nullptr || !grads[i]->defined()) {
+        continue;
+      }
+      const at::Tensor& pt = *params[i];
+      check(pt, pt, "parameter", i);
+      check(*grads[i], pt, "gradient", i);
+      check(*moms[i], pt, "momentum", i);
+      float* p = pt.data_ptr<float>();
+      const float* g = grads[i]->data_ptr<float>();
+      float* m = moms[i]->data_ptr<float>();
+      const int64_t len = pt.numel();
+      if (weight[i] == 0) {
+        const float lr = static_cast<float>(lr_b);
+        at::parallel_for(0, len, kGrain, [&](int64_t b, int64_t e) {
+          for (int64_t j = b; j < e; ++j) {
+            const float d = scaled ? g[j] * s : g[j];
+            m[j] = m[j] * mom + d;
+            p[j] = p[j] - lr * m[j];
+          }
+        });
+        continue;
+      }
+      // ‖p‖² and ‖dp‖², dp = s·g + wd·p, in one pass.
+      using Sums = std::array<double, 2>;
+      const Sums sums = at::parallel_reduce(
+          0, len, kGrain, Sums{0.0, 0.0},
+          [&](int64_t b, int64_t e, Sums acc) {
+            for (int64_t j = b; j < e; ++j) {
+              const float gs = scaled ? g[j] * s : g[j];
+              const float d = gs + wd * p[j];
+              acc[0] += static_cast<double>(p[j]) * p[j];
+              acc[1] += static_cast<double>(d) * d;
+            }
+            return acc;
+          },
+          [](Sums a, const Sums& b) {
+            a[0] += b[0];
+            a[1] += b[1];
+            return a;
+          });
+      const float pn = static_cast<float>(std::sqrt(sums[0]));
+      const float dn = static_cast<float>(std::sqrt(sums[1]));
+      const float q = (pn > 0.0f && dn > 0.0f) ? static_cast<float>(eta) * (pn / dn) : 1.0f;
+      const float lr = static_cast<float>(lr_w);
+      at::parallel_for(0, len, kGrain, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+          const float gs = scaled ? g[j] * s : g[j];
+          const float d = (gs + wd * p[j]) * q;
+          m[j] = m[j] * mom + d;
+          p[j] = p[j] - lr * m[j];
+        }
+      });
+    }
+  });
+}
+
+}  // extern "C"
