@@ -198,13 +198,36 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
         za.mean(Kind::Float).f_backward()?;
     }
     let mut step_no = 0u64;
-    let opt_ms = time_it(c.steps, || {
-        step_no += 1;
-        st.opt.step(step_no)?;
-        sync(dev);
-        Ok(())
-    })?;
-    say!("LARS step                             {opt_ms:>9.1} ms");
+    let fused = st.opt.is_fused();
+    let mut lars_ms = |st: &mut TrainState| {
+        time_it(c.steps, || {
+            step_no += 1;
+            st.opt.step(step_no)?;
+            sync(dev);
+            Ok(())
+        })
+    };
+    if fused {
+        st.opt.set_fused(false);
+        let per_tensor_ms = lars_ms(&mut st)?;
+        st.opt.set_fused(true);
+        let fused_ms = lars_ms(&mut st)?;
+        say!("LARS step, per-tensor ops             {per_tensor_ms:>9.1} ms");
+        say!(
+            "LARS step, fused (used)               {fused_ms:>9.1} ms   {:>8.2}x",
+            per_tensor_ms / fused_ms
+        );
+    } else {
+        let opt_ms = lars_ms(&mut st)?;
+        say!("LARS step (per-tensor ops)            {opt_ms:>9.1} ms");
+    }
+    // What training keeps per parameter: the fp32 value, its gradient (at W > 1 the .grad
+    // tensors alias the all-reduce buckets, so no second copy) and the momentum buffer.
+    say!(
+        "memory per parameter: 4 B value + 4 B gradient + 4 B momentum = 12 B; {} parameters = {:.0} MiB",
+        n_params,
+        n_params as f64 * 12.0 / (1 << 20) as f64
+    );
 
     // 4. side by side with the PyTorch recipe: the same step on fixed inputs, interleaved rounds.
     if let Some(t) = &c.against_torch {
