@@ -6,6 +6,36 @@ use bt_tests::{wait_for, Cluster, TINY};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// Submits the tiny job for 40 steps (a metric line each), with `overrides` on top, and waits
+/// until it has reported step `after`; returns its id.
+fn submit_running(c: &Cluster, overrides: &[&str], after: u64) -> String {
+    let base = ["train.max_steps=40", "train.epochs=20", "train.log_every=1"];
+    let all: Vec<&str> = base.iter().chain(overrides).copied().collect();
+    let id = c.submit(TINY, &all);
+    wait_for("a few steps", 2 * MINUTE, || {
+        let j = c.btctl_json(&["get", &id])?;
+        (j["last_metrics"]["step"].as_u64()? >= after).then_some(())
+    });
+    id
+}
+
+/// The first of the `n` daemons that runs a trainer.
+fn busy_worker(c: &Cluster, n: usize) -> usize {
+    (0..n)
+        .find(|&i| !c.trainer_pids_of(i).is_empty())
+        .expect("a worker running a rank")
+}
+
+/// Daemon `i` as `btctl workers -o json` shows it (None while the coordinator does not answer).
+fn worker_json(c: &Cluster, i: usize) -> Option<serde_json::Value> {
+    let name = format!("worker-{i}");
+    let ws = c.btctl_json(&["workers"])?;
+    ws.as_array()?
+        .iter()
+        .find(|w| w["name"] == name.as_str())
+        .cloned()
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -565,21 +595,15 @@ fn logs_follow_a_two_rank_job_from_before_it_starts_to_its_end_then_delete_forge
 fn sigterm_to_a_daemon_preempts_its_job_which_resumes_from_the_stop_checkpoint() {
     let mut c = Cluster::start(2, 1);
     // No periodic checkpoint before the end: the one saved on the stop is the only resume point.
-    let id = c.submit(
-        TINY,
+    let id = submit_running(
+        &c,
         &[
-            "train.max_steps=40",
-            "train.epochs=20",
-            "train.log_every=1",
             "checkpoint.every_steps=1000",
             "restart.max_restarts=0",
             "name=preempted",
         ],
+        3,
     );
-    wait_for("a few steps", 2 * MINUTE, || {
-        let j = c.btctl_json(&["get", &id])?;
-        (j["last_metrics"]["step"].as_u64()? >= 3).then_some(())
-    });
     // A terminating node: its trainer and the other node's agree on a step, rank 0 saves it,
     // both stop, the daemon reports their exits and leaves within its stop grace.
     c.signal_worker(1, libc::SIGTERM);
@@ -625,24 +649,16 @@ fn sigterm_to_a_daemon_preempts_its_job_which_resumes_from_the_stop_checkpoint()
 #[test]
 fn btctl_drain_moves_a_running_job_off_a_worker_which_stays_up_until_undrained() {
     let c = Cluster::start(3, 1);
-    let id = c.submit(
-        TINY,
+    let id = submit_running(
+        &c,
         &[
-            "train.max_steps=40",
-            "train.epochs=20",
-            "train.log_every=1",
             "checkpoint.every_steps=1000",
             "restart.max_restarts=0",
             "name=drained",
         ],
+        3,
     );
-    wait_for("a few steps", 2 * MINUTE, || {
-        let j = c.btctl_json(&["get", &id])?;
-        (j["last_metrics"]["step"].as_u64()? >= 3).then_some(())
-    });
-    let victim = (0..3)
-        .find(|&i| !c.trainer_pids_of(i).is_empty())
-        .expect("a worker running a rank");
+    let victim = busy_worker(&c, 3);
     let name = format!("worker-{victim}");
     // btctl runs with the admin token here (the auth tests refuse drains to other roles).
     let out = c.btctl(&["drain", &name, "--reason", "kernel upgrade"]);
@@ -664,15 +680,8 @@ fn btctl_drain_moves_a_running_job_off_a_worker_which_stays_up_until_undrained()
         "the drained daemon stays up"
     );
     assert!(c.trainer_pids_of(victim).is_empty());
-    let ws = c.btctl_json(&["workers"]).expect("workers");
-    let w = ws
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == name.as_str())
-        .unwrap()
-        .clone();
-    assert_eq!(w["drained"], "kernel upgrade", "{ws}");
+    let w = worker_json(&c, victim).expect("the drained worker");
+    assert_eq!(w["drained"], "kernel upgrade", "{w}");
     // Undrained, it takes work again: a 3-rank job needs every worker.
     let out = c.btctl(&["undrain", &name]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -698,35 +707,15 @@ fn btctl_drain_moves_a_running_job_off_a_worker_which_stays_up_until_undrained()
 fn a_partitioned_daemon_is_lost_its_job_moves_and_on_return_it_is_fenced_then_takes_work() {
     // Every daemon reaches the coordinator through a proxy that can go silent without closing.
     let c = Cluster::start_partitionable(3, 1, 3000, &[]);
-    let id = c.submit(
-        TINY,
-        &[
-            "train.max_steps=40",
-            "train.epochs=20",
-            "train.log_every=1",
-            "checkpoint.every_steps=4",
-            "name=partitioned",
-        ],
-    );
-    wait_for("a few steps", 2 * MINUTE, || {
-        let j = c.btctl_json(&["get", &id])?;
-        (j["last_metrics"]["step"].as_u64()? >= 5).then_some(())
-    });
-    let victim = (0..3)
-        .find(|&i| !c.trainer_pids_of(i).is_empty())
-        .expect("a worker running a rank");
+    let id = submit_running(&c, &["checkpoint.every_steps=4", "name=partitioned"], 5);
+    let victim = busy_worker(&c, 3);
     let attempts = c.job(&id)["attempts"].as_u64().unwrap();
     let t0 = Instant::now();
     c.partition_worker(victim, true);
     // No heartbeat gets through: after the heartbeat timeout the worker is lost and the job
     // restarts on the two other workers, although the daemon's socket never closed.
     let lost = wait_for("the worker to be lost", MINUTE, || {
-        let ws = c.btctl_json(&["workers"])?;
-        let w = ws
-            .as_array()?
-            .iter()
-            .find(|w| w["name"].as_str() == Some(format!("worker-{victim}").as_str()))?;
-        (w["state"] == "lost").then(|| t0.elapsed())
+        (worker_json(&c, victim)?["state"] == "lost").then(|| t0.elapsed())
     });
     let job = wait_for("the job to restart elsewhere", MINUTE, || {
         let j = c.btctl_json(&["get", &id])?;
@@ -742,12 +731,7 @@ fn a_partitioned_daemon_is_lost_its_job_moves_and_on_return_it_is_fenced_then_ta
     // the old attempt is stopped, and the worker is online again.
     c.partition_worker(victim, false);
     wait_for("the worker back online", MINUTE, || {
-        let ws = c.btctl_json(&["workers"])?;
-        let w = ws
-            .as_array()?
-            .iter()
-            .find(|w| w["name"].as_str() == Some(format!("worker-{victim}").as_str()))?;
-        (w["state"] == "online").then_some(())
+        (worker_json(&c, victim)?["state"] == "online").then_some(())
     });
     wait_for("the stale trainer to be gone", MINUTE, || {
         c.trainer_pids_of(victim).is_empty().then_some(())

@@ -2,16 +2,14 @@
 //! is a warning notice on the job and never a checkpoint report, so the coordinator never commits
 //! it and the previous committed checkpoint stays the resume point; training goes on, and the
 //! half-written directory is refused by verification (no `meta.json`).
-use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 
 use bt_proto::trainer_event::Body;
 use bt_proto::{Assignment, TrainerEvent};
 use prost::Message;
 
 mod common;
-use common::{assignment, fashion_data, TINY_MODEL};
+use common::{assignment, fashion_data, start_trainer, trainer_command, TINY_MODEL};
 
 #[test]
 fn a_failed_checkpoint_write_is_a_notice_not_a_checkpoint_and_training_goes_on() {
@@ -23,11 +21,7 @@ fn a_failed_checkpoint_write_is_a_notice_not_a_checkpoint_and_training_goes_on()
         data = fashion_data(64)
     );
     let a: Assignment = assignment("full-disk", spec, dir.path());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bt-worker"));
-    cmd.args(["train", "--device-kind", "cpu"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = trainer_command();
     // SAFETY: setrlimit(2) only, between fork and exec. No file may grow past 4 KiB: every
     // checkpoint write fails part-way, as on a full volume (the trainer ignores SIGXFSZ, so the
     // write fails with EFBIG instead of killing it).
@@ -43,13 +37,7 @@ fn a_failed_checkpoint_write_is_a_notice_not_a_checkpoint_and_training_goes_on()
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("start trainer");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&a.encode_to_vec())
-        .unwrap();
+    let child = start_trainer(cmd, &a);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the trainer goes on: {stderr}");

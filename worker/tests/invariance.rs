@@ -7,15 +7,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use bt_proto::trainer_event::Body;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use bt_proto::{Assignment, TrainerEvent};
 use prost::Message;
 use tch::Tensor;
 
 mod common;
-use common::{assignment, fashion_data, TINY_MODEL};
+use common::{assignment, fashion_data, start_trainer, trainer_command, TINY_MODEL};
 
 fn spec(world: u32, sync_bn: bool, extra_train: &str) -> String {
     format!(
@@ -75,20 +73,7 @@ fn run_ranks(spec: &str, world: u32, dir: &Path, resume_from: &str) -> Vec<(u64,
                 resume_from: resume_from.into(),
                 ..assignment("inv", spec.to_string(), dir)
             };
-            let mut child = Command::new(env!("CARGO_BIN_EXE_bt-worker"))
-                .args(["train", "--device-kind", "cpu"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start trainer");
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(&a.encode_to_vec())
-                .unwrap();
-            child
+            start_trainer(trainer_command(), &a)
         })
         .collect();
     let outs: Vec<_> = children

@@ -10,7 +10,7 @@ use bt_proto::*;
 use prost::Message;
 use tonic::Code;
 
-use crate::harness::{eventually, register_request, spec, Coord, FakeDaemon};
+use crate::harness::{eventually, history, register_request, spec, Coord, FakeDaemon};
 
 /// A message with no fields: every request decodes it as its defaults, every response as it.
 type Empty = ListWorkersRequest;
@@ -411,26 +411,6 @@ async fn watchers_are_bounded() {
         c.jobs().await.watch_job(watch()).await.is_ok()
     })
     .await;
-}
-
-/// The job's whole persisted history (no follow).
-async fn history(c: &Coord, id: &str) -> Vec<JobEvent> {
-    let mut s = c
-        .jobs()
-        .await
-        .watch_job(WatchJobRequest {
-            job_id: id.into(),
-            from_step: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = vec![];
-    while let Some(ev) = s.message().await.unwrap() {
-        out.push(ev);
-    }
-    out
 }
 
 #[tokio::test]

@@ -3,10 +3,7 @@
 //! whole gang.
 use std::time::Duration;
 
-use bt_proto::{
-    coordinator_message, job_event, trainer_report, Assignment, JobEvent, JobState, TrainerExit,
-    WatchJobRequest,
-};
+use bt_proto::{coordinator_message, job_event, trainer_report, Assignment, JobState, TrainerExit};
 
 use crate::harness::*;
 
@@ -68,24 +65,14 @@ async fn lose_one_of_two_nodes(c: &Coord, spec: &str) -> (FakeDaemon, String) {
 }
 
 async fn state_reasons(c: &Coord, id: &str) -> Vec<String> {
-    let mut s = c
-        .jobs()
+    history(c, id)
         .await
-        .watch_job(WatchJobRequest {
-            job_id: id.into(),
-            from_step: 0,
-            follow: false,
+        .into_iter()
+        .filter_map(|ev| match ev.kind {
+            Some(job_event::Kind::State(st)) => Some(st.reason),
+            _ => None,
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = vec![];
-    while let Some(JobEvent { kind, .. }) = s.message().await.unwrap() {
-        if let Some(job_event::Kind::State(st)) = kind {
-            out.push(st.reason);
-        }
-    }
-    out
+        .collect()
 }
 
 #[tokio::test]

@@ -8,9 +8,9 @@ use bt_proto::job_service_client::JobServiceClient;
 use bt_proto::worker_service_client::WorkerServiceClient;
 use bt_proto::{
     coordinator_message, trainer_report, worker_message, Assignment, CheckpointInfo,
-    CoordinatorMessage, Device, GetJobRequest, Hello, Job, JobState, ListCheckpointsRequest,
-    RegisterRequest, RunningTrainer, SubmitJobRequest, TrainMetrics, TrainerExit, TrainerReport,
-    TrainerStarted, WorkerMessage, PROTOCOL_VERSION,
+    CoordinatorMessage, Device, GetJobRequest, Hello, Job, JobEvent, JobState,
+    ListCheckpointsRequest, RegisterRequest, RunningTrainer, SubmitJobRequest, TrainMetrics,
+    TrainerExit, TrainerReport, TrainerStarted, WatchJobRequest, WorkerMessage, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -332,4 +332,24 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The job's whole persisted history (no follow).
+pub async fn history(c: &Coord, id: &str) -> Vec<JobEvent> {
+    let mut s = c
+        .jobs()
+        .await
+        .watch_job(WatchJobRequest {
+            job_id: id.into(),
+            from_step: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = vec![];
+    while let Some(ev) = s.message().await.unwrap() {
+        out.push(ev);
+    }
+    out
 }

@@ -2,9 +2,12 @@
 //! a single-rank assignment. Each test file uses a part of it.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use bt_proto::Assignment;
+use prost::Message;
 
 /// ResNet-18 with the CIFAR stem and a 32-32 projector, as a `[model]` table; a test may append
 /// more keys of the table (for example `sync_bn`).
@@ -40,4 +43,26 @@ pub fn assignment(job_id: &str, spec: String, dir: &Path) -> Assignment {
         checkpoint_dir: dir.display().to_string(),
         ..Default::default()
     }
+}
+
+/// The trainer command (`bt-worker train` on the CPU, every stream piped), for a test to adjust.
+pub fn trainer_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bt-worker"));
+    cmd.args(["train", "--device-kind", "cpu"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Starts `cmd` (from [`trainer_command`]) and writes the assignment to its stdin.
+pub fn start_trainer(mut cmd: Command, a: &Assignment) -> Child {
+    let mut child = cmd.spawn().expect("start trainer");
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(&a.encode_to_vec())
+        .expect("write the assignment");
+    child
 }
