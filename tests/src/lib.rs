@@ -45,6 +45,16 @@ baseline = false
 timeout_secs = 20
 "#;
 
+/// A finished command's standard output, as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A finished command's standard error, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// Where the binaries are: `BT_BIN_DIR`, else the workspace's `target/debug`.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("BT_BIN_DIR")
