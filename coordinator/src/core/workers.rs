@@ -268,6 +268,17 @@ pub(crate) fn lose_worker(
     Ok(())
 }
 
+/// Devices a rank of an open attempt holds, per worker.
+fn busy_devices(tx: &mut dyn Tx) -> Result<std::collections::HashMap<WorkerId, u32>> {
+    let mut busy = std::collections::HashMap::new();
+    for a in tx.open_attempts()? {
+        for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
+            *busy.entry(r.worker_id).or_default() += 1;
+        }
+    }
+    Ok(busy)
+}
+
 /// Longest drain reason kept (characters).
 const MAX_DRAIN_REASON: usize = 200;
 
@@ -641,24 +652,14 @@ impl Core {
                     fx.messages.push((w.id, stop_trainers(&w)));
                 }
             }
-            let busy = tx
-                .open_attempts()?
-                .iter()
-                .flat_map(|a| a.ranks.iter())
-                .filter(|r| r.worker_id == w.id && r.exited_ms.is_none())
-                .count() as u32;
+            let busy = busy_devices(tx)?.get(&w.id).copied().unwrap_or(0);
             Ok(worker_view(rt, &w, busy))
         })
     }
 
     pub fn list_workers(&self) -> Result<Vec<WorkerView>> {
         self.read(|rt, tx| {
-            let mut busy = std::collections::HashMap::<WorkerId, u32>::new();
-            for a in tx.open_attempts()? {
-                for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
-                    *busy.entry(r.worker_id).or_default() += 1;
-                }
-            }
+            let busy = busy_devices(tx)?;
             Ok(tx
                 .list_workers()?
                 .iter()

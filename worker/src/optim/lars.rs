@@ -129,19 +129,15 @@ impl Lars {
                 },
                 momentum: tch::no_grad(|| p.tensor.zeros_like()),
             })
-            .collect::<Vec<Slot>>();
-        let fused = !slots.is_empty()
-            && slots.iter().all(|s| {
-                s.param.device() == tch::Device::Cpu
-                    && s.param.kind() == tch::Kind::Float
-                    && s.param.is_contiguous()
-            });
-        Lars {
+            .collect();
+        let mut lars = Lars {
             cfg,
             schedule,
             slots,
-            fused,
-        }
+            fused: false,
+        };
+        lars.set_fused(true);
+        lars
     }
 
     /// Whether steps run fused (see the module docs).
@@ -153,6 +149,7 @@ impl Lars {
     /// parameters allow it; returns whether steps now run fused.
     pub fn set_fused(&mut self, on: bool) -> bool {
         self.fused = on
+            && !self.slots.is_empty()
             && self.slots.iter().all(|s| {
                 s.param.device() == tch::Device::Cpu
                     && s.param.kind() == tch::Kind::Float
