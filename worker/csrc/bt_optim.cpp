@@ -4,7 +4,9 @@
 // each a separate kernel. Here a weight tensor costs two passes (one reading p and g for both
 // norms, one reading p, g, m and writing m and p) and a 1-D tensor one, all tensors in one call,
 // each pass split over ATen's intra-op threads. Same arithmetic, in the same order, as
-// `optim::lars` (fp32 elementwise; the norms accumulate in double). Errors as in bt_error.h.
+// `optim::lars` (fp32 elementwise; the norms accumulate in double). Tensors are walked as flat
+// blocks in memory order, so channels-last weights (bf16 autocast runs) take the same path.
+// Errors as in bt_error.h.
 #include <array>
 #include <cmath>
 
@@ -18,11 +20,16 @@ namespace {
 // Elements per task of the parallel loops (small tensors run on one thread).
 constexpr int64_t kGrain = 32768;
 
+// Every tensor must be a dense fp32 CPU block laid out like its parameter (contiguous, or
+// channels-last with the same strides): then element j of the block is the same element in all
+// three, and the kernel can walk them flat, whatever the memory format.
 void check(const at::Tensor& t, const at::Tensor& like, const char* what, int i) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "fused LARS: ", what, " ", i, " must be a contiguous fp32 CPU tensor");
-  TORCH_CHECK(t.numel() == like.numel(), "fused LARS: ", what, " ", i, " has ", t.numel(),
-              " elements, its parameter ", like.numel());
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+                  t.is_non_overlapping_and_dense(),
+              "fused LARS: ", what, " ", i, " must be a dense fp32 CPU tensor");
+  TORCH_CHECK(t.sizes() == like.sizes() && t.strides() == like.strides(), "fused LARS: ", what,
+              " ", i, " has sizes ", t.sizes(), " strides ", t.strides(), ", its parameter ",
+              like.sizes(), " ", like.strides());
 }
 
 }  // namespace

@@ -15,8 +15,8 @@
 //! official effective step; the default 1 uses the true gradient.
 //!
 //! Two implementations of the same arithmetic: per tensor, a chain of whole-tensor ops (any
-//! device and dtype), and fused, on the CPU with fp32 contiguous tensors, where every tensor is
-//! updated in one call to `worker/csrc/bt_optim.cpp` (two passes over a weight tensor's memory
+//! device and dtype), and fused, on the CPU with fp32 dense tensors (contiguous or channels-last),
+//! where every tensor is updated in one call to `worker/csrc/bt_optim.cpp` (two passes over a weight tensor's memory
 //! instead of about fifteen). The fused path is used whenever the parameters allow it.
 use std::ffi::{c_char, c_double, c_int};
 
@@ -94,8 +94,8 @@ pub struct Lars {
     cfg: LarsConfig,
     schedule: LrSchedule,
     slots: Vec<Slot>,
-    /// Every parameter (and so its gradient and momentum) is a contiguous fp32 CPU tensor: the
-    /// fused step applies (unless turned off with [`Lars::set_fused`]).
+    /// Every parameter (and so its gradient and momentum, laid out alike) is a dense fp32 CPU
+    /// tensor: the fused step applies (unless turned off with [`Lars::set_fused`]).
     fused: bool,
 }
 
@@ -153,7 +153,7 @@ impl Lars {
             && self.slots.iter().all(|s| {
                 s.param.device() == tch::Device::Cpu
                     && s.param.kind() == tch::Kind::Float
-                    && s.param.is_contiguous()
+                    && is_dense(&s.param)
             });
         self.fused
     }
@@ -230,8 +230,8 @@ impl Lars {
         Ok(lr_w)
     }
 
-    /// Every tensor in one call of the CPU kernel; a gradient that is not a contiguous fp32
-    /// tensor (or a momentum buffer replaced by one that is not) is an error, not a silent
+    /// Every tensor in one call of the CPU kernel; a gradient that is not a dense fp32 tensor
+    /// laid out like its parameter (or a momentum buffer replaced by one that is not) is an error, not a silent
     /// fallback.
     fn step_fused(&mut self, lr_w: f64, lr_b: f64) -> Result<()> {
         let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
@@ -312,6 +312,26 @@ impl Lars {
             Ok(())
         })
     }
+}
+
+/// Whether `t`'s elements fill one block of memory without gaps or overlaps (contiguous in some
+/// order of its dimensions: row-major, channels-last, ...), so a kernel may walk it flat.
+fn is_dense(t: &Tensor) -> bool {
+    let (sizes, strides) = (t.size(), t.stride());
+    let mut dims: Vec<(i64, i64)> = sizes
+        .into_iter()
+        .zip(strides)
+        .filter(|&(size, _)| size != 1)
+        .collect();
+    dims.sort_by_key(|&(_, stride)| stride);
+    let mut expected = 1i64;
+    for (size, stride) in dims {
+        if size == 0 || stride != expected {
+            return false;
+        }
+        expected *= size;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -471,6 +491,53 @@ mod tests {
         }
         assert!(pf[4].tensor.equal(&init[4]), "no gradient, no update");
         assert!(!pf[0].tensor.equal(&init[0]), "the weights moved");
+    }
+
+    /// Channels-last weights (the bf16 + channels-last setting) take the fused path too, and it
+    /// agrees with the per-tensor ops on them; a strided view is not dense and is refused.
+    #[test]
+    fn fused_step_takes_channels_last_weights() {
+        tch::manual_seed(11);
+        let w =
+            crate::amp::to_channels_last(&Tensor::randn([16, 8, 3, 3], (Kind::Float, Device::Cpu)))
+                .unwrap();
+        assert!(!w.is_contiguous() && is_dense(&w));
+        let g = crate::amp::to_channels_last(
+            &(Tensor::randn([16, 8, 3, 3], (Kind::Float, Device::Cpu)) * 0.01),
+        )
+        .unwrap();
+        let run = |fused: bool| {
+            let p = named("w", w.copy());
+            let params = vec![
+                p,
+                named("b", Tensor::ones([16], (Kind::Float, Device::Cpu))),
+            ];
+            assert_eq!(
+                params[0].tensor.stride(),
+                w.stride(),
+                "copy keeps the layout"
+            );
+            let mut opt = Lars::new(&params, LarsConfig::default(), 256, 2, 100);
+            assert_eq!(opt.set_fused(fused), fused);
+            for step in 0..3 {
+                opt.zero_grad();
+                let l =
+                    (&params[0].tensor * &g).sum(Kind::Float) + params[1].tensor.sum(Kind::Float);
+                l.backward();
+                opt.step(step).unwrap();
+            }
+            params
+        };
+        let (a, b) = (run(true), run(false));
+        for (x, y) in a.iter().zip(&b) {
+            let d = (&x.tensor - &y.tensor).abs().max().double_value(&[]);
+            assert!(d < 1e-6, "{}: {d:e} apart", x.name);
+        }
+        let strided = Tensor::randn([4, 6], (Kind::Float, Device::Cpu)).slice(1, 0, 6, 2);
+        assert!(!is_dense(&strided));
+        assert!(is_dense(
+            &Tensor::randn([4, 1, 6], (Kind::Float, Device::Cpu)).transpose(0, 2)
+        ));
     }
 
     #[test]
