@@ -8,11 +8,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <ATen/ATen.h>
 
 #include "bt_error.h"
@@ -133,13 +136,56 @@ void allgather_into(Group& g, const at::Tensor& t, at::Tensor& out) {
 // Persistent gradient buckets: each parameter's .grad is made an alias of a slice of a flat
 // bucket buffer (with the parameter's own strides), so autograd accumulates straight into the
 // buckets and the all-reduce needs no packing copies. A grad that someone replaced since (a
-// different tensor) is copied in and re-aliased, so the result is right either way.
+// different tensor) is copied in and re-aliased before its bucket is summed, so the result is
+// right either way; a parameter without a grad contributes zeros.
+//
+// Buckets are laid out over the parameters in reverse order (backward reaches the last ones
+// first). With overlap on, a post-accumulate-grad hook on every parameter counts the distinct
+// parameters of its bucket whose gradient is complete in this step; once a whole bucket is, its
+// all-reduce is started (asynchronously) from the hook, in the middle of backward, but only after
+// every earlier bucket's: bucket k waits for buckets 0..k-1, so the collectives are issued in the
+// same order on every rank. Hooks act only between arm() and the all-reduce that ends the step
+// (the one backward whose gradients are summed); all_reduce() starts the buckets still waiting
+// (parameters without a gradient this step) in order and waits for every one.
+struct GradBuckets;
+
+// The hook on one parameter. It holds the buckets weakly: once they are freed it does nothing.
+struct BucketHook : torch::autograd::PostAccumulateGradHook {
+  BucketHook(std::weak_ptr<GradBuckets> owner, size_t index) : owner(std::move(owner)), index(index) {}
+  void operator()(const torch::autograd::Variable& param) override;
+  std::weak_ptr<GradBuckets> owner;
+  size_t index;
+};
+
+struct Bucket {
+  at::Tensor buf;
+  // {buf}: the backend takes a vector by reference.
+  std::vector<at::Tensor> io;
+  // Parameter indices, in bucket order.
+  std::vector<size_t> members;
+  // Members whose gradient is not yet complete in this step.
+  size_t pending = 0;
+  // Started in this step, not waited for yet.
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
 struct GradBuckets {
   c10::intrusive_ptr<Group> g;
   std::vector<at::Tensor> params;
-  std::vector<at::Tensor> buffers;
+  std::vector<Bucket> buckets;
   // per parameter: bucket index and element offset
   std::vector<std::pair<size_t, int64_t>> where;
+  // Serializes the hooks (on autograd's threads) with arm/all_reduce/set_overlap.
+  std::mutex mu;
+  bool overlap = false;
+  bool hooks_installed = false;
+  // Per step.
+  bool armed = false;
+  std::vector<uint8_t> ready;
+  // buckets[0..next) are started.
+  size_t next = 0;
+  // Set when a gradient arrived for a bucket already being summed (a second backward in one step).
+  bool late = false;
 };
 
 at::Tensor alias_slice(const at::Tensor& buf, int64_t off, const at::Tensor& like) {
@@ -156,16 +202,27 @@ bool aliases(const at::Tensor& grad, const at::Tensor& buf, int64_t off) {
   return grad.defined() && grad.data_ptr() == static_cast<char*>(buf.data_ptr()) + off * buf.element_size();
 }
 
-GradBuckets* grad_buckets_new(c10::intrusive_ptr<Group> g, std::vector<at::Tensor> params, int64_t bucket_bytes) {
+std::shared_ptr<GradBuckets> grad_buckets_new(c10::intrusive_ptr<Group> g, std::vector<at::Tensor> params, int64_t bucket_bytes) {
   at::NoGradGuard ng;
-  auto* b = new GradBuckets{g, std::move(params), {}, {}};
-  size_t i = 0;
+  auto b = std::make_shared<GradBuckets>();
+  b->g = std::move(g);
+  b->params = std::move(params);
   const auto& ps = b->params;
-  while (i < ps.size()) {
+  const size_t n = ps.size();
+  b->where.resize(n);
+  b->ready.assign(n, 0);
+  // Bucket over the reversed list: order[r] is the r-th parameter backward is expected to reach.
+  std::vector<size_t> order(n);
+  for (size_t r = 0; r < n; ++r) {
+    order[r] = n - 1 - r;
+  }
+  size_t i = 0;
+  while (i < n) {
+    const at::Tensor& first = ps[order[i]];
     size_t j = i;
     int64_t bytes = 0;
-    while (j < ps.size() && ps[j].scalar_type() == ps[i].scalar_type() && ps[j].device() == ps[i].device()) {
-      int64_t nb = ps[j].numel() * static_cast<int64_t>(ps[j].element_size());
+    while (j < n && ps[order[j]].scalar_type() == first.scalar_type() && ps[order[j]].device() == first.device()) {
+      int64_t nb = ps[order[j]].numel() * static_cast<int64_t>(ps[order[j]].element_size());
       if (j > i && bytes + nb > bucket_bytes) {
         break;
       }
@@ -174,45 +231,201 @@ GradBuckets* grad_buckets_new(c10::intrusive_ptr<Group> g, std::vector<at::Tenso
     }
     int64_t total = 0;
     for (size_t k = i; k < j; ++k) {
-      total += ps[k].numel();
+      total += ps[order[k]].numel();
     }
-    at::Tensor buf = at::zeros({total}, ps[i].options().requires_grad(false));
+    Bucket bucket;
+    bucket.buf = at::zeros({total}, first.options().requires_grad(false));
+    bucket.io = {bucket.buf};
     int64_t off = 0;
     for (size_t k = i; k < j; ++k) {
-      const at::Tensor& p = ps[k];
-      at::Tensor view = alias_slice(buf, off, p);
+      const at::Tensor& p = ps[order[k]];
+      at::Tensor view = alias_slice(bucket.buf, off, p);
       if (p.grad().defined()) {
         view.copy_(p.grad());
       }
       const_cast<at::Tensor&>(p).mutable_grad() = view;
-      b->where.emplace_back(b->buffers.size(), off);
+      b->where[order[k]] = {b->buckets.size(), off};
+      bucket.members.push_back(order[k]);
       off += p.numel();
     }
-    b->buffers.push_back(buf);
+    bucket.pending = bucket.members.size();
+    b->buckets.push_back(std::move(bucket));
     i = j;
   }
   return b;
 }
 
-void grad_buckets_allreduce(GradBuckets& b) {
+// Makes parameter k's grad the alias of its slice again (copying a replaced grad in, zeros for
+// none).
+void realias(GradBuckets& b, size_t k) {
+  const at::Tensor& p = b.params[k];
+  auto [bi, off] = b.where[k];
+  const at::Tensor& buf = b.buckets[bi].buf;
+  if (!aliases(p.grad(), buf, off)) {
+    at::Tensor view = alias_slice(buf, off, p);
+    if (p.grad().defined()) {
+      view.copy_(p.grad());
+    } else {
+      view.zero_();
+    }
+    const_cast<at::Tensor&>(p).mutable_grad() = view;
+  }
+}
+
+// Starts bucket b.next's all-reduce. Caller holds b.mu.
+void launch_next(GradBuckets& b) {
   at::NoGradGuard ng;
-  for (size_t k = 0; k < b.params.size(); ++k) {
-    const at::Tensor& p = b.params[k];
-    auto [bi, off] = b.where[k];
-    const at::Tensor& buf = b.buffers[bi];
-    if (!aliases(p.grad(), buf, off)) {
-      at::Tensor view = alias_slice(buf, off, p);
-      if (p.grad().defined()) {
-        view.copy_(p.grad());
-      } else {
-        view.zero_();
+  Bucket& bucket = b.buckets[b.next];
+  for (size_t k : bucket.members) {
+    realias(b, k);
+  }
+  check_device(*b.g, bucket.buf, "gradient all_reduce");
+  {
+    std::lock_guard<std::mutex> lock(b.g->mu);
+    bucket.work = b.g->backend->allreduce(bucket.io, c10d::AllreduceOptions());
+  }
+  ++b.next;
+}
+
+// Per-step state back to the start (no bucket started, nothing ready, not armed). Caller holds
+// b.mu.
+void reset_step(GradBuckets& b) {
+  for (auto& bucket : b.buckets) {
+    bucket.pending = bucket.members.size();
+    bucket.work.reset();
+  }
+  std::fill(b.ready.begin(), b.ready.end(), 0);
+  b.next = 0;
+  b.armed = false;
+  b.late = false;
+}
+
+// Waits for every started bucket; the first failure is rethrown after all were waited for.
+// Caller holds b.mu.
+void wait_started(GradBuckets& b) {
+  std::exception_ptr first;
+  bool any = false;
+  for (size_t k = 0; k < b.next; ++k) {
+    auto& work = b.buckets[k].work;
+    if (!work) {
+      continue;
+    }
+    any = true;
+    try {
+      work->wait();
+    } catch (...) {
+      if (!first) {
+        first = std::current_exception();
       }
-      const_cast<at::Tensor&>(p).mutable_grad() = view;
+    }
+    work.reset();
+  }
+#ifdef USE_C10D_NCCL
+  if (any && b.g->nccl && !first) {
+    // wait() only orders the current stream after the collective; the sums are ready on return.
+    c10::cuda::device_synchronize();
+  }
+#else
+  (void)any;
+#endif
+  if (first) {
+    std::rethrow_exception(first);
+  }
+}
+
+void BucketHook::operator()(const torch::autograd::Variable& /*param*/) {
+  auto b = owner.lock();
+  if (!b) {
+    return; // the buckets were freed
+  }
+  std::lock_guard<std::mutex> lock(b->mu);
+  if (!b->armed || !b->overlap) {
+    return;
+  }
+  const size_t bi = b->where[index].first;
+  if (b->ready[index]) {
+    // Counted already: a second backward in this step. Harmless until the bucket has started;
+    // after that the gradient landed in a buffer being summed.
+    if (bi < b->next) {
+      b->late = true;
+    }
+    return;
+  }
+  b->ready[index] = 1;
+  --b->buckets[bi].pending;
+  while (b->next < b->buckets.size() && b->buckets[b->next].pending == 0) {
+    launch_next(*b);
+  }
+}
+
+void grad_buckets_set_overlap(const std::shared_ptr<GradBuckets>& b, bool on) {
+  std::lock_guard<std::mutex> lock(b->mu);
+  if (on && !b->hooks_installed) {
+    for (size_t k = 0; k < b->params.size(); ++k) {
+      const at::Tensor& p = b->params[k];
+      if (p.requires_grad() && p.is_leaf()) {
+        torch::autograd::impl::set_post_acc_grad_hooks(p, std::make_unique<BucketHook>(b, k));
+      }
+    }
+    b->hooks_installed = true;
+  }
+  b->overlap = on;
+}
+
+// Removes the hooks that are still this set's (before the last reference goes).
+void grad_buckets_remove_hooks(const std::shared_ptr<GradBuckets>& b) {
+  if (!b->hooks_installed) {
+    return;
+  }
+  for (const auto& p : b->params) {
+    if (!(p.requires_grad() && p.is_leaf())) {
+      continue;
+    }
+    auto& hook = torch::autograd::impl::post_acc_grad_hooks(p);
+    auto* mine = dynamic_cast<BucketHook*>(hook.get());
+    if (mine != nullptr && mine->owner.lock() == b) {
+      hook.reset();
     }
   }
-  for (auto& buf : b.buffers) {
-    allreduce_inplace(*b.g, buf);
+  b->hooks_installed = false;
+}
+
+// Ends any unfinished step (waiting for what it started) and lets the hooks of the next backward
+// start the buckets.
+void grad_buckets_arm(GradBuckets& b) {
+  std::lock_guard<std::mutex> lock(b.mu);
+  try {
+    wait_started(b);
+  } catch (...) {
+    reset_step(b);
+    throw;
   }
+  reset_step(b);
+  b.armed = b.overlap;
+}
+
+// Starts the buckets not started yet, in order, and waits for all of them.
+void grad_buckets_allreduce(GradBuckets& b) {
+  std::lock_guard<std::mutex> lock(b.mu);
+  const bool late = b.late;
+  try {
+    while (b.next < b.buckets.size()) {
+      launch_next(b);
+    }
+    wait_started(b);
+  } catch (...) {
+    try {
+      wait_started(b);
+    } catch (...) {
+    }
+    reset_step(b);
+    throw;
+  }
+  reset_step(b);
+  TORCH_CHECK(
+      !late,
+      "a gradient was accumulated into a bucket whose all-reduce had already started (more than "
+      "one backward between arm() and all_reduce()?); the summed gradients are unreliable");
 }
 
 // Packs `tensors` into flat buffers of at most `bucket_bytes` (one tensor larger than that gets a
@@ -550,8 +763,12 @@ char* bt_pg_all_gather_into(bt_pg* pg, at::Tensor* t, at::Tensor* out) {
 
 typedef struct bt_grad_buckets bt_grad_buckets;
 
-// Aliases the grads of `params` into persistent flat buckets of about bucket_bytes.
-char* bt_grad_buckets_new(bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes, bt_grad_buckets** out) {
+using BucketsHandle = std::shared_ptr<GradBuckets>;
+
+// Aliases the grads of `params` into persistent flat buckets of about bucket_bytes; with overlap
+// the buckets' all-reduces start during backward (after bt_grad_buckets_arm).
+char* bt_grad_buckets_new(
+    bt_pg* pg, at::Tensor** params, int64_t n, int64_t bucket_bytes, int overlap, bt_grad_buckets** out) {
   *out = nullptr;
   return bt_guarded([&] {
     TORCH_CHECK(bucket_bytes > 0, "bucket size must be positive");
@@ -560,22 +777,43 @@ char* bt_grad_buckets_new(bt_pg* pg, at::Tensor** params, int64_t n, int64_t buc
     for (int64_t i = 0; i < n; ++i) {
       ps.push_back(*params[i]);
     }
-    *out = reinterpret_cast<bt_grad_buckets*>(grad_buckets_new(reinterpret_cast<Handle*>(pg)->g, std::move(ps), bucket_bytes));
+    auto b = grad_buckets_new(reinterpret_cast<Handle*>(pg)->g, std::move(ps), bucket_bytes);
+    grad_buckets_set_overlap(b, overlap != 0);
+    *out = reinterpret_cast<bt_grad_buckets*>(new BucketsHandle(std::move(b)));
   });
 }
 
-// Sums the bucketed gradients over ranks, in place.
+char* bt_grad_buckets_set_overlap(bt_grad_buckets* b, int overlap) {
+  return bt_guarded([&] { grad_buckets_set_overlap(*reinterpret_cast<BucketsHandle*>(b), overlap != 0); });
+}
+
+// The next backward is the step's: its hooks start the buckets' all-reduces (with overlap on).
+char* bt_grad_buckets_arm(bt_grad_buckets* b) {
+  return bt_guarded([&] { grad_buckets_arm(**reinterpret_cast<BucketsHandle*>(b)); });
+}
+
+// Sums the bucketed gradients over ranks, in place: starts the buckets the hooks did not, waits
+// for all.
 char* bt_grad_buckets_allreduce(bt_grad_buckets* b) {
-  return bt_guarded([&] { grad_buckets_allreduce(*reinterpret_cast<GradBuckets*>(b)); });
+  return bt_guarded([&] { grad_buckets_allreduce(**reinterpret_cast<BucketsHandle*>(b)); });
 }
 
 int64_t bt_grad_buckets_count(bt_grad_buckets* b) {
-  return static_cast<int64_t>(reinterpret_cast<GradBuckets*>(b)->buffers.size());
+  return static_cast<int64_t>((*reinterpret_cast<BucketsHandle*>(b))->buckets.size());
+}
+
+// Buckets whose all-reduce has started in this step and not been waited for yet.
+int64_t bt_grad_buckets_started(bt_grad_buckets* b) {
+  GradBuckets& gb = **reinterpret_cast<BucketsHandle*>(b);
+  std::lock_guard<std::mutex> lock(gb.mu);
+  return static_cast<int64_t>(gb.next);
 }
 
 void bt_grad_buckets_free(bt_grad_buckets* b) {
   try {
-    delete reinterpret_cast<GradBuckets*>(b);
+    auto* h = reinterpret_cast<BucketsHandle*>(b);
+    grad_buckets_remove_hooks(*h);
+    delete h;
   } catch (...) {
   }
 }

@@ -51,10 +51,14 @@ extern "C" {
         params: *const *mut C_tensor,
         n: i64,
         bucket_bytes: i64,
+        overlap: c_int,
         out: *mut *mut BtGradBuckets,
     ) -> *mut c_char;
+    pub fn bt_grad_buckets_set_overlap(b: *mut BtGradBuckets, overlap: c_int) -> *mut c_char;
+    pub fn bt_grad_buckets_arm(b: *mut BtGradBuckets) -> *mut c_char;
     pub fn bt_grad_buckets_allreduce(b: *mut BtGradBuckets) -> *mut c_char;
     pub fn bt_grad_buckets_count(b: *mut BtGradBuckets) -> i64;
+    pub fn bt_grad_buckets_started(b: *mut BtGradBuckets) -> i64;
     pub fn bt_grad_buckets_free(b: *mut BtGradBuckets);
     pub fn bt_pg_allreduce_grads(
         pg: *mut BtPg,

@@ -5,6 +5,7 @@ mod collectives;
 mod faults;
 mod harness;
 mod knn;
+mod overlap;
 mod store;
 mod sync_bn;
 mod training;
