@@ -29,7 +29,8 @@ use crate::{checkpoint, eval, Error};
 /// buckets it reads, the process group, and the numerics settings.
 pub struct TrainState {
     // Fields drop in this order: the buckets first, the group last.
-    /// Persistent flat gradient buckets: backward accumulates into them in place.
+    /// Persistent flat gradient buckets: backward accumulates into them in place and starts
+    /// their all-reduces (overlap on unless [`TrainState::set_overlap`] turned it off).
     grad_buckets: GradBuckets,
     pub opt: Lars,
     pub model: BarlowTwinsModel,
@@ -72,6 +73,12 @@ impl TrainState {
             lambda: s.lambda,
             form: s.form,
         })
+    }
+
+    /// Turns the overlap of the gradient all-reduce with backward on or off (on by default; the
+    /// step benchmark compares both).
+    pub fn set_overlap(&mut self, on: bool) -> crate::Result<()> {
+        self.grad_buckets.set_overlap(on)
     }
 
     /// The model's forward of both views as training runs it: the layout, autocast (bf16 when
@@ -179,6 +186,9 @@ pub fn step_on_views(
     lap(&mut observer, Phase::Gather);
     let out = loss::barlow_twins_loss(&ga, &gb, st.lambda, st.form, want_stats)?;
     lap(&mut observer, Phase::Loss);
+    // The backward's hooks start each gradient bucket's all-reduce as soon as it is complete;
+    // all_reduce() starts the rest and waits.
+    st.grad_buckets.arm()?;
     st.opt.zero_grad();
     out.loss.f_backward()?;
     lap(&mut observer, Phase::Backward);
