@@ -4,7 +4,9 @@
 //!   per core, against torchvision + PIL doing the same augmentations.
 //!
 //! - `bt-bench step`: one rank's training step: the model's forward + backward alone, the loss in
-//!   both forms, the LARS step, and the whole step fed by the loader, with its breakdown.
+//!   both forms, the LARS step, and the whole step fed by the loader, with its breakdown; with
+//!   `--world N`, also the gradient all-reduce phase with its overlap with backward off and on, and
+//!   the scaling efficiency (per-rank step at W=1, timed on rank 0 between the rounds, vs W=N).
 //!
 //! - `bt-bench pretrain SPEC.toml [--set k=v]... [--world N]`: a job spec trained in this process
 //!   (or N processes on loopback), no coordinator or daemon: metrics, kNN evaluations with their

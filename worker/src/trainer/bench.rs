@@ -4,7 +4,8 @@
 //! all-reduce / optimizer). The whole step is the trainer's own [`train_step`], timed by an
 //! observer, so the benchmark measures what trains. With a rendezvous, every rank runs it in a
 //! real process group (the trainer's all-gather with grad, SyncBN and bucketed gradient
-//! all-reduce) and rank 0 prints.
+//! all-reduce) and rank 0 prints; then the all-reduce phase with its overlap with backward off and
+//! on, and the scaling efficiency against a single-rank step run on rank 0 in between.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -100,27 +101,27 @@ fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e3 / steps as f64)
 }
 
-/// Runs the step benchmark and prints its figures.
-pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
-    let dev = c.device;
-    let group = Arc::new(match &c.rendezvous {
-        Some(rv) => ProcessGroup::new(rv)?,
-        None => ProcessGroup::new(&Rendezvous::new(
-            0,
-            1,
-            "127.0.0.1",
-            0,
-            std::time::Duration::from_secs(1),
-        ))?,
-    });
+/// A group of one rank (no rendezvous, no collectives).
+fn single_group() -> Result<ProcessGroup> {
+    ProcessGroup::new(&Rendezvous::new(
+        0,
+        1,
+        "127.0.0.1",
+        0,
+        std::time::Duration::from_secs(1),
+    ))
+}
+
+/// The model (seeded), its layout, LARS and the gradient buckets over `group`, as training builds
+/// them; returns the variables' store (kept alive with the model), the state and the number of
+/// parameters.
+fn new_state(
+    c: &StepBenchConfig,
+    group: Arc<ProcessGroup>,
+) -> Result<(nn::VarStore, TrainState, i64)> {
     let world = group.world_size();
-    let rank0 = group.rank() == 0;
-    // Only rank 0 prints; every rank runs the same collectives.
-    macro_rules! say {
-        ($($t:tt)*) => { if rank0 { println!($($t)*); } };
-    }
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(dev);
+    let vs = nn::VarStore::new(c.device);
     let mut mcfg = ModelConfig::new(c.arch);
     mcfg.cifar_stem = c.cifar_stem;
     mcfg.width = c.width;
@@ -133,6 +134,32 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     c.layout.apply_to_weights(&state)?;
     let params = model.parameters();
     let n_params: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+    let opt = Lars::new(&params, LarsConfig::default(), c.batch * world, 0, 1000);
+    let settings = StepSettings {
+        device: c.device,
+        precision: c.precision,
+        layout: c.layout,
+        lambda: DEFAULT_LAMBDA,
+        form: LossForm::Auto,
+    };
+    let st = TrainState::new(model, opt, group, settings)?;
+    Ok((vs, st, n_params))
+}
+
+/// Runs the step benchmark and prints its figures.
+pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
+    let dev = c.device;
+    let group = Arc::new(match &c.rendezvous {
+        Some(rv) => ProcessGroup::new(rv)?,
+        None => single_group()?,
+    });
+    let world = group.world_size();
+    let rank0 = group.rank() == 0;
+    // Only rank 0 prints; every rank runs the same collectives.
+    macro_rules! say {
+        ($($t:tt)*) => { if rank0 { println!($($t)*); } };
+    }
+    let (_vs, mut st, n_params) = new_state(c, group.clone())?;
     let b = c.batch as i64;
     let s = c.image_size as i64;
     say!(
@@ -141,15 +168,6 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
-    let opt = Lars::new(&params, LarsConfig::default(), c.batch * world, 0, 1000);
-    let settings = StepSettings {
-        device: dev,
-        precision: c.precision,
-        layout: c.layout,
-        lambda: DEFAULT_LAMBDA,
-        form: LossForm::Auto,
-    };
-    let mut st = TrainState::new(model, opt, group.clone(), settings)?;
 
     // 1. the model alone: forward both views (as training runs it), a trivial scalar, backward.
     let model_alone = |st: &mut TrainState| -> Result<()> {
@@ -297,6 +315,100 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     say!(
         "whole step vs model fwd+bwd alone     {:>+8.1} %",
         100.0 * (whole_med - alone_med) / alone_med
+    );
+    drop(loader);
+
+    // 6. at W > 1: the gradient all-reduce overlapped with backward or not, and the scaling.
+    if world > 1 {
+        overlap_and_scaling(c, &mut st, &xa, &xb)?;
+    }
+    Ok(())
+}
+
+/// One [`step_on_views`] on fixed inputs: (whole step, backward, all-reduce) in milliseconds.
+fn timed_step(st: &mut TrainState, xa: &Tensor, xb: &Tensor, step: u64) -> Result<(f64, f64, f64)> {
+    let mut laps = Laps {
+        device: st.device,
+        t: Instant::now(),
+        ms: [0.0; Phase::ALL.len()],
+        record: true,
+    };
+    let t0 = laps.t;
+    step_on_views(st, xa, xb, step, false, Some(&mut laps))?;
+    sync(st.device);
+    Ok((
+        t0.elapsed().as_secs_f64() * 1e3,
+        laps.ms[Phase::Backward as usize],
+        laps.ms[Phase::AllReduce as usize],
+    ))
+}
+
+/// Interleaved rounds on fixed inputs, each: the step at W ranks with the gradient all-reduce
+/// after backward (overlap off), the same with it overlapped (on, as training runs), then on rank
+/// 0 alone (the others wait at a barrier) the step of a single-rank model at the same per-rank
+/// batch and torch threads. Prints the medians of backward and all-reduce phases both ways and
+/// the scaling efficiency: per-rank step time at W=1 over that at W=N (overlap on).
+fn overlap_and_scaling(
+    c: &StepBenchConfig,
+    st: &mut TrainState,
+    xa: &Tensor,
+    xb: &Tensor,
+) -> Result<()> {
+    let group = st.group.clone();
+    let world = group.world_size();
+    let rank0 = group.rank() == 0;
+    // The single-rank model lives on rank 0 only.
+    let mut single = if rank0 {
+        Some(new_state(c, Arc::new(single_group()?))?)
+    } else {
+        None
+    };
+    let rounds = c.steps.max(3);
+    // [off, on] × (whole, backward, all-reduce) per round, and the single-rank step.
+    let mut figures: [[Vec<f64>; 3]; 2] = Default::default();
+    let mut w1 = Vec::new();
+    let mut step = 1000u64;
+    for round in 0..=rounds {
+        for (i, on) in [false, true].into_iter().enumerate() {
+            st.set_overlap(on)?;
+            step += 1;
+            let (whole, backward, all_reduce) = timed_step(st, xa, xb, step)?;
+            if round > 0 {
+                figures[i][0].push(whole);
+                figures[i][1].push(backward);
+                figures[i][2].push(all_reduce);
+            }
+        }
+        if let Some((_, one, _)) = &mut single {
+            step += 1;
+            let (whole, _, _) = timed_step(one, xa, xb, step)?;
+            if round > 0 {
+                w1.push(whole);
+            }
+        }
+        group.barrier()?;
+    }
+    st.set_overlap(true)?;
+    if !rank0 {
+        return Ok(());
+    }
+    println!(
+        "# gradient all-reduce, fixed inputs, medians of {rounds} interleaved rounds at W={world}"
+    );
+    for (i, name) in ["overlap off", "overlap on "].into_iter().enumerate() {
+        let [whole, backward, all_reduce] = &mut figures[i];
+        println!(
+            "  all-reduce phase, {name}         {:>9.1} ms   (backward {:.1} ms, whole step {:.1} ms)",
+            median(all_reduce),
+            median(backward),
+            median(whole)
+        );
+    }
+    let per_rank_n = median(&mut figures[1][0]);
+    let per_rank_1 = median(&mut w1);
+    println!(
+        "scaling efficiency W={world} vs W=1: {:.1} % (per-rank step {per_rank_n:.1} ms vs {per_rank_1:.1} ms)",
+        100.0 * per_rank_1 / per_rank_n
     );
     Ok(())
 }
