@@ -98,6 +98,21 @@ fn device_code(device: Device) -> c_int {
     }
 }
 
+/// Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX BF16, from /proc/cpuinfo's
+/// flags; false where that file is absent), where bf16 autocast with channels-last runs the
+/// model about 2x faster than fp32. Elsewhere bf16 is emulated and slower.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .flat_map(|l| l.split_whitespace())
+                .any(|f| f == "avx512_bf16" || f == "amx_bf16")
+        })
+    })
+}
+
 /// A channels-last copy of a 4-d tensor (itself when it already is one); differentiable.
 pub fn to_channels_last(t: &Tensor) -> Result<Tensor> {
     let mut out = std::ptr::null_mut();

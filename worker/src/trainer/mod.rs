@@ -190,13 +190,25 @@ pub fn loss_form(f: spec::LossForm) -> LossForm {
     }
 }
 
-/// The precision of `train.precision` on `device` (auto: bf16 on CUDA, fp32 elsewhere).
+/// The precision of `train.precision` on `device` (auto: bf16 on CUDA, fp32 elsewhere). bf16 on a
+/// CPU without native bf16 arithmetic (AVX-512 BF16 or AMX) is emulated and slower than fp32:
+/// that gets a warning, once.
 pub fn precision(p: spec::Precision, device: Device) -> Precision {
-    match p {
+    let resolved = match p {
         spec::Precision::Auto if device.is_cuda() => Precision::Bf16,
         spec::Precision::Auto | spec::Precision::Fp32 => Precision::Fp32,
         spec::Precision::Bf16 => Precision::Bf16,
+    };
+    if resolved == Precision::Bf16 && device == Device::Cpu && !crate::amp::cpu_has_native_bf16() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "train.precision = bf16 on a CPU without AVX-512 BF16 or AMX: bf16 is emulated \
+                 there and slower than fp32; set train.precision = \"auto\" on this machine"
+            )
+        });
     }
+    resolved
 }
 
 /// The memory format of `train.memory_format` on `device` (auto: channels-last on CUDA only).
