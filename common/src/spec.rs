@@ -197,6 +197,15 @@ pub struct DataSpec {
     /// Smallest crop scale of the random resized crop (paper: 0.08).
     #[serde(default = "defaults::min_scale")]
     pub min_scale: f64,
+    /// Largest aspect-ratio change of the random resized crop: ratios in [1/r, r] (paper: 4/3;
+    /// 1 keeps the image's shape, which helps on centred, size-normalized data like
+    /// Fashion-MNIST: docs/QUALITY.md).
+    #[serde(default = "defaults::max_ratio")]
+    pub max_ratio: f64,
+    /// Random erasing: the probability that a view gets one rectangle (2-25 % of its area, aspect
+    /// ratio 0.3-3.3) filled with a random grey level (0: off, the paper's recipe).
+    #[serde(default)]
+    pub erase_p: f64,
     /// Gaussian blur (off by default for small images, as usual for 32×32 data).
     #[serde(default)]
     pub blur: bool,
@@ -536,6 +545,18 @@ impl JobSpec {
             return err(
                 "data.min_scale",
                 format!("must be in (0, 1], got {}", d.min_scale),
+            );
+        }
+        if !(d.max_ratio >= 1.0 && d.max_ratio <= 10.0) {
+            return err(
+                "data.max_ratio",
+                format!("must be in [1, 10], got {}", d.max_ratio),
+            );
+        }
+        if !(0.0..=1.0).contains(&d.erase_p) {
+            return err(
+                "data.erase_p",
+                format!("must be a probability in [0, 1], got {}", d.erase_p),
             );
         }
         if d.threads == 0 || d.threads > 256 {

@@ -25,6 +25,9 @@ pub fn image_size() -> u32 {
 pub fn min_scale() -> f64 {
     0.08
 }
+pub fn max_ratio() -> f64 {
+    4.0 / 3.0
+}
 pub fn threads() -> u32 {
     1
 }

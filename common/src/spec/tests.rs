@@ -174,3 +174,14 @@ fn the_examples_are_valid() {
         JobSpec::from_toml_str(text).unwrap();
     }
 }
+
+#[test]
+fn crop_ratio_and_erasing_are_checked_and_named() {
+    let s = JobSpec::from_toml_str("").unwrap();
+    assert_eq!((s.data.max_ratio, s.data.erase_p), (4.0 / 3.0, 0.0));
+    let ok = JobSpec::from_toml_str("[data]\nmax_ratio = 1.0\nerase_p = 0.5").unwrap();
+    assert_eq!((ok.data.max_ratio, ok.data.erase_p), (1.0, 0.5));
+    assert_eq!(field_of("[data]\nmax_ratio = 0.5"), "data.max_ratio");
+    assert_eq!(field_of("[data]\nerase_p = 1.5"), "data.erase_p");
+    assert_eq!(field_of("[data]\nerase_p = -0.1"), "data.erase_p");
+}

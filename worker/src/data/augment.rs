@@ -71,6 +71,12 @@ pub struct AugmentConfig {
     pub blur_kernel: Option<usize>,
     /// Solarization probability for view A and view B.
     pub solarize_p: [f64; 2],
+    /// Random erasing (not in the paper's recipe; 0 = off): the probability that a view gets one
+    /// rectangle of `erase_scale` of its area, aspect ratio in `erase_ratio`, filled with a random
+    /// grey level. Applied to the cropped 8-bit view, before the colour stage.
+    pub erase_p: f64,
+    pub erase_scale: [f64; 2],
+    pub erase_ratio: [f64; 2],
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
@@ -95,6 +101,9 @@ impl Default for AugmentConfig {
             blur_sigma: [0.1, 2.0],
             blur_kernel: None,
             solarize_p: [0.0, 0.2],
+            erase_p: 0.0,
+            erase_scale: [0.02, 0.25],
+            erase_ratio: [0.3, 3.3],
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
         }
@@ -153,6 +162,7 @@ impl AugmentConfig {
             ("blur_p[1]", self.blur_p[1]),
             ("solarize_p[0]", self.solarize_p[0]),
             ("solarize_p[1]", self.solarize_p[1]),
+            ("erase_p", self.erase_p),
         ];
         for (name, p) in probs {
             if !(0.0..=1.0).contains(&p) {
@@ -228,6 +238,49 @@ pub struct ViewSample {
     pub grayscale: bool,
     pub blur_sigma: Option<f32>,
     pub solarize: bool,
+    /// The erased rectangle in output pixels and its grey level, if any.
+    pub erase: Option<(CropBox, u8)>,
+}
+
+/// An erasing rectangle in an `s × s` view (torchvision's `RandomErasing.get_params`: up to ten
+/// tries for a box that fits), or `None` when none fits.
+fn sample_erase<R: Rng>(cfg: &AugmentConfig, s: usize, rng: &mut R) -> Option<(CropBox, u8)> {
+    let area = (s * s) as f64;
+    let (lr0, lr1) = (cfg.erase_ratio[0].ln(), cfg.erase_ratio[1].ln());
+    for _ in 0..10 {
+        let target = area * uniform(rng, cfg.erase_scale[0], cfg.erase_scale[1]);
+        let ratio = uniform(rng, lr0, lr1).exp();
+        let h = (target * ratio).sqrt().round() as usize;
+        let w = (target / ratio).sqrt().round() as usize;
+        if h == 0 || w == 0 || h >= s || w >= s {
+            continue;
+        }
+        let top = rng.gen_range(0..=s - h);
+        let left = rng.gen_range(0..=s - w);
+        let value = rng.gen::<u8>();
+        return Some((
+            CropBox {
+                top,
+                left,
+                height: h,
+                width: w,
+            },
+            value,
+        ));
+    }
+    None
+}
+
+/// Fills `sample.erase`'s rectangle of a u8 CHW view (`channels × s × s`) with its grey level.
+pub fn apply_erase(sample: &ViewSample, s: usize, chw: &mut [u8]) {
+    let Some((b, value)) = sample.erase else {
+        return;
+    };
+    for plane in chw.chunks_mut(s * s) {
+        for row in plane.chunks_mut(s).skip(b.top).take(b.height) {
+            row[b.left..b.left + b.width].fill(value);
+        }
+    }
 }
 
 fn uniform<R: Rng>(rng: &mut R, lo: f64, hi: f64) -> f64 {
@@ -315,6 +368,10 @@ pub fn sample_view<R: Rng>(
     let blur_sigma = (cfg.blur && rng.gen::<f64>() < cfg.blur_p[view.index()])
         .then(|| uniform(rng, cfg.blur_sigma[0], cfg.blur_sigma[1]) as f32);
     let solarize = rng.gen::<f64>() < cfg.solarize_p[view.index()];
+    // Drawn last, and only when erasing is on, so that runs without it see the same stream.
+    let erase = (cfg.erase_p > 0.0 && rng.gen::<f64>() < cfg.erase_p)
+        .then(|| sample_erase(cfg, cfg.crop_size, rng))
+        .flatten();
     ViewSample {
         crop,
         flip,
@@ -322,6 +379,7 @@ pub fn sample_view<R: Rng>(
         grayscale,
         blur_sigma,
         solarize,
+        erase,
     }
 }
 
@@ -332,6 +390,46 @@ mod tests {
 
     fn rng(seed: u64) -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
+    /// Erasing draws nothing when off (the stream of a run without it is unchanged), and when on
+    /// its boxes fit the view, cover 2-25 % of it and fill every channel with one grey level.
+    #[test]
+    fn erasing_is_off_by_default_and_fits_when_on() {
+        let cfg = AugmentConfig::small(28);
+        let (mut r1, mut r2) = (rng(5), rng(5));
+        let a = sample_view(&cfg, View::A, 28, 28, &mut r1);
+        assert!(a.erase.is_none());
+        let on = AugmentConfig {
+            erase_p: 1.0,
+            ..cfg.clone()
+        };
+        let b = sample_view(&on, View::A, 28, 28, &mut r2);
+        assert_eq!((a.crop, a.flip, a.solarize), (b.crop, b.flip, b.solarize));
+        let mut r = rng(6);
+        let mut erased = 0;
+        for _ in 0..500 {
+            let v = sample_view(&on, View::B, 28, 28, &mut r);
+            let Some((bx, value)) = v.erase else { continue };
+            erased += 1;
+            assert!(
+                bx.top + bx.height <= 28 && bx.left + bx.width <= 28,
+                "{bx:?}"
+            );
+            let frac = (bx.height * bx.width) as f64 / 784.0;
+            assert!((0.005..=0.3).contains(&frac), "{bx:?}");
+            let mut img = vec![7u8; 3 * 784];
+            apply_erase(&v, 28, &mut img);
+            let filled = img.iter().filter(|&&p| p == value).count();
+            let expect = 3 * bx.height * bx.width
+                + if value == 7 {
+                    3 * 784 - 3 * bx.height * bx.width
+                } else {
+                    0
+                };
+            assert_eq!(filled, expect);
+        }
+        assert!(erased > 450, "{erased} of 500 views erased at p = 1");
     }
 
     #[test]

@@ -249,6 +249,7 @@ mod tests {
             grayscale: false,
             blur_sigma: None,
             solarize: false,
+            erase: None,
         }
     }
 

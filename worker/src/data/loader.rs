@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::augment::{sample_view, AugmentConfig, View, ViewSample};
+use super::augment::{apply_erase, sample_view, AugmentConfig, View, ViewSample};
 use super::colour_cpu::{colour_view, ColourScratch};
 use super::colour_device::device_stage;
 use super::resample::{resample_chw, Filter};
@@ -228,6 +228,8 @@ impl Shared {
         let vb = sample_view(&self.augment, View::B, img.height, img.width, &mut rng);
         resample_chw(&img, va.crop, s, s, va.flip, Filter::Bicubic, out_a);
         resample_chw(&img, vb.crop, s, s, vb.flip, Filter::Bicubic, out_b);
+        apply_erase(&va, s, out_a);
+        apply_erase(&vb, s, out_b);
         Ok(SampleMeta {
             index,
             label: self.source.label(index),

@@ -532,6 +532,9 @@ fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> 
         augment: data::AugmentConfig {
             crop_size: spec.data.image_size as usize,
             min_scale: spec.data.min_scale,
+            min_ratio: 1.0 / spec.data.max_ratio,
+            max_ratio: spec.data.max_ratio,
+            erase_p: spec.data.erase_p,
             blur: spec.data.blur,
             ..data::AugmentConfig::default()
         },
