@@ -27,9 +27,13 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* what, int i)
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat &&
                   t.is_non_overlapping_and_dense(),
               "fused LARS: ", what, " ", i, " must be a dense fp32 CPU tensor");
-  TORCH_CHECK(t.sizes() == like.sizes() && t.strides() == like.strides(), "fused LARS: ", what,
-              " ", i, " has sizes ", t.sizes(), " strides ", t.strides(), ", its parameter ",
-              like.sizes(), " ", like.strides());
+  // The stride of a dimension of size 1 never moves the pointer: only the others must agree.
+  bool same = t.sizes() == like.sizes();
+  for (int64_t d = 0; same && d < t.dim(); ++d) {
+    same = t.size(d) == 1 || t.stride(d) == like.stride(d);
+  }
+  TORCH_CHECK(same, "fused LARS: ", what, " ", i, " has sizes ", t.sizes(), " strides ",
+              t.strides(), ", its parameter ", like.sizes(), " ", like.strides());
 }
 
 }  // namespace

@@ -533,6 +533,28 @@ mod tests {
             let d = (&x.tensor - &y.tensor).abs().max().double_value(&[]);
             assert!(d < 1e-6, "{}: {d:e} apart", x.name);
         }
+        // A 1x1 convolution's weight in channels-last: autograd may give its gradient other
+        // strides on the size-1 dimensions, which address the same memory.
+        let w1 =
+            crate::amp::to_channels_last(&Tensor::randn([8, 4, 1, 1], (Kind::Float, Device::Cpu)))
+                .unwrap();
+        let p1 = named("w1", w1.copy());
+        let mut opt = Lars::new(
+            std::slice::from_ref(&p1),
+            LarsConfig::default(),
+            256,
+            2,
+            100,
+        );
+        assert!(opt.is_fused());
+        let g1 = Tensor::randn([8, 4, 1, 1], (Kind::Float, Device::Cpu)).as_strided(
+            [8, 4, 1, 1],
+            [4, 1, 4, 4],
+            None,
+        );
+        let l = (&p1.tensor * &g1).sum(Kind::Float);
+        l.backward();
+        opt.step(0).unwrap();
         let strided = Tensor::randn([4, 6], (Kind::Float, Device::Cpu)).slice(1, 0, 6, 2);
         assert!(!is_dense(&strided));
         assert!(is_dense(
