@@ -111,6 +111,7 @@ fn augmentation_matches_pil_and_torchvision() {
         grayscale: false,
         blur_sigma: None,
         solarize: false,
+        erase: None,
     };
     let mut samples: Vec<ViewSample> = (0..6).map(plain).collect();
     samples[0].jitter = jitter([0, 1, 2, 3], 1.3, 0.7, 1.15, 0.05);
