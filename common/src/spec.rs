@@ -346,6 +346,12 @@ pub struct EvalSpec {
     pub knn_k: u32,
     #[serde(default = "defaults::knn_temperature")]
     pub knn_temperature: f64,
+    /// Standardize every feature with the bank's per-dimension mean and standard deviation before
+    /// the kNN's cosine vote (the pretrained backbone and the random-init baseline; the raw-pixel
+    /// baseline is standardized either way, as the linear probe standardizes all three). `false`:
+    /// the plain protocol of published kNN monitors (L2-normalized features only).
+    #[serde(default = "defaults::yes")]
+    pub knn_standardize: bool,
     /// Labelled training images embedded as the kNN bank.
     #[serde(default = "defaults::bank_size")]
     pub bank_size: u32,

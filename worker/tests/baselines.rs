@@ -4,13 +4,17 @@
 //!   per-pixel standardization with the bank's statistics, cosine similarity, the k nearest voting
 //!   with weight exp(sim / T));
 //! - the random-init baseline is the kNN of the untrained default-init network (γ = 1 in every
-//!   BN, not zero-init residuals), which is what the monitor reports next to the pretrained number.
+//!   BN, not zero-init residuals), which is what the monitor reports next to the pretrained number,
+//!   its features standardized with the bank's statistics as the raw pixels are (or not, with
+//!   `with_standardize(false)`).
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bt_worker::data::{IdxSource, Source, Split};
-use bt_worker::eval::{extract_features, knn_accuracy, random_init_model, KnnMonitor};
+use bt_worker::eval::{
+    extract_features, knn_accuracy, random_init_model, KnnMonitor, Standardizer,
+};
 use bt_worker::model::{Arch, BarlowTwinsModel, ModelConfig};
 use tch::{nn, Device};
 
@@ -168,8 +172,17 @@ fn baselines_are_what_they_claim() {
     let idx = |n: usize| (0..n).collect::<Vec<_>>();
     let (bf, bl) = extract_features(bank_src.as_ref(), &idx(nb), 28, 100, Device::Cpu, f).unwrap();
     let (qf, ql) = extract_features(test_src.as_ref(), &idx(nq), 28, 100, Device::Cpu, f).unwrap();
-    let want = knn_accuracy(&bf, &bl, &qf, &ql, K as i64, T, 10).unwrap();
+    // By default the monitor standardizes the network's features with the bank's statistics (as
+    // the raw pixels are) before the vote.
+    let s = Standardizer::fit(&bf).unwrap();
+    let (sbf, sqf) = (s.apply(&bf).unwrap(), s.apply(&qf).unwrap());
+    let want = knn_accuracy(&sbf, &bl, &sqf, &ql, K as i64, T, 10).unwrap();
     assert_eq!(b.random_init, want.top1);
+    let plain = knn_accuracy(&bf, &bl, &qf, &ql, K as i64, T, 10).unwrap();
+    assert_ne!(
+        want.top1, plain.top1,
+        "standardizing changes the vote on this fixture"
+    );
     // The zero-init network is not the default-init one: the scores differ.
     assert_ne!(report.trained.top1, b.random_init);
     // Measured once, repeated in later reports.
@@ -179,6 +192,20 @@ fn baselines_are_what_they_claim() {
         .unwrap();
     assert_eq!(again.baselines, Some(b));
     assert_eq!(again.trained.top1, report.trained.top1);
+
+    // `eval.knn_standardize = false`: the plain protocol (L2-normalized features only) for the
+    // networks; the raw-pixel baseline stays standardized.
+    let mut plain_monitor =
+        KnnMonitor::new(bank_src, test_src, nb, nq, 28, K as i64, T, Device::Cpu)
+            .unwrap()
+            .with_standardize(false);
+    let r = plain_monitor
+        .evaluate(&zero_init, None, true, 5)
+        .unwrap()
+        .unwrap();
+    let b = r.baselines.unwrap();
+    assert_eq!(b.random_init, plain.top1);
+    assert_eq!(b.raw_pixels, raw.top1);
 }
 
 /// The random-init baseline is the default init: every BN γ starts at 1 (zero-init residuals would

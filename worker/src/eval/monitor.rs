@@ -33,6 +33,8 @@ pub struct KnnMonitor {
     temperature: f64,
     num_classes: i64,
     device: Device,
+    /// Standardize the networks' features with the bank's statistics before the vote.
+    standardize: bool,
     /// Measured once (they do not change while the backbone trains), then repeated in every report
     /// (rank 0 holds the numbers; every rank knows whether they were measured).
     baselines: Option<Baselines>,
@@ -78,9 +80,18 @@ impl KnnMonitor {
             temperature,
             num_classes,
             device,
+            standardize: true,
             baselines: None,
             baselines_measured: false,
         })
+    }
+
+    /// Whether the networks' features are standardized with the bank's per-dimension statistics
+    /// before the vote (the default, as the raw pixels and the linear probe's inputs are); `false`
+    /// votes on the features as they come (L2-normalized only).
+    pub fn with_standardize(mut self, on: bool) -> Self {
+        self.standardize = on;
+        self
     }
 
     /// Scores `model`'s backbone and, with `baselines`, the two baselines (measured at the first
@@ -140,15 +151,40 @@ impl KnnMonitor {
         if group.is_some_and(|g| g.rank() != 0) {
             return Ok(None);
         }
-        Ok(Some(knn_accuracy(
-            &bf,
-            &bl,
-            &qf,
-            &ql,
+        if self.standardize {
+            self.vote_standardized(&bf, &bl, &qf, &ql).map(Some)
+        } else {
+            knn_accuracy(
+                &bf,
+                &bl,
+                &qf,
+                &ql,
+                self.k,
+                self.temperature,
+                self.num_classes,
+            )
+            .map(Some)
+        }
+    }
+
+    /// The vote on features standardized with the bank's statistics.
+    fn vote_standardized(
+        &self,
+        bf: &Tensor,
+        bl: &Tensor,
+        qf: &Tensor,
+        ql: &Tensor,
+    ) -> Result<KnnResult> {
+        let s = Standardizer::fit(bf)?;
+        knn_accuracy(
+            &s.apply(bf)?,
+            bl,
+            &s.apply(qf)?,
+            ql,
             self.k,
             self.temperature,
             self.num_classes,
-        )?))
+        )
     }
 
     /// Raw pixels standardized with the bank's statistics, through the same vote.
@@ -170,16 +206,7 @@ impl KnnMonitor {
             self.device,
             raw_pixels,
         )?;
-        let s = Standardizer::fit(&bf)?;
-        knn_accuracy(
-            &s.apply(&bf)?,
-            &bl,
-            &s.apply(&qf)?,
-            &ql,
-            self.k,
-            self.temperature,
-            self.num_classes,
-        )
+        self.vote_standardized(&bf, &bl, &qf, &ql)
     }
 }
 

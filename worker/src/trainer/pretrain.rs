@@ -543,16 +543,19 @@ fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> 
     };
     let loader = Loader::new(train_src.clone(), loader_cfg, start_step)?;
     let monitor = if knn_every(spec, steps_per_epoch) > 0 || spec.eval.knn_at_end {
-        Some(eval::KnnMonitor::new(
-            data::open_source(&src_spec, Split::Train)?,
-            data::open_source(&src_spec, Split::Test)?,
-            spec.eval.bank_size as usize,
-            spec.eval.test_size as usize,
-            spec.data.image_size as usize,
-            i64::from(spec.eval.knn_k),
-            spec.eval.knn_temperature,
-            device,
-        )?)
+        Some(
+            eval::KnnMonitor::new(
+                data::open_source(&src_spec, Split::Train)?,
+                data::open_source(&src_spec, Split::Test)?,
+                spec.eval.bank_size as usize,
+                spec.eval.test_size as usize,
+                spec.data.image_size as usize,
+                i64::from(spec.eval.knn_k),
+                spec.eval.knn_temperature,
+                device,
+            )?
+            .with_standardize(spec.eval.knn_standardize),
+        )
     } else {
         None
     };
@@ -636,8 +639,17 @@ fn knn_monitor(
         return Ok(());
     };
     let detail = format!(
-        "k={} T={} bank={} test={} in {:.1}s",
-        e.knn_k, e.knn_temperature, r.bank, r.test, r.secs
+        "k={} T={}{} bank={} test={} in {:.1}s",
+        e.knn_k,
+        e.knn_temperature,
+        if e.knn_standardize {
+            " standardized"
+        } else {
+            ""
+        },
+        r.bank,
+        r.test,
+        r.secs
     );
     info!(
         step,
