@@ -226,6 +226,11 @@ pub struct ModelSpec {
     /// 3×3 stride-1 first convolution and no max-pool (for small images).
     #[serde(default = "defaults::yes")]
     pub cifar_stem: bool,
+    /// Stride of the CIFAR stem's 3×3 convolution: 1 (the layers see 28, 14, 7, 4 on 28×28
+    /// images) or 2 (14, 7, 4, 2: about a quarter of the backbone's FLOPs, the budget a wider
+    /// network can spend). Needs `cifar_stem`.
+    #[serde(default = "defaults::one")]
+    pub stem_stride: u32,
     /// Widths of the projector's linear layers.
     #[serde(default = "defaults::projector")]
     pub projector: Vec<i64>,
@@ -582,6 +587,20 @@ impl JobSpec {
                     "must be between 4 and 1024 channels (64: torchvision's ResNet), got {}",
                     m.width
                 ),
+            );
+        }
+        if !(1..=2).contains(&m.stem_stride) {
+            return err(
+                "model.stem_stride",
+                format!("must be 1 or 2, got {}", m.stem_stride),
+            );
+        }
+        if m.stem_stride != 1 && !m.cifar_stem {
+            return err(
+                "model.stem_stride",
+                "applies to the CIFAR stem only: set model.cifar_stem = true (the ImageNet stem \
+                 is a 7x7 stride-2 convolution and a max-pool)"
+                    .into(),
             );
         }
         if m.projector.is_empty() {

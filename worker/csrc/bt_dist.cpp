@@ -390,29 +390,14 @@ void grad_buckets_remove_hooks(const std::shared_ptr<GradBuckets>& b) {
   b->hooks_installed = false;
 }
 
-// Ends any unfinished step (waiting for what it started) and lets the hooks of the next backward
-// start the buckets.
-void grad_buckets_arm(GradBuckets& b) {
-  std::lock_guard<std::mutex> lock(b.mu);
+// Runs `body` (which starts and/or waits for buckets), then clears the step's state whether it
+// threw or not; on a throw the buckets already started are waited for first (best effort; a no-op
+// when `body` threw from wait_started, which waits for all before rethrowing), so that no
+// all-reduce is left writing into a gradient. Caller holds b.mu.
+template <typename Body>
+void step_then_reset(GradBuckets& b, Body body) {
   try {
-    wait_started(b);
-  } catch (...) {
-    reset_step(b);
-    throw;
-  }
-  reset_step(b);
-  b.armed = b.overlap;
-}
-
-// Starts the buckets not started yet, in order, and waits for all of them.
-void grad_buckets_allreduce(GradBuckets& b) {
-  std::lock_guard<std::mutex> lock(b.mu);
-  const bool late = b.late;
-  try {
-    while (b.next < b.buckets.size()) {
-      launch_next(b);
-    }
-    wait_started(b);
+    body();
   } catch (...) {
     try {
       wait_started(b);
@@ -422,6 +407,26 @@ void grad_buckets_allreduce(GradBuckets& b) {
     throw;
   }
   reset_step(b);
+}
+
+// Ends any unfinished step (waiting for what it started) and lets the hooks of the next backward
+// start the buckets.
+void grad_buckets_arm(GradBuckets& b) {
+  std::lock_guard<std::mutex> lock(b.mu);
+  step_then_reset(b, [&] { wait_started(b); });
+  b.armed = b.overlap;
+}
+
+// Starts the buckets not started yet, in order, and waits for all of them.
+void grad_buckets_allreduce(GradBuckets& b) {
+  std::lock_guard<std::mutex> lock(b.mu);
+  const bool late = b.late;
+  step_then_reset(b, [&] {
+    while (b.next < b.buckets.size()) {
+      launch_next(b);
+    }
+    wait_started(b);
+  });
   TORCH_CHECK(
       !late,
       "a gradient was accumulated into a bucket whose all-reduce had already started (more than "

@@ -82,9 +82,9 @@ impl ExportSummary {
         };
         let stem = if cfg.cifar_stem {
             format!(
-                "m.conv1 = torch.nn.Conv2d(3, {}, 3, 1, 1, bias=False); \
+                "m.conv1 = torch.nn.Conv2d(3, {}, 3, {}, 1, bias=False); \
                  m.maxpool = torch.nn.Identity(); ",
-                cfg.width
+                cfg.width, cfg.stem_stride
             )
         } else {
             String::new()

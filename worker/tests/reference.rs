@@ -103,10 +103,12 @@ fn randomize_bn(state: &[NamedTensor]) {
 fn resnet18_saved(
     seed: i64,
     cifar_stem: bool,
+    stem_stride: i64,
 ) -> (nn::VarStore, BarlowTwinsModel, tempfile::TempDir) {
     tch::manual_seed(seed);
     let cfg = ModelConfig {
         cifar_stem,
+        stem_stride,
         projector: vec![8],
         ..ModelConfig::new(Arch::Resnet18)
     };
@@ -127,7 +129,8 @@ fn model(cfg: &ModelConfig, kind: Kind) -> (nn::VarStore, BarlowTwinsModel) {
     (vs, m)
 }
 
-/// (a) ResNet-18 backbone vs torchvision with the same weights, eval and train mode, both stems.
+/// (a) ResNet-18 backbone vs torchvision with the same weights, eval and train mode, both stems
+/// (the CIFAR one also at stride 2).
 /// fp32 on both sides, the production precision. Tolerance 1e-4 relative to the output scale:
 /// both call the same ATen kernels (on this CPU the results come out bit-identical), but kernel
 /// selection may differ by call path or machine (oneDNN conv algorithms), fp32 rounding is
@@ -135,8 +138,8 @@ fn model(cfg: &ModelConfig, kind: Kind) -> (nn::VarStore, BarlowTwinsModel) {
 /// which amplifies rounding differences ~10-100×. A wiring mistake changes outputs by O(1).
 #[test]
 fn backbone_matches_torchvision() {
-    for (cifar_stem, hw) in [(true, 16), (false, 64)] {
-        let (_vs, m, dir) = resnet18_saved(11, cifar_stem);
+    for (cifar_stem, stride, hw) in [(true, 1, 16), (true, 2, 32), (false, 1, 64)] {
+        let (_vs, m, dir) = resnet18_saved(11, cifar_stem, stride);
         let x = Tensor::randn([4, 3, hw, hw], (Kind::Float, Device::Cpu));
         write(&[("x", &x)], &dir.path().join("input.safetensors"));
         let eval = tch::no_grad(|| m.backbone_forward(&x, false)).unwrap();
@@ -144,9 +147,13 @@ fn backbone_matches_torchvision() {
         let want = run_reference(
             "backbone",
             dir.path(),
-            serde_json::json!({"arch": "resnet18", "cifar_stem": cifar_stem}),
+            serde_json::json!({"arch": "resnet18", "cifar_stem": cifar_stem, "stem_stride": stride}),
         );
-        let tag = if cifar_stem { "cifar" } else { "imagenet" };
+        let tag = match (cifar_stem, stride) {
+            (true, 1) => "cifar",
+            (true, _) => "cifar stride 2",
+            _ => "imagenet",
+        };
         assert_close(&format!("{tag} eval"), &eval, &want["eval"], 1e-4);
         assert_close(&format!("{tag} train"), &train, &want["train"], 1e-4);
         // Running statistics after one training-mode forward (momentum 0.1, unbiased variance).
@@ -345,7 +352,7 @@ fn bf16_autocast_channels_last_matches_torch_autocast() {
     use bt_worker::amp::{autocast_enabled, is_channels_last, with_autocast};
     use bt_worker::amp::{MemoryFormat, Precision};
     tch::set_num_threads(1); // the reference's thread count: the same reduction order
-    let (_vs, m, dir) = resnet18_saved(5, true);
+    let (_vs, m, dir) = resnet18_saved(5, true, 1);
     let state: Vec<Tensor> = m.state().into_iter().map(|n| n.tensor).collect();
     MemoryFormat::ChannelsLast.apply_to_weights(&state).unwrap();
     let x = Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu));

@@ -38,6 +38,13 @@ fn errors_name_the_field() {
     assert_eq!(field_of("[model]\nwidth = 2"), "model.width");
     assert_eq!(field_of("[model]\nwidth = -8"), "model.width");
     assert_eq!(JobSpec::default().model.width, 64);
+    assert_eq!(JobSpec::default().model.stem_stride, 1);
+    assert_eq!(field_of("[model]\nstem_stride = 3"), "model.stem_stride");
+    assert_eq!(
+        field_of("[model]\ncifar_stem = false\nstem_stride = 2"),
+        "model.stem_stride"
+    );
+    assert!(JobSpec::from_toml_str("[model]\nstem_stride = 2").is_ok());
     assert_eq!(field_of("nonsense = ["), "spec");
     assert_eq!(field_of("[train]\nprecision = \"fp16\""), "train.precision");
     assert_eq!(

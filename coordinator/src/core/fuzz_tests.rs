@@ -56,6 +56,7 @@ const KEYS: &[&str] = &[
     "model.backbone",
     "model.projector",
     "model.cifar_stem",
+    "model.stem_stride",
     "train.batch_size",
     "train.epochs",
     "train.max_steps",

@@ -349,10 +349,12 @@ fn free_devices(tx: &mut dyn Tx, workers: &[WorkerRecord]) -> Result<Vec<FreeWor
 /// when the full gang no longer fits. The stored spec was validated at submit; one that does not
 /// parse now is placed at its `world_size` only.
 fn world_sizes(job: &JobRecord) -> Vec<u32> {
+    if job.attempts == 0 {
+        // A first attempt: no need to parse the spec on every scheduling pass.
+        return vec![job.world_size];
+    }
     match JobSpec::from_toml_str(&job.spec_toml) {
-        Ok(spec) if job.attempts > 0 && spec.world_size == job.world_size => {
-            spec.allowed_world_sizes()
-        }
+        Ok(spec) if spec.world_size == job.world_size => spec.allowed_world_sizes(),
         _ => vec![job.world_size],
     }
 }

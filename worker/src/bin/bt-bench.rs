@@ -345,13 +345,14 @@ fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
     };
     if rank == 0 {
         println!(
-            "# bt-bench pretrain {} ({} rank(s)): {:?}, width {}, cifar_stem {}, projector {:?}, \
-             batch {}, {} epoch(s), {} images",
+            "# bt-bench pretrain {} ({} rank(s)): {:?}, width {}, cifar_stem {} (stride {}), \
+             projector {:?}, batch {}, {} epoch(s), {} images",
             a.spec.display(),
             a.world,
             spec.model.backbone,
             spec.model.width,
             spec.model.cifar_stem,
+            spec.model.stem_stride,
             spec.model.projector,
             spec.train.batch_size,
             spec.train.epochs,

@@ -47,6 +47,10 @@ impl From<bt_common::spec::Backbone> for Arch {
     }
 }
 
+fn default_stem_stride() -> i64 {
+    1
+}
+
 fn default_projector() -> Vec<i64> {
     vec![8192, 8192, 8192]
 }
@@ -69,6 +73,10 @@ pub struct ModelConfig {
     /// 3×3 stride-1 first conv and no max-pool (for 32×32 images).
     #[serde(default)]
     pub cifar_stem: bool,
+    /// Stride of the CIFAR stem's convolution (1, or 2 for a quarter of the FLOPs); checkpoints
+    /// written before it existed have 1.
+    #[serde(default = "default_stem_stride")]
+    pub stem_stride: i64,
     /// Output widths of the projector's Linear layers (default 8192-8192-8192).
     #[serde(default = "default_projector")]
     pub projector: Vec<i64>,
@@ -92,6 +100,7 @@ impl ModelConfig {
         ModelConfig {
             backbone,
             cifar_stem: false,
+            stem_stride: 1,
             projector: default_projector(),
             sync_bn: true,
             zero_init_residual: true,
@@ -158,6 +167,7 @@ impl BarlowTwinsModel {
             &(vs_root / "backbone"),
             cfg.backbone,
             cfg.cifar_stem,
+            cfg.stem_stride,
             cfg.zero_init_residual,
             cfg.width,
         )?;

@@ -180,18 +180,25 @@ pub struct ResNet {
 
 impl ResNet {
     /// `cifar_stem`: 3×3 stride-1 `conv1` and no max-pool (for 32×32 inputs); the key names are
-    /// unchanged, only `conv1.weight`'s shape differs (64×3×3×3 instead of 64×3×7×7). `width`:
+    /// unchanged, only `conv1.weight`'s shape differs (64×3×3×3 instead of 64×3×7×7).
+    /// `stem_stride`: that convolution's stride (1 or 2; the ImageNet stem ignores it). `width`:
     /// channels of the stem and layer1 (64 in torchvision; layer k has `width · 2^(k-1)`).
     pub fn new(
         p: &nn::Path,
         arch: Arch,
         cifar_stem: bool,
+        stem_stride: i64,
         zero_init_residual: bool,
         width: i64,
     ) -> Result<Self> {
         if width < 1 {
             return Err(crate::Error::Config(format!(
                 "model.width: {width} must be positive"
+            )));
+        }
+        if !(1..=2).contains(&stem_stride) {
+            return Err(crate::Error::Config(format!(
+                "model.stem_stride: {stem_stride} must be 1 or 2"
             )));
         }
         let (bottleneck, counts): (bool, [usize; 4]) = match arch {
@@ -201,7 +208,7 @@ impl ResNet {
         };
         let expansion = if bottleneck { 4 } else { 1 };
         let conv1 = if cifar_stem {
-            Conv2d::new(&(p / "conv1"), 3, width, 3, 1, 1)?
+            Conv2d::new(&(p / "conv1"), 3, width, 3, stem_stride, 1)?
         } else {
             Conv2d::new(&(p / "conv1"), 3, width, 7, 2, 3)?
         };

@@ -175,6 +175,7 @@ pub fn source_spec(spec: &JobSpec) -> SourceSpec {
 pub fn model_config(spec: &JobSpec) -> ModelConfig {
     let mut cfg = ModelConfig::new(Arch::from(spec.model.backbone));
     cfg.cifar_stem = spec.model.cifar_stem;
+    cfg.stem_stride = i64::from(spec.model.stem_stride);
     cfg.projector = spec.model.projector.clone();
     cfg.sync_bn = spec.model.sync_bn;
     cfg.width = i64::from(spec.model.width);

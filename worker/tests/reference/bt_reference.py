@@ -18,11 +18,12 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 
-def resnet(arch, cifar_stem, dtype):
-    """torchvision's ResNet in `dtype` (cast before loading weights, so f64 weights stay f64)."""
+def resnet(arch, cifar_stem, dtype, stem_stride=1):
+    """torchvision's ResNet in `dtype` (cast before loading weights, so f64 weights stay f64);
+    the CIFAR stem is a 3x3 convolution of stride `stem_stride` without the max-pool."""
     m = getattr(torchvision.models, arch)(weights=None)
     if cifar_stem:
-        m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        m.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         m.maxpool = torch.nn.Identity()
     return m.to(dtype)
 
@@ -41,8 +42,9 @@ def mode_backbone(d, args):
     weights = load_file(f"{d}/weights.safetensors")
     x = load_file(f"{d}/input.safetensors")["x"]
     dtype = x.dtype
-    eval_m = load_backbone(resnet(args["arch"], args["cifar_stem"], dtype), weights).eval()
-    train_m = load_backbone(resnet(args["arch"], args["cifar_stem"], dtype), weights).train()
+    stride = args.get("stem_stride", 1)
+    eval_m = load_backbone(resnet(args["arch"], args["cifar_stem"], dtype, stride), weights).eval()
+    train_m = load_backbone(resnet(args["arch"], args["cifar_stem"], dtype, stride), weights).train()
     with torch.no_grad():
         out = {"eval": eval_m(x).contiguous(), "train": train_m(x).contiguous()}
     # Running statistics after the training-mode forward.
