@@ -293,6 +293,12 @@ pub struct TrainSpec {
     /// contiguous on CPU), "contiguous" or "channels-last".
     #[serde(default = "defaults::memory_format")]
     pub memory_format: MemoryFormat,
+    /// CPU trainers only: pin rank r's trainer (all its threads: compute, data, collectives) to
+    /// `torch_threads` cores of its own, r·t … r·t+t−1 among the cores the process may use
+    /// (wrapping around). For a job that has a machine's cores to itself, as the demo's two ranks
+    /// on one host: Gloo's per-layer SyncBN round trips then stop migrating between cores.
+    #[serde(default)]
+    pub pin_cpus: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

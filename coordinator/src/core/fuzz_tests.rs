@@ -66,6 +66,7 @@ const KEYS: &[&str] = &[
     "train.loss_form",
     "train.precision",
     "train.memory_format",
+    "train.pin_cpus",
     "checkpoint.every_steps",
     "checkpoint.keep_last",
     "restart.max_restarts",

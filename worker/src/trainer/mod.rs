@@ -13,6 +13,7 @@
 //!
 //! Exit codes: 0 finished, 2 the job's own error (bad spec or data: no restart helps),
 //! 3 an infrastructure error (collective timeout, lost peer, I/O), 143 stopped by SIGTERM.
+pub mod affinity;
 pub mod bench;
 pub mod pretrain;
 pub mod probe;
@@ -238,6 +239,10 @@ pub fn run(a: &Assignment, device_kind: DeviceKind, rep: &mut Reporter) -> TResu
         DeviceKind::Cuda => Device::Cuda(a.device as usize),
         DeviceKind::Cpu => Device::Cpu,
     };
+    // Pinned first: libtorch's thread pool is created after, with this thread's mask.
+    if spec.train.pin_cpus && device == Device::Cpu {
+        affinity::pin_rank(a.rank as usize, spec.train.torch_threads as usize);
+    }
     if spec.train.torch_threads > 0 {
         tch::set_num_threads(spec.train.torch_threads as i32);
     }

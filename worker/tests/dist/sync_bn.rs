@@ -1,5 +1,6 @@
 //! Synchronized batch norm against plain batch norm over the global batch.
 use anyhow::Result;
+use bt_worker::amp::{is_channels_last, to_channels_last};
 use bt_worker::dist::{sync_batch_norm, ProcessGroup};
 use tch::{Kind, Tensor};
 
@@ -14,16 +15,31 @@ struct BnResult {
     rv: Tensor,
 }
 
-fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
+/// The input's precision and layout: float32 contiguous, or what the demo's bf16 + channels-last
+/// trainer feeds SyncBN (bf16 activations, float parameters and statistics).
+#[derive(Clone, Copy)]
+enum Input {
+    Float,
+    Bf16ChannelsLast,
+}
+
+fn bn_case(shape: &[i64], input: Input, pg: Option<&ProcessGroup>) -> Result<BnResult> {
     let c = shape[1];
     let (rank, world) = pg.map(|g| (g.rank(), g.world_size())).unwrap_or((0, 1));
     let b = shape[0] / world as i64;
     let x_all = data(shape, 0.2) * 3.0 + 1.5;
     let r_all = data(shape, 2.9);
-    let x = x_all
-        .narrow(0, rank as i64 * b, b)
-        .copy()
-        .set_requires_grad(true);
+    let x = x_all.narrow(0, rank as i64 * b, b).copy();
+    let x = match input {
+        Input::Float => x,
+        Input::Bf16ChannelsLast if x.dim() == 4 => {
+            let cl = to_channels_last(&x.to_kind(Kind::BFloat16))?;
+            assert!(is_channels_last(&cl));
+            cl
+        }
+        Input::Bf16ChannelsLast => x.to_kind(Kind::BFloat16),
+    }
+    .set_requires_grad(true);
     let r = r_all.narrow(0, rank as i64 * b, b);
     let w = (data(&[c], 0.5) + 1.0).set_requires_grad(true);
     let bias = data(&[c], 4.0).set_requires_grad(true);
@@ -43,7 +59,8 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
         )?,
     };
     // a loss that weights outputs unevenly, so every gradient term matters
-    let loss = (&y * &r).sum(Kind::Float) + y.pow_tensor_scalar(2).sum(Kind::Float) * 0.1;
+    let yf = y.to_kind(Kind::Float);
+    let loss = (&yf * &r).sum(Kind::Float) + yf.pow_tensor_scalar(2).sum(Kind::Float) * 0.1;
     loss.f_backward()?;
     let (dw, db) = (w.grad(), bias.grad());
     if let Some(g) = pg {
@@ -51,8 +68,8 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
         g.all_reduce_sum(&db)?;
     }
     Ok(BnResult {
-        y: y.detach(),
-        dx: x.grad(),
+        y: y.detach().to_kind(Kind::Float),
+        dx: x.grad().to_kind(Kind::Float),
         dw,
         db,
         rm,
@@ -60,43 +77,46 @@ fn bn_case(shape: &[i64], pg: Option<&ProcessGroup>) -> Result<BnResult> {
     })
 }
 
-fn check_sync_bn(shape: &'static [i64]) {
-    let reference = bn_case(shape, None).unwrap();
+/// Both ranks' halves against ATen's batch norm over the whole batch, within `tol` (relative to
+/// each figure's largest magnitude): float32 agrees to rounding, bf16 to its 8-bit mantissa
+/// (the output and input gradient are bf16; parameters' gradients and statistics stay float).
+fn check_sync_bn(shape: &'static [i64], input: Input, tol: f64) {
+    let reference = bn_case(shape, input, None).unwrap();
     let out = run_ranks(2, TIMEOUT, move |pg| {
-        let r = bn_case(shape, Some(&pg))?;
+        let r = bn_case(shape, input, Some(&pg))?;
         Ok(vec![r.y, r.dx, r.dw, r.db, r.rm, r.rv])
     });
     let ranks = all_ok(out);
     let cat = |i: usize| Tensor::cat(&[&ranks[0][i], &ranks[1][i]], 0);
-    assert_close("output", &cat(0), &reference.y, 1e-5).unwrap();
-    assert_close("input gradient", &cat(1), &reference.dx, 1e-5).unwrap();
+    assert_close("output", &cat(0), &reference.y, tol).unwrap();
+    assert_close("input gradient", &cat(1), &reference.dx, tol).unwrap();
     for (rank, t) in ranks.iter().enumerate() {
         assert_close(
             &format!("rank {rank} weight gradient"),
             &t[2],
             &reference.dw,
-            1e-5,
+            tol,
         )
         .unwrap();
         assert_close(
             &format!("rank {rank} bias gradient"),
             &t[3],
             &reference.db,
-            1e-5,
+            tol,
         )
         .unwrap();
         assert_close(
             &format!("rank {rank} running mean"),
             &t[4],
             &reference.rm,
-            1e-5,
+            tol,
         )
         .unwrap();
         assert_close(
             &format!("rank {rank} running var"),
             &t[5],
             &reference.rv,
-            1e-5,
+            tol,
         )
         .unwrap();
     }
@@ -104,10 +124,16 @@ fn check_sync_bn(shape: &'static [i64]) {
 
 #[test]
 fn sync_batch_norm_2d_matches_batch_norm_over_the_global_batch() {
-    check_sync_bn(&[8, 3, 4, 5]);
+    check_sync_bn(&[8, 3, 4, 5], Input::Float, 1e-5);
+}
+
+#[test]
+fn sync_batch_norm_bf16_channels_last_matches_mixed_precision_batch_norm() {
+    check_sync_bn(&[8, 6, 4, 5], Input::Bf16ChannelsLast, 1e-2);
+    check_sync_bn(&[6, 7], Input::Bf16ChannelsLast, 1e-2);
 }
 
 #[test]
 fn sync_batch_norm_1d_matches_batch_norm_over_the_global_batch() {
-    check_sync_bn(&[6, 7]);
+    check_sync_bn(&[6, 7], Input::Float, 1e-5);
 }
