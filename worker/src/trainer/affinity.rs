@@ -1,6 +1,12 @@
 //! CPU placement of a trainer process (`train.pin_cpus`): rank r gets cores of its own, and so do
 //! the threads it creates afterwards (libtorch's intra-op pool, the data workers, Gloo's I/O
 //! loop), which inherit the mask of the thread that spawns them.
+//!
+//! A pinned rank shares its cores with Gloo's TCP I/O thread. When a peer's data arrives before
+//! this rank has posted the matching receive (it is still computing: SyncBN meets its peers at
+//! every layer), that thread polls the readable socket until the receive is posted, taking the
+//! core from the very computation it waits for. [`demote_collective_io`] puts it in the idle
+//! scheduling class: it runs whenever the rank waits, and never in its way.
 use std::io;
 
 use tracing::{info, warn};
@@ -82,6 +88,49 @@ pub fn pin_rank(rank: usize, threads: usize) {
     }
 }
 
+/// The name Gloo gives its TCP transport's event-loop threads.
+const GLOO_IO_THREAD: &str = "gloo_tcp_loop";
+
+/// Moves this process's Gloo I/O threads to the idle scheduling class (SCHED_IDLE: they run only
+/// when nothing else on their cores is runnable). Returns how many were moved.
+pub fn demote_collective_io() -> io::Result<usize> {
+    let mut moved = 0;
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let entry = entry?;
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != GLOO_IO_THREAD {
+            continue;
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: tid names a thread of this process; lowering a thread's priority needs no
+        // privilege.
+        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// [`demote_collective_io`] for a pinned trainer, once its process group exists; a failure is
+/// logged and costs speed only.
+pub fn demote_collective_io_logged() {
+    match demote_collective_io() {
+        Ok(n) => info!(
+            threads = n,
+            "train.pin_cpus: Gloo I/O threads in the idle class"
+        ),
+        Err(e) => warn!(error = %e, "train.pin_cpus: cannot lower the Gloo I/O threads' priority"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +163,28 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn only_threads_named_like_gloo_io_are_demoted() {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<libc::c_int>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let io = std::thread::Builder::new()
+            .name(GLOO_IO_THREAD.into())
+            .spawn(move || {
+                // SAFETY: querying the calling thread's policy.
+                ready_tx
+                    .send(unsafe { libc::sched_getscheduler(0) })
+                    .unwrap();
+                go_rx.recv().unwrap();
+                unsafe { libc::sched_getscheduler(0) }
+            })
+            .unwrap();
+        assert_eq!(ready_rx.recv().unwrap(), libc::SCHED_OTHER);
+        assert!(demote_collective_io().unwrap() >= 1);
+        go_tx.send(()).unwrap();
+        assert_eq!(io.join().unwrap(), libc::SCHED_IDLE);
+        // SAFETY: as above, for this (test) thread, which keeps the normal class
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
     }
 }

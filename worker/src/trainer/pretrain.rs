@@ -471,6 +471,9 @@ fn setup(a: &Assignment, spec: &JobSpec, device: Device, rep: &mut Reporter) -> 
         rv.backend = crate::dist::Backend::Nccl { device_index: i };
     }
     let group = Arc::new(ProcessGroup::new(&rv)?);
+    if t.pin_cpus && device == Device::Cpu && world > 1 {
+        super::affinity::demote_collective_io_logged();
+    }
     info!(
         elapsed_ms = t0.elapsed().as_millis() as u64,
         "process group ready"
