@@ -36,6 +36,37 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* what, int i)
               t.strides(), ", its parameter ", like.sizes(), " ", like.strides());
 }
 
+// Elements j in [b, e): (Σ p², Σ d²) with d = s·g + wd·p (s applied when kScaled), accumulated in
+// double. Lanes of independent partial sums, folded at the end, let the loop run at the
+// machine's add throughput instead of one add latency per element.
+template <bool kScaled>
+std::array<double, 2> norms_sq(const float* p, const float* g, float s, float wd, int64_t b, int64_t e) {
+  constexpr int kLanes = 8;
+  double pp[kLanes] = {};
+  double dd[kLanes] = {};
+  int64_t j = b;
+  for (; j + kLanes <= e; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float gs = kScaled ? g[j + l] * s : g[j + l];
+      const float d = gs + wd * p[j + l];
+      pp[l] += static_cast<double>(p[j + l]) * p[j + l];
+      dd[l] += static_cast<double>(d) * d;
+    }
+  }
+  for (; j < e; ++j) {
+    const float gs = kScaled ? g[j] * s : g[j];
+    const float d = gs + wd * p[j];
+    pp[0] += static_cast<double>(p[j]) * p[j];
+    dd[0] += static_cast<double>(d) * d;
+  }
+  std::array<double, 2> out{0.0, 0.0};
+  for (int l = 0; l < kLanes; ++l) {
+    out[0] += pp[l];
+    out[1] += dd[l];
+  }
+  return out;
+}
+
 }  // namespace
 
 extern "C" {
@@ -79,12 +110,9 @@ char* bt_lars_step_cpu(at::Tensor** params, at::Tensor** grads, at::Tensor** mom
       const Sums sums = at::parallel_reduce(
           0, len, kGrain, Sums{0.0, 0.0},
           [&](int64_t b, int64_t e, Sums acc) {
-            for (int64_t j = b; j < e; ++j) {
-              const float gs = scaled ? g[j] * s : g[j];
-              const float d = gs + wd * p[j];
-              acc[0] += static_cast<double>(p[j]) * p[j];
-              acc[1] += static_cast<double>(d) * d;
-            }
+            const Sums part = scaled ? norms_sq<true>(p, g, s, wd, b, e) : norms_sq<false>(p, g, s, wd, b, e);
+            acc[0] += part[0];
+            acc[1] += part[1];
             return acc;
           },
           [](Sums a, const Sums& b) {
