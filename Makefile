@@ -14,7 +14,7 @@ build: setup
 demo: build
 	$(ENV) scripts/demo.sh
 
-# The longer quality run (~40 min on 2 cores): examples/quality.toml, then a linear probe.
+# The longer quality run (~36 min on 2 cores): examples/quality.toml, then a linear probe.
 quality: build
 	$(ENV) BT_DEMO_SPEC=examples/quality.toml BT_DEMO_DIR=runs/quality BT_DEMO_PROBE=1 scripts/demo.sh
 
