@@ -11,6 +11,10 @@ use std::io;
 
 use tracing::{info, warn};
 
+/// Bytes of a CPU set, and the cores it can name.
+const SET_BYTES: usize = std::mem::size_of::<libc::cpu_set_t>();
+const SET_CORES: usize = 8 * SET_BYTES;
+
 /// The cores rank `rank` takes: `threads` consecutive entries of `allowed`, starting at
 /// `rank · threads`, wrapping around. `None` when there is nothing to pin: no threads given, or
 /// at least as many threads as allowed cores (the rank would get all of them anyway).
@@ -30,14 +34,12 @@ pub fn cores_for(rank: usize, threads: usize, allowed: &[usize]) -> Option<Vec<u
 pub fn allowed_cores() -> io::Result<Vec<usize>> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most its size.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc = unsafe { libc::sched_getaffinity(0, SET_BYTES, &mut set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: every index is below the set's capacity.
-    Ok((0..max)
+    Ok((0..SET_CORES)
         .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
         .collect())
 }
@@ -46,17 +48,16 @@ pub fn allowed_cores() -> io::Result<Vec<usize>> {
 pub fn pin_current_thread(cores: &[usize]) -> io::Result<()> {
     // SAFETY: as in allowed_cores; CPU_SET is given indices below the set's capacity only.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
     for &c in cores {
-        if c >= max {
+        if c >= SET_CORES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("core {c} is beyond the {max} a CPU set holds"),
+                format!("core {c} is beyond the {SET_CORES} a CPU set holds"),
             ));
         }
         unsafe { libc::CPU_SET(c, &mut set) };
     }
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    let rc = unsafe { libc::sched_setaffinity(0, SET_BYTES, &set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
