@@ -39,6 +39,11 @@ bench: setup
 	@echo "== bt vs the PyTorch recipe, (a) ResNet-50 + 8192x3, batch 16 at 224, 2 threads"
 	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
 	  --projector 8192,8192,8192 --image-size 224 --batch 16 --steps 3 --torch-threads 2 --loss-n 16
+	@if [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]; then \
+	  echo "== (a) again, the recipe on bt's allocator (jemalloc preloaded, bench/python_jemalloc.sh)"; \
+	  $(ENV) BT_PYTHON=bench/python_jemalloc.sh target/release/bt-bench step --against-torch --backbone resnet50 \
+	    --cifar-stem false --projector 8192,8192,8192 --image-size 224 --batch 16 --steps 3 --torch-threads 2 --loss-n 16; \
+	else echo "== (skipped: the recipe on jemalloc needs libjemalloc2)"; fi
 	@echo "== the same at batch 32 (memory)"
 	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
 	  --projector 8192,8192,8192 --image-size 224 --batch 32 --steps 2 --rounds 3 --torch-threads 2 --loss-n 32

@@ -1,5 +1,6 @@
 //! bt-worker: the worker daemon (agent), the trainer process, and the Barlow Twins library
 //! (models, loss, optimizer, data, collectives, checkpoints, evaluation).
+pub mod alloc;
 pub mod error;
 
 pub mod agent;
