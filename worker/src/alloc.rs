@@ -16,20 +16,25 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's `opt.dirty_decay_ms` as this process runs it (−1: freed pages are never returned),
 /// or `None` if it cannot be read.
 pub fn dirty_decay_ms() -> Option<isize> {
-    let mut value: isize = 0;
-    let mut len = std::mem::size_of::<isize>();
-    // SAFETY: the name is NUL-terminated, and `opt.dirty_decay_ms` is an ssize_t, which `value`
-    // and `len` describe; nothing is written (newp is null).
+    read_ctl(c"opt.dirty_decay_ms")
+}
+
+/// Reads jemalloc's control `name`, whose C type `T` stands for, or `None` if it cannot be read.
+fn read_ctl<T: Copy + Default>(name: &std::ffi::CStr) -> Option<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>();
+    // SAFETY: `name` is NUL-terminated, `value` and `len` describe a `T` (the control's type, as
+    // the caller names it; jemalloc checks the length), and nothing is written (newp is null).
     let rc = unsafe {
         tikv_jemalloc_sys::mallctl(
-            c"opt.dirty_decay_ms".as_ptr(),
-            (&mut value as *mut isize).cast(),
+            name.as_ptr(),
+            (&mut value as *mut T).cast(),
             &mut len,
             std::ptr::null_mut(),
             0,
         )
     };
-    (rc == 0 && len == std::mem::size_of::<isize>()).then_some(value)
+    (rc == 0 && len == std::mem::size_of::<T>()).then_some(value)
 }
 
 #[cfg(test)]
@@ -58,20 +63,7 @@ mod tests {
                     len,
                 )
             };
-            let mut bytes: usize = 0;
-            let mut len = std::mem::size_of::<usize>();
-            // SAFETY: `stats.allocated` is a size_t.
-            let rc = unsafe {
-                tikv_jemalloc_sys::mallctl(
-                    c"stats.allocated".as_ptr(),
-                    (&mut bytes as *mut usize).cast(),
-                    &mut len,
-                    std::ptr::null_mut(),
-                    0,
-                )
-            };
-            assert_eq!(rc, 0, "jemalloc's stats.allocated is readable");
-            bytes
+            read_ctl::<usize>(c"stats.allocated").expect("jemalloc's stats.allocated is readable")
         };
         let before = allocated();
         let t = tch::Tensor::zeros([64, 1024, 1024], (tch::Kind::Float, tch::Device::Cpu));
