@@ -31,22 +31,22 @@ chaos: build
 	  cargo nextest run --profile chaos -p bt-tests --test chaos --no-capture
 
 # Benchmark figures (release build: the first run compiles everything once more).
+# Config (a) of the side-by-side with the PyTorch recipe: ResNet-50 + 8192x3 at 224, 2 threads.
+CONFIG_A := --backbone resnet50 --cifar-stem false --projector 8192,8192,8192 --image-size 224 --torch-threads 2
 bench: setup
 	$(ENV) cargo build --release -p bt-worker --bins
 	$(ENV) target/release/bt-bench data
 	$(ENV) target/release/bt-bench step
 	$(ENV) target/release/bt-bench step --world 2 --torch-threads 1
 	@echo "== bt vs the PyTorch recipe, (a) ResNet-50 + 8192x3, batch 16 at 224, 2 threads"
-	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
-	  --projector 8192,8192,8192 --image-size 224 --batch 16 --steps 3 --torch-threads 2 --loss-n 16
-	@if [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ]; then \
+	$(ENV) target/release/bt-bench step --against-torch $(CONFIG_A) --batch 16 --steps 3 --loss-n 16
+	@if bench/python_jemalloc.sh -c "" 2>/dev/null; then \
 	  echo "== (a) again, the recipe on bt's allocator (jemalloc preloaded, bench/python_jemalloc.sh)"; \
-	  $(ENV) BT_PYTHON=bench/python_jemalloc.sh target/release/bt-bench step --against-torch --backbone resnet50 \
-	    --cifar-stem false --projector 8192,8192,8192 --image-size 224 --batch 16 --steps 3 --torch-threads 2 --loss-n 16; \
+	  $(ENV) BT_PYTHON=bench/python_jemalloc.sh target/release/bt-bench step --against-torch $(CONFIG_A) \
+	    --batch 16 --steps 3 --loss-n 16; \
 	else echo "== (skipped: the recipe on jemalloc needs libjemalloc2)"; fi
 	@echo "== the same at batch 32 (memory)"
-	$(ENV) target/release/bt-bench step --against-torch --backbone resnet50 --cifar-stem false \
-	  --projector 8192,8192,8192 --image-size 224 --batch 32 --steps 2 --rounds 3 --torch-threads 2 --loss-n 32
+	$(ENV) target/release/bt-bench step --against-torch $(CONFIG_A) --batch 32 --steps 2 --rounds 3 --loss-n 32
 	@echo "== (b) ResNet-18 CIFAR stem + 2048x3, batch 256 at 32, 2 threads"
 	$(ENV) target/release/bt-bench step --against-torch --backbone resnet18 --cifar-stem true \
 	  --projector 2048,2048,2048 --image-size 32 --batch 256 --steps 3 --torch-threads 2 --loss-n 256 --loss-d 2048

@@ -2,7 +2,8 @@
 # The PyTorch recipe's Python with the allocator bt uses: jemalloc preloaded, freed pages kept
 # (`dirty_decay_ms:-1`). `BT_PYTHON=bench/python_jemalloc.sh bt-bench step --against-torch ...`
 # compares bt with the recipe on the same allocator policy (README, "Benchmarks").
-# Needs Debian's libjemalloc2 (or JEMALLOC_LIB pointing at a libjemalloc.so).
+# Needs Debian's libjemalloc2 (or JEMALLOC_LIB pointing at a libjemalloc.so); runs python3 from
+# PATH, or BT_PYTHON_REAL.
 lib="${JEMALLOC_LIB:-/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}"
 if [ ! -e "$lib" ]; then
   echo "python_jemalloc.sh: $lib not found (apt-get install libjemalloc2, or set JEMALLOC_LIB)" >&2
