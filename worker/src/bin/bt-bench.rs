@@ -123,6 +123,13 @@ struct StepArgs {
     /// Python with torch and torchvision for --against-torch.
     #[arg(long, env = "BT_PYTHON", default_value = "python3")]
     python: String,
+    /// With --world N > 1: only the all-reduce overlap and scaling-efficiency rounds.
+    #[arg(long)]
+    scaling_only: bool,
+    /// As `train.pin_cpus` (needs --torch-threads): rank r on cores r·t … r·t+t−1, and at
+    /// --world > 1 Gloo's TCP I/O thread in the idle scheduling class.
+    #[arg(long)]
+    pin_cpus: bool,
 }
 
 /// Starts `world` copies of this command, one per rank, and waits for all of them.
@@ -162,10 +169,18 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         .memory_format
         .parse()
         .map_err(|e| parse("memory-format", e))?;
+    let mut device = parse_device(a.device.as_deref())?;
+    let pin_cpus = a.pin_cpus && !device.is_cuda();
+    if pin_cpus {
+        // Before libtorch starts its threads: they inherit the mask.
+        bt_worker::trainer::affinity::pin_rank(
+            a.rank.unwrap_or(0),
+            a.torch_threads.max(0) as usize,
+        );
+    }
     if a.torch_threads > 0 {
         tch::set_num_threads(a.torch_threads);
     }
-    let mut device = parse_device(a.device.as_deref())?;
     let rendezvous = match (a.rank, a.port) {
         (Some(rank), Some(port)) if a.world > 1 => {
             let mut rv = bt_worker::dist::Rendezvous::new(
@@ -199,6 +214,8 @@ fn step(a: StepArgs) -> anyhow::Result<()> {
         precision: bt_worker::trainer::precision(precision, device),
         layout: bt_worker::trainer::memory_format(memory_format, device),
         rendezvous,
+        scaling_only: a.scaling_only,
+        pin_cpus,
         against_torch: a
             .against_torch
             .then(|| bt_worker::trainer::bench::AgainstTorch {

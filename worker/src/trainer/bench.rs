@@ -42,6 +42,11 @@ pub struct StepBenchConfig {
     pub layout: MemoryFormat,
     /// Join this group (several ranks); `None`: a single rank, no collectives.
     pub rendezvous: Option<Rendezvous>,
+    /// At W > 1, skip to the overlap and scaling rounds.
+    pub scaling_only: bool,
+    /// The ranks are pinned (`train.pin_cpus`): at W > 1 Gloo's I/O threads go to the idle
+    /// scheduling class too, as in training.
+    pub pin_cpus: bool,
     /// Time the PyTorch recipe's step beside bt's (single rank only).
     pub against_torch: Option<AgainstTorch>,
 }
@@ -155,6 +160,9 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     });
     let world = group.world_size();
     let rank0 = group.rank() == 0;
+    if c.pin_cpus && world > 1 {
+        super::affinity::demote_collective_io_logged();
+    }
     // Only rank 0 prints; every rank runs the same collectives.
     macro_rules! say {
         ($($t:tt)*) => { if rank0 { println!($($t)*); } };
@@ -168,6 +176,9 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     );
     let xa = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
     let xb = Tensor::randn([b, 3, s, s], (Kind::Float, dev));
+    if world > 1 && c.scaling_only {
+        return overlap_and_scaling(c, &mut st, &xa, &xb);
+    }
 
     // 1. the model alone: forward both views (as training runs it), a trivial scalar, backward.
     let model_alone = |st: &mut TrainState| -> Result<()> {
@@ -325,8 +336,19 @@ pub fn run_step_bench(c: &StepBenchConfig) -> Result<()> {
     Ok(())
 }
 
-/// One [`step_on_views`] on fixed inputs: (whole step, backward, all-reduce) in milliseconds.
-fn timed_step(st: &mut TrainState, xa: &Tensor, xb: &Tensor, step: u64) -> Result<(f64, f64, f64)> {
+/// One [`step_on_views`] on fixed inputs: the whole step and each phase, in milliseconds.
+struct StepTimes {
+    whole: f64,
+    phases: [f64; Phase::ALL.len()],
+}
+
+impl StepTimes {
+    fn phase(&self, p: Phase) -> f64 {
+        self.phases[p as usize]
+    }
+}
+
+fn timed_step(st: &mut TrainState, xa: &Tensor, xb: &Tensor, step: u64) -> Result<StepTimes> {
     let mut laps = Laps {
         device: st.device,
         t: Instant::now(),
@@ -336,18 +358,54 @@ fn timed_step(st: &mut TrainState, xa: &Tensor, xb: &Tensor, step: u64) -> Resul
     let t0 = laps.t;
     step_on_views(st, xa, xb, step, false, Some(&mut laps))?;
     sync(st.device);
-    Ok((
-        t0.elapsed().as_secs_f64() * 1e3,
-        laps.ms[Phase::Backward as usize],
-        laps.ms[Phase::AllReduce as usize],
-    ))
+    Ok(StepTimes {
+        whole: t0.elapsed().as_secs_f64() * 1e3,
+        phases: laps.ms,
+    })
 }
 
-/// Interleaved rounds on fixed inputs, each: the step at W ranks with the gradient all-reduce
-/// after backward (overlap off), the same with it overlapped (on, as training runs), then on rank
-/// 0 alone (the others wait at a barrier) the step of a single-rank model at the same per-rank
-/// batch and torch threads. Prints the medians of backward and all-reduce phases both ways and
-/// the scaling efficiency: per-rank step time at W=1 over that at W=N (overlap on).
+/// The recorded [`StepTimes`] of one way of running the step; medians per figure.
+#[derive(Default)]
+struct Series(Vec<StepTimes>);
+
+impl Series {
+    fn whole(&self) -> f64 {
+        median(&mut self.0.iter().map(|t| t.whole).collect::<Vec<_>>())
+    }
+    fn phase(&self, p: Phase) -> f64 {
+        median(&mut self.0.iter().map(|t| t.phase(p)).collect::<Vec<_>>())
+    }
+    /// "forward F, gather G, loss L, backward B, all-reduce A, optimizer O ms" (medians).
+    fn breakdown(&self) -> String {
+        [
+            Phase::Forward,
+            Phase::Gather,
+            Phase::Loss,
+            Phase::Backward,
+            Phase::AllReduce,
+            Phase::Optimizer,
+        ]
+        .iter()
+        .map(|&p| format!("{} {:.1}", p.name(), self.phase(p)))
+        .collect::<Vec<_>>()
+        .join(", ")
+            + " ms"
+    }
+}
+
+/// Interleaved rounds on fixed inputs, each:
+/// 1. the step at W ranks with the gradient all-reduce after backward (overlap off), then the
+///    same with it overlapped (on, as training runs);
+/// 2. every rank steps its own single-rank model at once (same per-rank batch and threads, no
+///    collectives): W=1 on a machine as loaded as at W ranks;
+/// 3. rank 0 alone steps its single-rank model while the others wait at a barrier: W=1 with the
+///    machine to itself.
+///
+/// Prints the medians of the all-reduce phase both ways and the scaling efficiency (per-rank step
+/// time at W=1 over that at W=N, overlap on) against both W=1 figures. Ranks that share one
+/// machine also share its memory bandwidth and caches: (2) takes that out of the comparison, so
+/// what is left is the cost of training together (collectives and waiting for each other); (3)
+/// includes it.
 fn overlap_and_scaling(
     c: &StepBenchConfig,
     st: &mut TrainState,
@@ -357,34 +415,34 @@ fn overlap_and_scaling(
     let group = st.group.clone();
     let world = group.world_size();
     let rank0 = group.rank() == 0;
-    // The single-rank model lives on rank 0 only.
-    let mut single = if rank0 {
-        Some(new_state(c, Arc::new(single_group()?))?)
-    } else {
-        None
-    };
+    let (_single_vs, mut single, _) = new_state(c, Arc::new(single_group()?))?;
     let rounds = c.steps.max(3);
-    // [off, on] × (whole, backward, all-reduce) per round, and the single-rank step.
-    let mut figures: [[Vec<f64>; 3]; 2] = Default::default();
-    let mut w1 = Vec::new();
+    let (mut off, mut on, mut loaded, mut alone) = (
+        Series::default(),
+        Series::default(),
+        Series::default(),
+        Series::default(),
+    );
     let mut step = 1000u64;
-    for round in 0..=rounds {
-        for (i, on) in [false, true].into_iter().enumerate() {
-            st.set_overlap(on)?;
-            step += 1;
-            let (whole, backward, all_reduce) = timed_step(st, xa, xb, step)?;
-            if round > 0 {
-                figures[i][0].push(whole);
-                figures[i][1].push(backward);
-                figures[i][2].push(all_reduce);
-            }
+    // Round 0 warms every way up and is not recorded.
+    let keep = |series: &mut Series, t: StepTimes, round: usize| {
+        if round > 0 {
+            series.0.push(t);
         }
-        if let Some((_, one, _)) = &mut single {
+    };
+    for round in 0..=rounds {
+        for (series, overlap) in [(&mut off, false), (&mut on, true)] {
+            st.set_overlap(overlap)?;
             step += 1;
-            let (whole, _, _) = timed_step(one, xa, xb, step)?;
-            if round > 0 {
-                w1.push(whole);
-            }
+            keep(series, timed_step(st, xa, xb, step)?, round);
+        }
+        step += 1;
+        group.barrier()?;
+        keep(&mut loaded, timed_step(&mut single, xa, xb, step)?, round);
+        group.barrier()?;
+        if rank0 {
+            step += 1;
+            keep(&mut alone, timed_step(&mut single, xa, xb, step)?, round);
         }
         group.barrier()?;
     }
@@ -393,22 +451,37 @@ fn overlap_and_scaling(
         return Ok(());
     }
     println!(
-        "# gradient all-reduce, fixed inputs, medians of {rounds} interleaved rounds at W={world}"
+        "# gradient all-reduce and scaling, fixed inputs, medians of {rounds} interleaved rounds at W={world}"
     );
-    for (i, name) in ["overlap off", "overlap on "].into_iter().enumerate() {
-        let [whole, backward, all_reduce] = &mut figures[i];
+    for (series, name) in [(&off, "overlap off"), (&on, "overlap on ")] {
         println!(
             "  all-reduce phase, {name}         {:>9.1} ms   (backward {:.1} ms, whole step {:.1} ms)",
-            median(all_reduce),
-            median(backward),
-            median(whole)
+            series.phase(Phase::AllReduce),
+            series.phase(Phase::Backward),
+            series.whole()
         );
     }
-    let per_rank_n = median(&mut figures[1][0]);
-    let per_rank_1 = median(&mut w1);
+    let per_rank_n = on.whole();
     println!(
-        "scaling efficiency W={world} vs W=1: {:.1} % (per-rank step {per_rank_n:.1} ms vs {per_rank_1:.1} ms)",
-        100.0 * per_rank_1 / per_rank_n
+        "  W={world}, overlap on: {:.1} ms; {}",
+        per_rank_n,
+        on.breakdown()
+    );
+    for (series, name) in [
+        (&loaded, "W=1, every rank at once"),
+        (&alone, "W=1, rank 0 alone"),
+    ] {
+        println!("  {name}: {:.1} ms; {}", series.whole(), series.breakdown());
+    }
+    println!(
+        "scaling efficiency W={world} vs W=1 on a machine as loaded: {:.1} % (per-rank step {per_rank_n:.1} ms vs {:.1} ms)",
+        100.0 * loaded.whole() / per_rank_n,
+        loaded.whole()
+    );
+    println!(
+        "scaling efficiency W={world} vs W=1 alone on the machine: {:.1} % (per-rank step {per_rank_n:.1} ms vs {:.1} ms)",
+        100.0 * alone.whole() / per_rank_n,
+        alone.whole()
     );
     Ok(())
 }

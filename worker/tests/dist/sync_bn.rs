@@ -15,11 +15,15 @@ struct BnResult {
     rv: Tensor,
 }
 
-/// The input's precision and layout: float32 contiguous, or what the demo's bf16 + channels-last
-/// trainer feeds SyncBN (bf16 activations, float parameters and statistics).
+/// The input's precision and layout: float32 contiguous, what the demo's bf16 + channels-last
+/// trainer feeds SyncBN (bf16 activations, float parameters and statistics), and the other two
+/// pairings (SyncBN's fused CPU backward has one loop for whole planes, one for channels
+/// innermost, each for float and bf16).
 #[derive(Clone, Copy)]
 enum Input {
     Float,
+    FloatChannelsLast,
+    Bf16,
     Bf16ChannelsLast,
 }
 
@@ -31,13 +35,16 @@ fn bn_case(shape: &[i64], input: Input, pg: Option<&ProcessGroup>) -> Result<BnR
     let r_all = data(shape, 2.9);
     let x = x_all.narrow(0, rank as i64 * b, b).copy();
     let x = match input {
-        Input::Float => x,
-        Input::Bf16ChannelsLast if x.dim() == 4 => {
-            let cl = to_channels_last(&x.to_kind(Kind::BFloat16))?;
+        Input::Float | Input::FloatChannelsLast => x,
+        Input::Bf16 | Input::Bf16ChannelsLast => x.to_kind(Kind::BFloat16),
+    };
+    let x = match input {
+        Input::FloatChannelsLast | Input::Bf16ChannelsLast if x.dim() == 4 => {
+            let cl = to_channels_last(&x)?;
             assert!(is_channels_last(&cl));
             cl
         }
-        Input::Bf16ChannelsLast => x.to_kind(Kind::BFloat16),
+        _ => x,
     }
     .set_requires_grad(true);
     let r = r_all.narrow(0, rank as i64 * b, b);
@@ -131,6 +138,13 @@ fn sync_batch_norm_2d_matches_batch_norm_over_the_global_batch() {
 fn sync_batch_norm_bf16_channels_last_matches_mixed_precision_batch_norm() {
     check_sync_bn(&[8, 6, 4, 5], Input::Bf16ChannelsLast, 1e-2);
     check_sync_bn(&[6, 7], Input::Bf16ChannelsLast, 1e-2);
+    check_sync_bn(&[8, 6, 4, 5], Input::Bf16, 1e-2);
+}
+
+#[test]
+fn sync_batch_norm_float_channels_last_and_3d_match_batch_norm_over_the_global_batch() {
+    check_sync_bn(&[8, 6, 4, 5], Input::FloatChannelsLast, 1e-5);
+    check_sync_bn(&[6, 5, 7], Input::Float, 1e-5);
 }
 
 #[test]
