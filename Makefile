@@ -32,12 +32,15 @@ chaos: build
 
 # Benchmark figures (release build: the first run compiles everything once more).
 # Config (a) of the side-by-side with the PyTorch recipe: ResNet-50 + 8192x3 at 224, 2 threads.
-CONFIG_A := --backbone resnet50 --cifar-stem false --projector 8192,8192,8192 --image-size 224 --torch-threads 2
+MODEL_A := --backbone resnet50 --cifar-stem false --projector 8192,8192,8192 --image-size 224
+CONFIG_A := $(MODEL_A) --torch-threads 2
 bench: setup
 	$(ENV) cargo build --release -p bt-worker --bins
 	$(ENV) target/release/bt-bench data
 	$(ENV) target/release/bt-bench step
-	$(ENV) target/release/bt-bench step --world 2 --torch-threads 1
+	@echo "== scaling, (a) at batch 16 per rank: two ranks pinned to a core each (train.pin_cpus) vs one"
+	$(ENV) target/release/bt-bench step --world 2 --scaling-only --pin-cpus --torch-threads 1 $(MODEL_A) \
+	  --batch 16 --steps 5
 	@echo "== bt vs the PyTorch recipe, (a) ResNet-50 + 8192x3, batch 16 at 224, 2 threads"
 	$(ENV) target/release/bt-bench step --against-torch $(CONFIG_A) --batch 16 --steps 3 --loss-n 16
 	@if bench/python_jemalloc.sh -c "" 2>/dev/null; then \
