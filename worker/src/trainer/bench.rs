@@ -375,20 +375,15 @@ impl Series {
     fn phase(&self, p: Phase) -> f64 {
         median(&mut self.0.iter().map(|t| t.phase(p)).collect::<Vec<_>>())
     }
-    /// "forward F, gather G, loss L, backward B, all-reduce A, optimizer O ms" (medians).
+    /// "forward F, gather G, loss L, backward B, all-reduce A, optimizer O ms" (medians): the
+    /// phases after the data ones, which fixed inputs skip.
     fn breakdown(&self) -> String {
-        [
-            Phase::Forward,
-            Phase::Gather,
-            Phase::Loss,
-            Phase::Backward,
-            Phase::AllReduce,
-            Phase::Optimizer,
-        ]
-        .iter()
-        .map(|&p| format!("{} {:.1}", p.name(), self.phase(p)))
-        .collect::<Vec<_>>()
-        .join(", ")
+        Phase::ALL
+            .iter()
+            .skip_while(|&&p| p != Phase::Forward)
+            .map(|&p| format!("{} {:.1}", p.name(), self.phase(p)))
+            .collect::<Vec<_>>()
+            .join(", ")
             + " ms"
     }
 }
