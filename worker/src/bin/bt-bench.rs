@@ -6,7 +6,8 @@
 //! - `bt-bench step`: one rank's training step: the model's forward + backward alone, the loss in
 //!   both forms, the LARS step, and the whole step fed by the loader, with its breakdown; with
 //!   `--world N`, also the gradient all-reduce phase with its overlap with backward off and on, and
-//!   the scaling efficiency (per-rank step at W=1, timed on rank 0 between the rounds, vs W=N).
+//!   the scaling efficiency (per-rank step at W=1, timed between the rounds on every rank at once
+//!   and on rank 0 alone, vs W=N).
 //!
 //! - `bt-bench pretrain SPEC.toml [--set k=v]... [--world N]`: a job spec trained in this process
 //!   (or N processes on loopback), no coordinator or daemon: metrics, kNN evaluations with their

@@ -5,7 +5,8 @@
 //! observer, so the benchmark measures what trains. With a rendezvous, every rank runs it in a
 //! real process group (the trainer's all-gather with grad, SyncBN and bucketed gradient
 //! all-reduce) and rank 0 prints; then the all-reduce phase with its overlap with backward off and
-//! on, and the scaling efficiency against a single-rank step run on rank 0 in between.
+//! on, and the scaling efficiency against a single-rank step run in between, twice: on every
+//! rank at once (the machine as loaded) and on rank 0 alone.
 use std::sync::Arc;
 use std::time::Instant;
 
