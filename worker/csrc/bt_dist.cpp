@@ -533,6 +533,12 @@ struct GradInputArgs {
   int64_t plane;
 };
 
+// One element of dx, given dy (g) and x (v) as floats and its channel's coefficients.
+inline __attribute__((always_inline)) float grad_value(float g, float v, float a, float b, float d, float mean) {
+  return __builtin_fmaf(v - mean, b, __builtin_fmaf(g, a, d));
+}
+
+// Rows [begin, end) of c values each (one per sample and position: channels innermost).
 template <typename T>
 inline __attribute__((always_inline)) void grad_input_rows(const GradInputArgs& p, int64_t begin, int64_t end) {
   const int64_t c = p.c;
@@ -541,12 +547,12 @@ inline __attribute__((always_inline)) void grad_input_rows(const GradInputArgs& 
     const T* v = static_cast<const T*>(p.x) + r * c;
     T* o = static_cast<T*>(p.dx) + r * c;
     for (int64_t k = 0; k < c; ++k) {
-      const float t = __builtin_fmaf(static_cast<float>(g[k]), p.a[k], p.d[k]);
-      o[k] = static_cast<T>(__builtin_fmaf(static_cast<float>(v[k]) - p.mean[k], p.b[k], t));
+      o[k] = static_cast<T>(grad_value(g[k], v[k], p.a[k], p.b[k], p.d[k], p.mean[k]));
     }
   }
 }
 
+// Planes [begin, end) of `plane` values each (one per sample and channel).
 template <typename T>
 inline __attribute__((always_inline)) void grad_input_planes(const GradInputArgs& p, int64_t begin, int64_t end) {
   const int64_t plane = p.plane;
@@ -557,29 +563,22 @@ inline __attribute__((always_inline)) void grad_input_planes(const GradInputArgs
     const T* v = static_cast<const T*>(p.x) + q * plane;
     T* o = static_cast<T*>(p.dx) + q * plane;
     for (int64_t i = 0; i < plane; ++i) {
-      const float t = __builtin_fmaf(static_cast<float>(g[i]), ak, dk);
-      o[i] = static_cast<T>(__builtin_fmaf(static_cast<float>(v[i]) - mk, bk, t));
+      o[i] = static_cast<T>(grad_value(g[i], v[i], ak, bk, dk, mk));
     }
   }
 }
 
-// One chunk of rows or planes. On x86-64 the loops are compiled twice: for CPUs with AVX2 and
-// FMA (fused multiply-adds in vector registers) and for the baseline (fmaf from libm, the same
-// values, slower), chosen at run time.
-using GradInputChunk = void (*)(const GradInputArgs&, int64_t, int64_t);
+// One chunk of rows (`rows`) or planes. On x86-64 the loops are compiled twice: for CPUs with
+// AVX2 and FMA (fused multiply-adds in vector registers) and for the baseline (fmaf from libm,
+// the same values, slower), chosen at run time.
+using GradInputChunk = void (*)(const GradInputArgs&, bool rows, int64_t begin, int64_t end);
 
-#define BT_GRAD_INPUT_CHUNKS(ATTR, SUFFIX)                                                              \
-  ATTR void grad_input_rows_f32##SUFFIX(const GradInputArgs& p, int64_t b, int64_t e) {                \
-    grad_input_rows<float>(p, b, e);                                                                   \
-  }                                                                                                    \
-  ATTR void grad_input_rows_bf16##SUFFIX(const GradInputArgs& p, int64_t b, int64_t e) {               \
-    grad_input_rows<at::BFloat16>(p, b, e);                                                            \
-  }                                                                                                    \
-  ATTR void grad_input_planes_f32##SUFFIX(const GradInputArgs& p, int64_t b, int64_t e) {              \
-    grad_input_planes<float>(p, b, e);                                                                 \
-  }                                                                                                    \
-  ATTR void grad_input_planes_bf16##SUFFIX(const GradInputArgs& p, int64_t b, int64_t e) {             \
-    grad_input_planes<at::BFloat16>(p, b, e);                                                          \
+#define BT_GRAD_INPUT_CHUNKS(ATTR, SUFFIX)                                                            \
+  ATTR void grad_input_f32##SUFFIX(const GradInputArgs& p, bool rows, int64_t b, int64_t e) {        \
+    rows ? grad_input_rows<float>(p, b, e) : grad_input_planes<float>(p, b, e);                      \
+  }                                                                                                  \
+  ATTR void grad_input_bf16##SUFFIX(const GradInputArgs& p, bool rows, int64_t b, int64_t e) {       \
+    rows ? grad_input_rows<at::BFloat16>(p, b, e) : grad_input_planes<at::BFloat16>(p, b, e);        \
   }
 
 BT_GRAD_INPUT_CHUNKS(, _base)
@@ -588,20 +587,14 @@ BT_GRAD_INPUT_CHUNKS(__attribute__((target("avx2,fma"))), _fma)
 #endif
 #undef BT_GRAD_INPUT_CHUNKS
 
-GradInputChunk grad_input_chunk(bool bf16, bool channels_inner) {
+GradInputChunk grad_input_chunk(bool bf16) {
 #if defined(__x86_64__)
   static const bool fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (fma) {
-    if (channels_inner) {
-      return bf16 ? grad_input_rows_bf16_fma : grad_input_rows_f32_fma;
-    }
-    return bf16 ? grad_input_planes_bf16_fma : grad_input_planes_f32_fma;
+    return bf16 ? grad_input_bf16_fma : grad_input_f32_fma;
   }
 #endif
-  if (channels_inner) {
-    return bf16 ? grad_input_rows_bf16_base : grad_input_rows_f32_base;
-  }
-  return bf16 ? grad_input_planes_bf16_base : grad_input_planes_f32_base;
+  return bf16 ? grad_input_bf16_base : grad_input_f32_base;
 }
 
 // Returns an undefined tensor for what the loops do not take (other types, devices or layouts);
@@ -639,12 +632,12 @@ at::Tensor fused_grad_input(
   GradInputArgs p{dy.data_ptr(), input.data_ptr(), dx.data_ptr(),
                   m.const_data_ptr<float>(), ac.const_data_ptr<float>(), bc.const_data_ptr<float>(),
                   dc.const_data_ptr<float>(), c, (n > 0 && c > 0) ? input.numel() / (n * c) : 0};
-  const GradInputChunk chunk = grad_input_chunk(t == at::kBFloat16, channels_inner);
+  const GradInputChunk chunk = grad_input_chunk(t == at::kBFloat16);
   // Rows of c values (one per sample and position), or planes (one per sample and channel).
   const int64_t units = channels_inner ? n * p.plane : n * c;
   const int64_t per_unit = std::max<int64_t>(channels_inner ? c : p.plane, 1);
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_unit);
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) { chunk(p, begin, end); });
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) { chunk(p, channels_inner, begin, end); });
   return dx;
 }
 
