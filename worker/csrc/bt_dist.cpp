@@ -642,9 +642,13 @@ at::Tensor fused_grad_input(
 }
 
 struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
-  static at::Tensor forward(
+  // `inputs` are views of one batch (Barlow Twins' two augmentations) through the same layer:
+  // each is normalized with its own global statistics, but one all-reduce carries every view's
+  // sums (and one more their gradients' in backward), so the ranks meet once per layer, not once
+  // per view. The running statistics take the views in order, as separate calls would.
+  static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx,
-      const at::Tensor& input,
+      at::TensorList inputs,
       const std::optional<at::Tensor>& weight_opt,
       const std::optional<at::Tensor>& bias_opt,
       c10::intrusive_ptr<Group> group,
@@ -656,122 +660,166 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     const at::Tensor bias = bias_opt.value_or(at::Tensor());
     at::Tensor& running_mean = running.mean;
     at::Tensor& running_var = running.var;
-    TORCH_CHECK(input.dim() >= 2, "sync_batch_norm: input needs at least 2 dimensions, got ", input.sizes());
-    const int64_t c = input.size(1);
-    const at::ScalarType st = stat_type(input, weight);
-    const at::TensorOptions sopts = input.options().dtype(st);
-    const int64_t n_local = c > 0 ? input.numel() / c : 0;
+    const size_t k = inputs.size();
+    TORCH_CHECK(k >= 1, "sync_batch_norm: no input");
+    TORCH_CHECK(inputs[0].dim() >= 2, "sync_batch_norm: input needs at least 2 dimensions, got ", inputs[0].sizes());
+    const int64_t c = inputs[0].size(1);
+    for (const at::Tensor& x : inputs) {
+      TORCH_CHECK(x.dim() >= 2 && x.size(1) == c && x.scalar_type() == inputs[0].scalar_type(),
+                  "sync_batch_norm: views must share the channel count and type, got ", x.sizes(), " ",
+                  x.scalar_type(), " and ", inputs[0].sizes(), " ", inputs[0].scalar_type());
+    }
+    const at::ScalarType st = stat_type(inputs[0], weight);
+    const at::TensorOptions sopts = inputs[0].options().dtype(st);
 
-    // Per-rank mean and biased variance, turned into sum and sum of squares in float64 for the
-    // reduction: [sum_x (C), sum_x2 (C), count (1)]. batch_norm_update_stats also folds the
-    // batch into the running statistics it is given: momentum 0 leaves these scratch ones as
-    // they are.
-    at::Tensor stats = at::zeros({2 * c + 1}, input.options().dtype(at::kDouble));
-    if (n_local > 0) {
-      at::Tensor scratch_mean = at::zeros({c}, sopts);
-      at::Tensor scratch_var = at::ones({c}, sopts);
-      auto mv = at::batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0);
-      at::Tensor mean_l = std::get<0>(mv).to(at::kDouble);
-      at::Tensor var_l = std::get<1>(mv).to(at::kDouble);
-      double n = static_cast<double>(n_local);
-      stats.narrow(0, 0, c).copy_(mean_l * n);
-      stats.narrow(0, c, c).copy_((var_l + mean_l * mean_l) * n);
-      stats.narrow(0, 2 * c, 1).fill_(n);
+    // Per view and rank, mean and biased variance turned into sum and sum of squares in float64
+    // for the reduction: [sum_x (C), sum_x2 (C), count (1)] per view. batch_norm_update_stats
+    // also folds the batch into the running statistics it is given: momentum 0 leaves these
+    // scratch ones as they are.
+    const int64_t per_view = 2 * c + 1;
+    at::Tensor stats = at::zeros({static_cast<int64_t>(k) * per_view}, inputs[0].options().dtype(at::kDouble));
+    for (size_t v = 0; v < k; ++v) {
+      const at::Tensor& input = inputs[v];
+      const int64_t n_local = c > 0 ? input.numel() / c : 0;
+      if (n_local > 0) {
+        at::Tensor scratch_mean = at::zeros({c}, sopts);
+        at::Tensor scratch_var = at::ones({c}, sopts);
+        auto mv = at::batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0);
+        at::Tensor mean_l = std::get<0>(mv).to(at::kDouble);
+        at::Tensor var_l = std::get<1>(mv).to(at::kDouble);
+        double n = static_cast<double>(n_local);
+        at::Tensor s = stats.narrow(0, static_cast<int64_t>(v) * per_view, per_view);
+        s.narrow(0, 0, c).copy_(mean_l * n);
+        s.narrow(0, c, c).copy_((var_l + mean_l * mean_l) * n);
+        s.narrow(0, 2 * c, 1).fill_(n);
+      }
     }
     allreduce_inplace(g, stats);
-    // Count is identical on all ranks after the reduction.
-    const double n_total = stats[2 * c].item<double>();
-    TORCH_CHECK(n_total > 1, "sync_batch_norm: expected more than 1 value per channel over the global batch, got ", n_total);
-    at::Tensor mean_d = stats.narrow(0, 0, c) / n_total;
-    at::Tensor var_d = (stats.narrow(0, c, c) / n_total - mean_d * mean_d).clamp_min(0.0);
 
-    {
-      at::NoGradGuard ng;
-      if (running_mean.defined()) {
-        running_mean.mul_(1.0 - momentum).add_(mean_d.to(running_mean.scalar_type()), momentum);
+    torch::autograd::variable_list outs;
+    torch::autograd::variable_list to_save(inputs.begin(), inputs.end());
+    to_save.push_back(weight);
+    std::vector<double> n_totals;
+    for (size_t v = 0; v < k; ++v) {
+      at::Tensor s = stats.narrow(0, static_cast<int64_t>(v) * per_view, per_view);
+      // Count is identical on all ranks after the reduction.
+      const double n_total = s[2 * c].item<double>();
+      TORCH_CHECK(n_total > 1, "sync_batch_norm: expected more than 1 value per channel over the global batch, got ", n_total);
+      at::Tensor mean_d = s.narrow(0, 0, c) / n_total;
+      at::Tensor var_d = (s.narrow(0, c, c) / n_total - mean_d * mean_d).clamp_min(0.0);
+      {
+        at::NoGradGuard ng;
+        if (running_mean.defined()) {
+          running_mean.mul_(1.0 - momentum).add_(mean_d.to(running_mean.scalar_type()), momentum);
+        }
+        if (running_var.defined()) {
+          at::Tensor unbiased = var_d * (n_total / (n_total - 1.0));
+          running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+        }
       }
-      if (running_var.defined()) {
-        at::Tensor unbiased = var_d * (n_total / (n_total - 1.0));
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.scalar_type()), momentum);
+      at::Tensor mean = mean_d.to(st);
+      at::Tensor var = var_d.to(st);
+      {
+        // Eval-mode batch norm with the global statistics is exactly the normalization wanted;
+        // the gradient is this function's own.
+        at::NoGradGuard ng;
+        outs.push_back(at::batch_norm(inputs[v], weight, bias, mean, var, /*training=*/false, 0.0, eps,
+                                      /*cudnn_enabled=*/false));
       }
+      to_save.push_back(mean);
+      to_save.push_back(var);
+      n_totals.push_back(n_total);
     }
 
-    at::Tensor mean = mean_d.to(st);
-    at::Tensor var = var_d.to(st);
-    at::Tensor out;
-    {
-      // Eval-mode batch norm with the global statistics is exactly the normalization wanted;
-      // the gradient is this function's own.
-      at::NoGradGuard ng;
-      out = at::batch_norm(input, weight, bias, mean, var, /*training=*/false, 0.0, eps, /*cudnn_enabled=*/false);
-    }
-
-    ctx->save_for_backward({input, weight, mean, var});
+    // Saved: the k inputs, the weight, then mean and variance per view.
+    ctx->save_for_backward(to_save);
     ctx->saved_data["group"] = c10::IValue::make_capsule(group);
-    ctx->saved_data["n_total"] = n_total;
+    ctx->saved_data["n_totals"] = n_totals;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.defined();
-    return out;
+    return outs;
   }
 
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx,
       torch::autograd::variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
-    at::Tensor input = saved[0];
-    at::Tensor weight = saved[1];
-    at::Tensor mean = saved[2];
-    at::Tensor var = saved[3];
+    const size_t k = grad_outputs.size();
+    at::Tensor weight = saved[k];
     auto holder = ctx->saved_data["group"].toCapsule();
     auto group = c10::static_intrusive_pointer_cast<Group>(holder);
-    const double n_total = ctx->saved_data["n_total"].toDouble();
+    const std::vector<double> n_totals = ctx->saved_data["n_totals"].toDoubleVector();
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
 
     at::NoGradGuard ng;
-    const int64_t c = input.size(1);
-    const int64_t dim = input.dim();
-    const at::ScalarType st = mean.scalar_type();
-    at::Tensor gy = grad_outputs[0];
-    at::Tensor dy = gy.defined() ? gy.contiguous(input.suggest_memory_format()) : at::zeros_like(input);
-    at::Tensor w = weight.defined() ? weight : at::ones({c}, mean.options());
+    const int64_t c = saved[0].size(1);
+    const at::ScalarType st = saved[k + 1].scalar_type();
+    at::Tensor w = weight.defined() ? weight : at::ones({c}, saved[k + 1].options());
 
-    // Eval-mode batch-norm backward, asked for the parameter gradients only, is the local
-    // per-channel sum(dy * xhat) and sum(dy): this rank's share of the weight and bias gradients.
-    auto local_grads = at::native_batch_norm_backward(
-        dy, input, w, mean, var, std::nullopt, std::nullopt, /*train=*/false, eps, {false, true, true});
-    at::Tensor sum_dy_xhat_l = std::get<1>(local_grads);
-    at::Tensor sum_dy_l = std::get<2>(local_grads);
-    at::Tensor global = at::cat({sum_dy_l, sum_dy_xhat_l});
+    // Per view, eval-mode batch-norm backward, asked for the parameter gradients only, is the
+    // local per-channel sum(dy * xhat) and sum(dy): this rank's share of the weight and bias
+    // gradients. One all-reduce sums every view's.
+    std::vector<at::Tensor> dys, local;
+    for (size_t v = 0; v < k; ++v) {
+      const at::Tensor& input = saved[v];
+      const at::Tensor& gy = grad_outputs[v];
+      at::Tensor dy = gy.defined() ? gy.contiguous(input.suggest_memory_format()) : at::zeros_like(input);
+      auto local_grads = at::native_batch_norm_backward(
+          dy, input, w, saved[k + 1 + 2 * v], saved[k + 2 + 2 * v], std::nullopt, std::nullopt, /*train=*/false,
+          eps, {false, true, true});
+      local.push_back(std::get<2>(local_grads)); // sum(dy)
+      local.push_back(std::get<1>(local_grads)); // sum(dy * xhat)
+      dys.push_back(std::move(dy));
+    }
+    at::Tensor global = at::cat(local);
     allreduce_inplace(*group, global);
-    at::Tensor sum_dy = global.narrow(0, 0, c);
-    at::Tensor sum_dy_xhat = global.narrow(0, c, c);
 
-    // dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch:
-    // per channel, a * dy + b * (x - mean) + d, computed in the statistics' type.
-    at::Tensor invstd = (var + eps).rsqrt();
-    at::Tensor a = w * invstd;
-    at::Tensor b = -a * invstd * sum_dy_xhat / n_total;
-    at::Tensor d = -a * sum_dy / n_total;
-    at::Tensor grad_input = fused_grad_input(dy, input, mean, a, b, d);
-    if (!grad_input.defined()) {
-      at::Tensor xmu = input.scalar_type() == st ? input - stat_shape_view(mean, dim)
-                                                 : input.to(st).sub_(stat_shape_view(mean, dim));
-      at::Tensor gx = at::addcmul(stat_shape_view(d, dim), dy.to(st), stat_shape_view(a, dim));
-      gx.addcmul_(xmu, stat_shape_view(b, dim));
-      grad_input = gx.to(input.scalar_type());
-    }
-
+    torch::autograd::variable_list grads;
     at::Tensor grad_weight;
-    if (weight.defined()) {
-      grad_weight = sum_dy_xhat_l.to(weight.scalar_type());
-    }
     at::Tensor grad_bias;
-    if (has_bias) {
-      grad_bias = sum_dy_l.to(weight.defined() ? weight.scalar_type() : st);
+    for (size_t v = 0; v < k; ++v) {
+      const at::Tensor& input = saved[v];
+      const at::Tensor& mean = saved[k + 1 + 2 * v];
+      const at::Tensor& var = saved[k + 2 + 2 * v];
+      const int64_t dim = input.dim();
+      const double n_total = n_totals[v];
+      at::Tensor sum_dy = global.narrow(0, static_cast<int64_t>(2 * v) * c, c);
+      at::Tensor sum_dy_xhat = global.narrow(0, static_cast<int64_t>(2 * v + 1) * c, c);
+      // dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the global batch:
+      // per channel, a * dy + b * (x - mean) + d, computed in the statistics' type.
+      at::Tensor invstd = (var + eps).rsqrt();
+      at::Tensor a = w * invstd;
+      at::Tensor b = -a * invstd * sum_dy_xhat / n_total;
+      at::Tensor d = -a * sum_dy / n_total;
+      at::Tensor grad_input = fused_grad_input(dys[v], input, mean, a, b, d);
+      if (!grad_input.defined()) {
+        at::Tensor xmu = input.scalar_type() == st ? input - stat_shape_view(mean, dim)
+                                                   : input.to(st).sub_(stat_shape_view(mean, dim));
+        at::Tensor gx = at::addcmul(stat_shape_view(d, dim), dys[v].to(st), stat_shape_view(a, dim));
+        gx.addcmul_(xmu, stat_shape_view(b, dim));
+        grad_input = gx.to(input.scalar_type());
+      }
+      grads.push_back(grad_input);
+      // This rank's shares, per view in the parameters' type, summed over the views as autograd
+      // sums the gradients of separate calls.
+      if (weight.defined()) {
+        at::Tensor gw = local[2 * v + 1].to(weight.scalar_type());
+        grad_weight = grad_weight.defined() ? grad_weight + gw : gw;
+      }
+      if (has_bias) {
+        at::Tensor gb = local[2 * v].to(weight.defined() ? weight.scalar_type() : st);
+        grad_bias = grad_bias.defined() ? grad_bias + gb : gb;
+      }
     }
-    // One gradient per forward argument (non-tensor arguments get undefined ones).
-    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // One gradient per forward argument: each view, weight, bias (non-tensor arguments get
+    // undefined ones).
+    grads.push_back(grad_weight);
+    grads.push_back(grad_bias);
+    for (int i = 0; i < 4; ++i) {
+      grads.push_back(at::Tensor());
+    }
+    return grads;
   }
 };
 
@@ -1016,18 +1064,25 @@ char* bt_pg_broadcast_tensors(bt_pg* pg, at::Tensor** tensors, int64_t n, int ro
 
 char* bt_sync_batch_norm(
     bt_pg* pg,
-    at::Tensor* input,
+    at::Tensor** inputs,
+    int64_t n,
     at::Tensor* weight,
     at::Tensor* bias,
     at::Tensor* running_mean,
     at::Tensor* running_var,
     double momentum,
     double eps,
-    at::Tensor** out) {
-  *out = nullptr;
+    at::Tensor** outs) {
+  for (int64_t v = 0; v < n; ++v) {
+    outs[v] = nullptr;
+  }
   return bt_guarded([&] {
     auto group = reinterpret_cast<Handle*>(pg)->g;
-    check_device(*group, *input, "sync_batch_norm");
+    std::vector<at::Tensor> xs;
+    for (int64_t v = 0; v < n; ++v) {
+      check_device(*group, *inputs[v], "sync_batch_norm");
+      xs.push_back(*inputs[v]);
+    }
     std::optional<at::Tensor> w;
     if (weight != nullptr && weight->defined()) {
       w = *weight;
@@ -1039,8 +1094,12 @@ char* bt_sync_batch_norm(
     RunningStats running{
         running_mean != nullptr ? *running_mean : at::Tensor(),
         running_var != nullptr ? *running_var : at::Tensor()};
-    at::Tensor r = SyncBatchNormFn::apply(*input, w, b, group, running, momentum, eps);
-    *out = new at::Tensor(std::move(r));
+    // TensorList, not the vector itself: autograd counts each element as an input of the node.
+    auto r = SyncBatchNormFn::apply(at::TensorList(xs), w, b, group, running, momentum, eps);
+    TORCH_CHECK(static_cast<int64_t>(r.size()) == n, "sync_batch_norm: ", r.size(), " outputs for ", n, " inputs");
+    for (int64_t v = 0; v < n; ++v) {
+      outs[v] = new at::Tensor(std::move(r[v]));
+    }
   });
 }
 

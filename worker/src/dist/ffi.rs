@@ -76,14 +76,15 @@ extern "C" {
     #[allow(clippy::too_many_arguments)]
     pub fn bt_sync_batch_norm(
         pg: *mut BtPg,
-        input: *mut C_tensor,
+        inputs: *const *mut C_tensor,
+        n: i64,
         weight: *mut C_tensor,
         bias: *mut C_tensor,
         running_mean: *mut C_tensor,
         running_var: *mut C_tensor,
         momentum: f64,
         eps: f64,
-        out: *mut *mut C_tensor,
+        outs: *mut *mut C_tensor,
     ) -> *mut c_char;
 }
 

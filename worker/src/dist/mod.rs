@@ -356,36 +356,75 @@ pub fn sync_batch_norm(
     momentum: f64,
     eps: f64,
 ) -> Result<Tensor> {
+    let mut out = sync_batch_norm_views(
+        group,
+        std::slice::from_ref(input),
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+    )?;
+    Ok(out.remove(0))
+}
+
+/// [`sync_batch_norm`] of several views through the same layer, each normalized with its own
+/// global statistics, as separate calls in order would (the same values, running statistics
+/// updated view by view). The ranks meet once for all views' statistics in forward and once
+/// for their gradients in backward, instead of once per view each way.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_batch_norm_views(
+    group: &ProcessGroup,
+    inputs: &[Tensor],
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Result<Vec<Tensor>> {
     if group.single() {
-        return Ok(input.f_batch_norm(
-            weight,
-            bias,
-            Some(running_mean),
-            Some(running_var),
-            true,
-            momentum,
-            eps,
-            false,
-        )?);
+        return inputs
+            .iter()
+            .map(|x| {
+                Ok(x.f_batch_norm(
+                    weight,
+                    bias,
+                    Some(running_mean),
+                    Some(running_var),
+                    true,
+                    momentum,
+                    eps,
+                    false,
+                )?)
+            })
+            .collect();
     }
     let opt = |t: Option<&Tensor>| t.map(ffi::ptr).unwrap_or(std::ptr::null_mut());
-    let mut out = std::ptr::null_mut();
-    // SAFETY: live handles (nullable ones for absent tensors); `out` is a new tensor we own.
+    let ins: Vec<_> = inputs.iter().map(ffi::ptr).collect();
+    let mut outs = vec![std::ptr::null_mut(); inputs.len()];
+    // SAFETY: live handles (nullable ones for absent tensors); `outs` has one slot per input and
+    // receives new tensors we own (all of them, or none on error).
     let err = unsafe {
         ffi::bt_sync_batch_norm(
             group.raw,
-            ffi::ptr(input),
+            ins.as_ptr(),
+            ins.len() as i64,
             opt(weight),
             opt(bias),
             ffi::ptr(running_mean),
             ffi::ptr(running_var),
             momentum,
             eps,
-            &mut out,
+            outs.as_mut_ptr(),
         )
     };
     group.check(err, "sync_batch_norm")?;
-    Ok(unsafe { Tensor::from_ptr(out) })
+    Ok(outs
+        .into_iter()
+        .map(|t| unsafe { Tensor::from_ptr(t) })
+        .collect())
 }
 
 /// Kind-agnostic helper for tests and callers: a tensor's bytes, e.g. for `check_agreement`.

@@ -5,7 +5,7 @@ use tch::{nn, Kind, Tensor};
 use crate::dist::{self, ProcessGroup};
 use crate::Result;
 
-use super::{NamedTensor, TensorRole};
+use super::{each, NamedTensor, TensorRole};
 
 /// PyTorch's defaults for `nn.BatchNorm1d/2d`.
 pub const BN_EPS: f64 = 1e-5;
@@ -55,17 +55,24 @@ impl BatchNorm {
         })
     }
 
-    /// Training mode normalises with batch statistics (global ones when `group` is given and has
-    /// more than one rank) and updates the running statistics; eval mode uses the running ones.
-    pub fn forward(&self, x: &Tensor, train: bool, group: Option<&ProcessGroup>) -> Result<Tensor> {
+    /// Normalises each view (a batch through this layer) as its own batch. Training mode uses
+    /// batch statistics (global ones when `group` is given and has more than one rank; the
+    /// ranks then meet once for all the views) and updates the running statistics view by view;
+    /// eval mode uses the running ones.
+    pub fn forward(
+        &self,
+        xs: &[Tensor],
+        train: bool,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Vec<Tensor>> {
         if train {
             let mut nbt = self.num_batches_tracked.shallow_clone();
-            let _ = tch::no_grad(|| nbt.f_add_scalar_(1))?;
+            let _ = tch::no_grad(|| nbt.f_add_scalar_(xs.len() as i64))?;
         }
         match group {
-            Some(g) if train && g.world_size() > 1 => dist::sync_batch_norm(
+            Some(g) if train && g.world_size() > 1 => dist::sync_batch_norm_views(
                 g,
-                x,
+                xs,
                 self.weight.as_ref(),
                 self.bias.as_ref(),
                 &self.running_mean,
@@ -73,16 +80,18 @@ impl BatchNorm {
                 self.momentum,
                 self.eps,
             ),
-            _ => Ok(x.f_batch_norm(
-                self.weight.as_ref(),
-                self.bias.as_ref(),
-                Some(&self.running_mean),
-                Some(&self.running_var),
-                train,
-                self.momentum,
-                self.eps,
-                true,
-            )?),
+            _ => each(xs, |x| {
+                Ok(x.f_batch_norm(
+                    self.weight.as_ref(),
+                    self.bias.as_ref(),
+                    Some(&self.running_mean),
+                    Some(&self.running_var),
+                    train,
+                    self.momentum,
+                    self.eps,
+                    true,
+                )?)
+            }),
         }
     }
 

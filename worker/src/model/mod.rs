@@ -143,6 +143,15 @@ impl NamedTensor {
     }
 }
 
+/// `f` applied to each view, in order.
+pub(crate) fn each(xs: &[Tensor], f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    xs.iter().map(f).collect()
+}
+
+pub(crate) fn relu(xs: &[Tensor]) -> Result<Vec<Tensor>> {
+    each(xs, |x| Ok(x.f_relu()?))
+}
+
 pub(crate) fn join(prefix: &str, leaf: &str) -> String {
     if prefix.is_empty() {
         leaf.to_string()
@@ -202,20 +211,38 @@ impl BarlowTwinsModel {
     /// floating-point (N, 3, H, W) batch (the data pipeline replicates grayscale to 3 channels);
     /// anything else is an error that says what was expected and what came.
     pub fn backbone_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let size = x.size();
-        if size.len() != 4 || size[1] != 3 || size[0] == 0 || !x.is_floating_point() {
-            return Err(Error::Other(format!(
-                "model input: expected a non-empty floating-point batch of shape (N, 3, H, W) \
-                 (grayscale replicated to 3 channels), got {:?} {size:?}",
-                x.kind()
-            )));
+        let mut h = self.backbone_forward_views(std::slice::from_ref(x), train)?;
+        Ok(h.remove(0))
+    }
+
+    /// [`Model::backbone_forward`] of several views (batches) at once, layer by layer: each is
+    /// normalized as its own batch, and with SyncBN the ranks meet once per layer for all of
+    /// them.
+    pub fn backbone_forward_views(&self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        for x in xs {
+            let size = x.size();
+            if size.len() != 4 || size[1] != 3 || size[0] == 0 || !x.is_floating_point() {
+                return Err(Error::Other(format!(
+                    "model input: expected a non-empty floating-point batch of shape (N, 3, H, W) \
+                     (grayscale replicated to 3 channels), got {:?} {size:?}",
+                    x.kind()
+                )));
+            }
         }
-        self.backbone.forward(x, train, self.bn_group())
+        self.backbone.forward(xs, train, self.bn_group())
     }
 
     /// Projector embeddings, (N, projector.last()).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.backbone_forward(x, train)?;
+        let mut z = self.forward_views(std::slice::from_ref(x), train)?;
+        Ok(z.remove(0))
+    }
+
+    /// Projector embeddings of several views, one per view: the same values as
+    /// [`Model::forward`] of each in turn (running statistics included), computed layer by layer
+    /// so that SyncBN meets once per layer for all views (Barlow Twins' two augmentations).
+    pub fn forward_views(&self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        let h = self.backbone_forward_views(xs, train)?;
         self.projector.forward(&h, train, self.bn_group())
     }
 

@@ -11,7 +11,7 @@ use crate::dist::ProcessGroup;
 use crate::{Error, Result};
 
 use super::batch_norm::BatchNorm;
-use super::{join, NamedTensor, TensorRole};
+use super::{each, join, relu, NamedTensor, TensorRole};
 
 #[derive(Debug)]
 struct Stage {
@@ -69,12 +69,13 @@ impl Projector {
         self.out_dim
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
-        let mut h = x.shallow_clone();
+    /// Embeddings, one per view.
+    pub fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
+        let mut h: Vec<Tensor> = xs.iter().map(Tensor::shallow_clone).collect();
         for s in &self.stages {
-            h = h.f_linear(&s.weight, None::<&Tensor>)?;
+            h = each(&h, |x| Ok(x.f_linear(&s.weight, None::<&Tensor>)?))?;
             if let Some(bn) = &s.bn {
-                h = bn.forward(&h, train, g)?.f_relu()?;
+                h = relu(&bn.forward(&h, train, g)?)?;
             }
         }
         Ok(h)

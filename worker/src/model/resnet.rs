@@ -15,7 +15,7 @@ use crate::dist::ProcessGroup;
 use crate::Result;
 
 use super::batch_norm::BatchNorm;
-use super::{join, Arch, NamedTensor, TensorRole};
+use super::{each, join, relu, Arch, NamedTensor, TensorRole};
 
 /// torchvision's conv init: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
 const CONV_INIT: Init = Init::Kaiming {
@@ -42,15 +42,17 @@ impl Conv2d {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_conv2d(
-            &self.weight,
-            None::<&Tensor>,
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            1,
-        )?)
+    fn forward(&self, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        each(xs, |x| {
+            Ok(x.f_conv2d(
+                &self.weight,
+                None::<&Tensor>,
+                [self.stride, self.stride],
+                [self.padding, self.padding],
+                [1, 1],
+                1,
+            )?)
+        })
     }
 
     fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
@@ -134,20 +136,20 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
-        let out = self
-            .bn1
-            .forward(&self.conv1.forward(x)?, train, g)?
-            .f_relu()?;
+    fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
+        let out = relu(&self.bn1.forward(&self.conv1.forward(xs)?, train, g)?)?;
         let mut out = self.bn2.forward(&self.conv2.forward(&out)?, train, g)?;
         if let BlockKind::Bottleneck { conv3, bn3 } = &self.kind {
-            out = bn3.forward(&conv3.forward(&out.f_relu()?)?, train, g)?;
+            out = bn3.forward(&conv3.forward(&relu(&out)?)?, train, g)?;
         }
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward(&d.conv.forward(x)?, train, g)?,
-            None => x.shallow_clone(),
+            Some(d) => d.bn.forward(&d.conv.forward(xs)?, train, g)?,
+            None => xs.iter().map(Tensor::shallow_clone).collect(),
         };
-        Ok(out.f_add(&identity)?.f_relu()?)
+        out.iter()
+            .zip(&identity)
+            .map(|(o, i)| Ok(o.f_add(i)?.f_relu()?))
+            .collect()
     }
 
     fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
@@ -250,23 +252,21 @@ impl ResNet {
         self.out_dim
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool, g: Option<&ProcessGroup>) -> Result<Tensor> {
-        let mut h = self
-            .bn1
-            .forward(&self.conv1.forward(x)?, train, g)?
-            .f_relu()?;
+    /// Pooled representations, one per view (see [`BatchNorm::forward`] for how views share a
+    /// layer).
+    pub fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
+        let mut h = relu(&self.bn1.forward(&self.conv1.forward(xs)?, train, g)?)?;
         if !self.cifar_stem {
-            h = h.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?;
+            h = each(&h, |x| Ok(x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?))?;
         }
         for layer in &self.layers {
             for block in layer {
                 h = block.forward(&h, train, g)?;
             }
         }
-        Ok(h.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)
+        each(&h, |x| Ok(x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?))
     }
 
-    /// Parameters and buffers in torchvision's `state_dict` order, names relative to the trunk.
     pub fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {
         self.conv1.collect(&join(prefix, "conv1"), out);
         self.bn1.collect(&join(prefix, "bn1"), out);

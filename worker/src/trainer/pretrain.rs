@@ -86,9 +86,9 @@ impl TrainState {
     /// autocast) the backward start from fp32.
     pub fn forward_views(&self, va: &Tensor, vb: &Tensor) -> crate::Result<(Tensor, Tensor)> {
         with_autocast(self.precision, self.device, || {
-            let za = self.model.forward(&self.layout.apply(va)?, true)?;
-            let zb = self.model.forward(&self.layout.apply(vb)?, true)?;
-            Ok((za.f_to_kind(Kind::Float)?, zb.f_to_kind(Kind::Float)?))
+            let xs = [self.layout.apply(va)?, self.layout.apply(vb)?];
+            let z = self.model.forward_views(&xs, true)?;
+            Ok((z[0].f_to_kind(Kind::Float)?, z[1].f_to_kind(Kind::Float)?))
         })
     }
 }
