@@ -70,7 +70,12 @@ impl Projector {
     }
 
     /// Embeddings, one per view.
-    pub fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
+    pub fn forward(
+        &self,
+        xs: &[Tensor],
+        train: bool,
+        g: Option<&ProcessGroup>,
+    ) -> Result<Vec<Tensor>> {
         let mut h: Vec<Tensor> = xs.iter().map(Tensor::shallow_clone).collect();
         for s in &self.stages {
             h = each(&h, |x| Ok(x.f_linear(&s.weight, None::<&Tensor>)?))?;

@@ -254,17 +254,26 @@ impl ResNet {
 
     /// Pooled representations, one per view (see [`BatchNorm::forward`] for how views share a
     /// layer).
-    pub fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
+    pub fn forward(
+        &self,
+        xs: &[Tensor],
+        train: bool,
+        g: Option<&ProcessGroup>,
+    ) -> Result<Vec<Tensor>> {
         let mut h = relu(&self.bn1.forward(&self.conv1.forward(xs)?, train, g)?)?;
         if !self.cifar_stem {
-            h = each(&h, |x| Ok(x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?))?;
+            h = each(&h, |x| {
+                Ok(x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
+            })?;
         }
         for layer in &self.layers {
             for block in layer {
                 h = block.forward(&h, train, g)?;
             }
         }
-        each(&h, |x| Ok(x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?))
+        each(&h, |x| {
+            Ok(x.f_adaptive_avg_pool2d([1, 1])?.f_flatten(1, -1)?)
+        })
     }
 
     pub fn collect(&self, prefix: &str, out: &mut Vec<NamedTensor>) {

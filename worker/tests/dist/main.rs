@@ -9,3 +9,4 @@ mod overlap;
 mod store;
 mod sync_bn;
 mod training;
+mod views;
