@@ -11,6 +11,15 @@ use super::{each, NamedTensor, TensorRole};
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
 
+/// How the batch norms of a forward pass run: training mode normalises with batch statistics
+/// (global ones, SyncBN, when `group` is given and has more than one rank) and updates the
+/// running statistics; eval mode uses the running ones.
+#[derive(Debug, Clone, Copy)]
+pub struct BnMode<'a> {
+    pub train: bool,
+    pub group: Option<&'a ProcessGroup>,
+}
+
 /// `nn.BatchNorm{1,2}d` state: `weight` (γ), `bias` (β), `running_mean`, `running_var`,
 /// `num_batches_tracked`, created under the given path so VarStore keys read `bn1.weight` etc.
 #[derive(Debug)]
@@ -55,16 +64,11 @@ impl BatchNorm {
         })
     }
 
-    /// Normalises each view (a batch through this layer) as its own batch. Training mode uses
-    /// batch statistics (global ones when `group` is given and has more than one rank; the
-    /// ranks then meet once for all the views) and updates the running statistics view by view;
-    /// eval mode uses the running ones.
-    pub fn forward(
-        &self,
-        xs: &[Tensor],
-        train: bool,
-        group: Option<&ProcessGroup>,
-    ) -> Result<Vec<Tensor>> {
+    /// Normalises each view (a batch through this layer) as its own batch, as `mode` says (the
+    /// ranks meet once for all the views); training mode updates the running statistics view by
+    /// view.
+    pub fn forward(&self, xs: &[Tensor], mode: BnMode) -> Result<Vec<Tensor>> {
+        let BnMode { train, group } = mode;
         if train {
             let mut nbt = self.num_batches_tracked.shallow_clone();
             let _ = tch::no_grad(|| nbt.f_add_scalar_(xs.len() as i64))?;

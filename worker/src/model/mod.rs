@@ -22,7 +22,7 @@ use tch::{nn, Device, Tensor};
 use crate::dist::ProcessGroup;
 use crate::{Error, Result};
 
-pub use batch_norm::BatchNorm;
+pub use batch_norm::{BatchNorm, BnMode};
 pub use projector::Projector;
 pub use resnet::ResNet;
 
@@ -199,12 +199,14 @@ impl BarlowTwinsModel {
         self.group = group;
     }
 
-    fn bn_group(&self) -> Option<&ProcessGroup> {
-        if self.cfg.sync_bn {
+    /// Batch norm's mode: `train`, over the group when `sync_bn` is set.
+    fn bn_mode(&self, train: bool) -> BnMode<'_> {
+        let group = if self.cfg.sync_bn {
             self.group.as_deref()
         } else {
             None
-        }
+        };
+        BnMode { train, group }
     }
 
     /// Pooled representation, (N, 512) or (N, 2048). `train` selects BN's mode. The input must be a
@@ -229,7 +231,7 @@ impl BarlowTwinsModel {
                 )));
             }
         }
-        self.backbone.forward(xs, train, self.bn_group())
+        self.backbone.forward(xs, self.bn_mode(train))
     }
 
     /// Projector embeddings, (N, projector.last()).
@@ -243,7 +245,7 @@ impl BarlowTwinsModel {
     /// so that SyncBN meets once per layer for all views (Barlow Twins' two augmentations).
     pub fn forward_views(&self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
         let h = self.backbone_forward_views(xs, train)?;
-        self.projector.forward(&h, train, self.bn_group())
+        self.projector.forward(&h, self.bn_mode(train))
     }
 
     /// Every parameter and buffer, `backbone.*` then `projector.*`.

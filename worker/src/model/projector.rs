@@ -7,10 +7,9 @@
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use crate::dist::ProcessGroup;
 use crate::{Error, Result};
 
-use super::batch_norm::BatchNorm;
+use super::batch_norm::{BatchNorm, BnMode};
 use super::{each, join, relu, NamedTensor, TensorRole};
 
 #[derive(Debug)]
@@ -70,17 +69,12 @@ impl Projector {
     }
 
     /// Embeddings, one per view.
-    pub fn forward(
-        &self,
-        xs: &[Tensor],
-        train: bool,
-        g: Option<&ProcessGroup>,
-    ) -> Result<Vec<Tensor>> {
+    pub fn forward(&self, xs: &[Tensor], m: BnMode) -> Result<Vec<Tensor>> {
         let mut h: Vec<Tensor> = xs.iter().map(Tensor::shallow_clone).collect();
         for s in &self.stages {
             h = each(&h, |x| Ok(x.f_linear(&s.weight, None::<&Tensor>)?))?;
             if let Some(bn) = &s.bn {
-                h = relu(&bn.forward(&h, train, g)?)?;
+                h = relu(&bn.forward(&h, m)?)?;
             }
         }
         Ok(h)

@@ -11,10 +11,9 @@ use tch::nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
-use crate::dist::ProcessGroup;
 use crate::Result;
 
-use super::batch_norm::BatchNorm;
+use super::batch_norm::{BatchNorm, BnMode};
 use super::{each, join, relu, Arch, NamedTensor, TensorRole};
 
 /// torchvision's conv init: `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
@@ -136,14 +135,14 @@ impl Block {
         }
     }
 
-    fn forward(&self, xs: &[Tensor], train: bool, g: Option<&ProcessGroup>) -> Result<Vec<Tensor>> {
-        let out = relu(&self.bn1.forward(&self.conv1.forward(xs)?, train, g)?)?;
-        let mut out = self.bn2.forward(&self.conv2.forward(&out)?, train, g)?;
+    fn forward(&self, xs: &[Tensor], m: BnMode) -> Result<Vec<Tensor>> {
+        let out = relu(&self.bn1.forward(&self.conv1.forward(xs)?, m)?)?;
+        let mut out = self.bn2.forward(&self.conv2.forward(&out)?, m)?;
         if let BlockKind::Bottleneck { conv3, bn3 } = &self.kind {
-            out = bn3.forward(&conv3.forward(&relu(&out)?)?, train, g)?;
+            out = bn3.forward(&conv3.forward(&relu(&out)?)?, m)?;
         }
         let identity = match &self.downsample {
-            Some(d) => d.bn.forward(&d.conv.forward(xs)?, train, g)?,
+            Some(d) => d.bn.forward(&d.conv.forward(xs)?, m)?,
             None => xs.iter().map(Tensor::shallow_clone).collect(),
         };
         out.iter()
@@ -203,6 +202,12 @@ impl ResNet {
                 "model.stem_stride: {stem_stride} must be 1 or 2"
             )));
         }
+        if stem_stride != 1 && !cifar_stem {
+            return Err(crate::Error::Config(format!(
+                "model.stem_stride: {stem_stride} applies to the CIFAR stem only (cifar_stem = \
+                 true); the ImageNet stem's 7x7 convolution has stride 2"
+            )));
+        }
         let (bottleneck, counts): (bool, [usize; 4]) = match arch {
             Arch::Resnet18 => (false, [2, 2, 2, 2]),
             Arch::Resnet34 => (false, [3, 4, 6, 3]),
@@ -254,13 +259,8 @@ impl ResNet {
 
     /// Pooled representations, one per view (see [`BatchNorm::forward`] for how views share a
     /// layer).
-    pub fn forward(
-        &self,
-        xs: &[Tensor],
-        train: bool,
-        g: Option<&ProcessGroup>,
-    ) -> Result<Vec<Tensor>> {
-        let mut h = relu(&self.bn1.forward(&self.conv1.forward(xs)?, train, g)?)?;
+    pub fn forward(&self, xs: &[Tensor], m: BnMode) -> Result<Vec<Tensor>> {
+        let mut h = relu(&self.bn1.forward(&self.conv1.forward(xs)?, m)?)?;
         if !self.cifar_stem {
             h = each(&h, |x| {
                 Ok(x.f_max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)?)
@@ -268,7 +268,7 @@ impl ResNet {
         }
         for layer in &self.layers {
             for block in layer {
-                h = block.forward(&h, train, g)?;
+                h = block.forward(&h, m)?;
             }
         }
         each(&h, |x| {

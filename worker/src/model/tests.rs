@@ -198,3 +198,32 @@ fn config_deserializes_with_defaults() {
     assert!(c.cifar_stem && !c.sync_bn && c.projector == vec![2048, 2048]);
     assert!(serde_json::from_str::<ModelConfig>(r#"{"backbone":"resnet101"}"#).is_err());
 }
+
+#[test]
+fn a_stem_stride_the_stem_would_ignore_is_refused() {
+    for (cifar_stem, stem_stride, ok) in [
+        (true, 2, true),
+        (false, 1, true),
+        (false, 2, false),
+        (true, 3, false),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            cifar_stem,
+            stem_stride,
+            width: 8,
+            projector: vec![16],
+            ..ModelConfig::new(Arch::Resnet18)
+        };
+        match BarlowTwinsModel::new(&vs.root(), &cfg) {
+            Ok(_) => assert!(
+                ok,
+                "cifar_stem {cifar_stem}, stem_stride {stem_stride} accepted"
+            ),
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(e.to_string().contains("model.stem_stride"), "{e}");
+            }
+        }
+    }
+}
