@@ -695,6 +695,10 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
       }
     }
     allreduce_inplace(g, stats);
+    // Every view's global count, read back at once (one device sync on CUDA, not one per view);
+    // identical on all ranks after the reduction.
+    const at::Tensor counts = stats.view({static_cast<int64_t>(k), per_view}).select(1, 2 * c).to(at::kCPU).contiguous();
+    const double* count = counts.const_data_ptr<double>();
 
     torch::autograd::variable_list outs;
     torch::autograd::variable_list to_save(inputs.begin(), inputs.end());
@@ -702,8 +706,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     std::vector<double> n_totals;
     for (size_t v = 0; v < k; ++v) {
       at::Tensor s = stats.narrow(0, static_cast<int64_t>(v) * per_view, per_view);
-      // Count is identical on all ranks after the reduction.
-      const double n_total = s[2 * c].item<double>();
+      const double n_total = count[v];
       TORCH_CHECK(n_total > 1, "sync_batch_norm: expected more than 1 value per channel over the global batch, got ", n_total);
       at::Tensor mean_d = s.narrow(0, 0, c) / n_total;
       at::Tensor var_d = (s.narrow(0, c, c) / n_total - mean_d * mean_d).clamp_min(0.0);
@@ -754,8 +757,11 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
 
     at::NoGradGuard ng;
     const int64_t c = saved[0].size(1);
-    const at::ScalarType st = saved[k + 1].scalar_type();
-    at::Tensor w = weight.defined() ? weight : at::ones({c}, saved[k + 1].options());
+    // View v's global mean and variance, as forward saved them (in the statistics' type).
+    auto mean_of = [&](size_t v) -> const at::Tensor& { return saved[k + 1 + 2 * v]; };
+    auto var_of = [&](size_t v) -> const at::Tensor& { return saved[k + 2 + 2 * v]; };
+    const at::ScalarType st = mean_of(0).scalar_type();
+    at::Tensor w = weight.defined() ? weight : at::ones({c}, mean_of(0).options());
 
     // Per view, eval-mode batch-norm backward, asked for the parameter gradients only, is the
     // local per-channel sum(dy * xhat) and sum(dy): this rank's share of the weight and bias
@@ -766,8 +772,7 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
       const at::Tensor& gy = grad_outputs[v];
       at::Tensor dy = gy.defined() ? gy.contiguous(input.suggest_memory_format()) : at::zeros_like(input);
       auto local_grads = at::native_batch_norm_backward(
-          dy, input, w, saved[k + 1 + 2 * v], saved[k + 2 + 2 * v], std::nullopt, std::nullopt, /*train=*/false,
-          eps, {false, true, true});
+          dy, input, w, mean_of(v), var_of(v), std::nullopt, std::nullopt, /*train=*/false, eps, {false, true, true});
       local.push_back(std::get<2>(local_grads)); // sum(dy)
       local.push_back(std::get<1>(local_grads)); // sum(dy * xhat)
       dys.push_back(std::move(dy));
@@ -780,8 +785,8 @@ struct SyncBatchNormFn : public torch::autograd::Function<SyncBatchNormFn> {
     at::Tensor grad_bias;
     for (size_t v = 0; v < k; ++v) {
       const at::Tensor& input = saved[v];
-      const at::Tensor& mean = saved[k + 1 + 2 * v];
-      const at::Tensor& var = saved[k + 2 + 2 * v];
+      const at::Tensor& mean = mean_of(v);
+      const at::Tensor& var = var_of(v);
       const int64_t dim = input.dim();
       const double n_total = n_totals[v];
       at::Tensor sum_dy = global.narrow(0, static_cast<int64_t>(2 * v) * c, c);

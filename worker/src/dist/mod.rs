@@ -341,40 +341,16 @@ impl ProcessGroup {
     }
 }
 
-/// Batch norm in training mode with statistics over the whole global batch (all ranks).
-/// Forward and backward both call the process group (a C++ autograd function in the shim);
-/// `weight`/`bias` get this rank's share of their gradients. Running statistics are updated
-/// with the global mean and unbiased global variance, like `torch.nn.SyncBatchNorm`.
+/// Batch norm in training mode with statistics over the whole global batch (all ranks), of one or
+/// more views (batches) through the same layer. Each view is normalized with its own global
+/// statistics, as separate calls in order would (the same values, running statistics updated view
+/// by view), but the ranks meet once for all views' statistics in forward and once for their
+/// gradients in backward. Forward and backward both call the process group (a C++ autograd
+/// function in the shim); `weight`/`bias` get this rank's share of their gradients. Running
+/// statistics are updated with the global mean and unbiased global variance, like
+/// `torch.nn.SyncBatchNorm`.
 #[allow(clippy::too_many_arguments)]
 pub fn sync_batch_norm(
-    group: &ProcessGroup,
-    input: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    momentum: f64,
-    eps: f64,
-) -> Result<Tensor> {
-    let mut out = sync_batch_norm_views(
-        group,
-        std::slice::from_ref(input),
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-    )?;
-    Ok(out.remove(0))
-}
-
-/// [`sync_batch_norm`] of several views through the same layer, each normalized with its own
-/// global statistics, as separate calls in order would (the same values, running statistics
-/// updated view by view). The ranks meet once for all views' statistics in forward and once
-/// for their gradients in backward, instead of once per view each way.
-#[allow(clippy::too_many_arguments)]
-pub fn sync_batch_norm_views(
     group: &ProcessGroup,
     inputs: &[Tensor],
     weight: Option<&Tensor>,

@@ -74,7 +74,7 @@ impl BatchNorm {
             let _ = tch::no_grad(|| nbt.f_add_scalar_(xs.len() as i64))?;
         }
         match group {
-            Some(g) if train && g.world_size() > 1 => dist::sync_batch_norm_views(
+            Some(g) if train && g.world_size() > 1 => dist::sync_batch_norm(
                 g,
                 xs,
                 self.weight.as_ref(),

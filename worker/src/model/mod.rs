@@ -217,7 +217,7 @@ impl BarlowTwinsModel {
         Ok(h.remove(0))
     }
 
-    /// [`Model::backbone_forward`] of several views (batches) at once, layer by layer: each is
+    /// [`Self::backbone_forward`] of several views (batches) at once, layer by layer: each is
     /// normalized as its own batch, and with SyncBN the ranks meet once per layer for all of
     /// them.
     pub fn backbone_forward_views(&self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
@@ -241,7 +241,7 @@ impl BarlowTwinsModel {
     }
 
     /// Projector embeddings of several views, one per view: the same values as
-    /// [`Model::forward`] of each in turn (running statistics included), computed layer by layer
+    /// [`Self::forward`] of each in turn (running statistics included), computed layer by layer
     /// so that SyncBN meets once per layer for all views (Barlow Twins' two augmentations).
     pub fn forward_views(&self, xs: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
         let h = self.backbone_forward_views(xs, train)?;

@@ -88,7 +88,17 @@ fn a_peer_that_dies_is_an_error_also_inside_backward() {
         let x = data(&[4, 3], pg.rank() as f64).set_requires_grad(true);
         let rm = Tensor::zeros([3], (Kind::Float, Device::Cpu));
         let rv = Tensor::ones([3], (Kind::Float, Device::Cpu));
-        let y = sync_batch_norm(&pg, &x, None, None, &rm, &rv, 0.1, 1e-5)?;
+        let y = sync_batch_norm(
+            &pg,
+            std::slice::from_ref(&x),
+            None,
+            None,
+            &rm,
+            &rv,
+            0.1,
+            1e-5,
+        )?
+        .remove(0);
         if pg.rank() == 1 {
             drop(pg); // closes its connections, as a crashed process would
             return Ok(None);

@@ -53,7 +53,17 @@ fn bn_case(shape: &[i64], input: Input, pg: Option<&ProcessGroup>) -> Result<BnR
     let rm = data(&[c], 7.0) * 0.1;
     let rv = data(&[c], 8.0).abs() + 0.5;
     let y = match pg {
-        Some(g) => sync_batch_norm(g, &x, Some(&w), Some(&bias), &rm, &rv, 0.1, 1e-5)?,
+        Some(g) => sync_batch_norm(
+            g,
+            std::slice::from_ref(&x),
+            Some(&w),
+            Some(&bias),
+            &rm,
+            &rv,
+            0.1,
+            1e-5,
+        )?
+        .remove(0),
         None => x.f_batch_norm(
             Some(&w),
             Some(&bias),

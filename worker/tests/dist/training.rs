@@ -39,7 +39,17 @@ impl TinyNet {
         let (w, b) = (&self.params[i], &self.params[i + 1]);
         let (rm, rv) = (&self.running[r], &self.running[r + 1]);
         Ok(match g {
-            Some(g) => sync_batch_norm(g, x, Some(w), Some(b), rm, rv, 0.1, 1e-5)?,
+            Some(g) => sync_batch_norm(
+                g,
+                std::slice::from_ref(x),
+                Some(w),
+                Some(b),
+                rm,
+                rv,
+                0.1,
+                1e-5,
+            )?
+            .remove(0),
             None => x.f_batch_norm(Some(w), Some(b), Some(rm), Some(rv), true, 0.1, 1e-5, false)?,
         })
     }

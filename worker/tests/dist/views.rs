@@ -2,7 +2,7 @@
 //! against a forward of each view in turn: the same values to the bit.
 use anyhow::{ensure, Result};
 use bt_worker::amp::{to_channels_last, with_autocast, MemoryFormat, Precision};
-use bt_worker::dist::{sync_batch_norm, sync_batch_norm_views, ProcessGroup};
+use bt_worker::dist::{sync_batch_norm, ProcessGroup};
 use bt_worker::model::{Arch, BarlowTwinsModel, ModelConfig, TensorRole};
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
@@ -131,13 +131,14 @@ fn bn_views(
     let b = data(&[c], 4.0).set_requires_grad(true);
     let (rm, rv) = (data(&[c], 7.0) * 0.1, data(&[c], 8.0).abs() + 0.5);
     let ys = if together {
-        sync_batch_norm_views(pg, &xs, Some(&w), Some(&b), &rm, &rv, 0.1, 1e-5)?
+        sync_batch_norm(pg, &xs, Some(&w), Some(&b), &rm, &rv, 0.1, 1e-5)?
     } else {
         let mut ys = Vec::new();
         for x in &xs {
-            ys.push(sync_batch_norm(
+            let one = std::slice::from_ref(x);
+            ys.extend(sync_batch_norm(
                 pg,
-                x,
+                one,
                 Some(&w),
                 Some(&b),
                 &rm,
@@ -199,7 +200,7 @@ fn sync_batch_norm_views_that_disagree_are_an_error() {
             Tensor::ones([4], (Kind::Float, Device::Cpu)),
         );
         let views = [data(&[3, 4], 0.1), data(&[3, 5], 0.2)];
-        let err = sync_batch_norm_views(&pg, &views, None, None, &rm, &rv, 0.1, 1e-5)
+        let err = sync_batch_norm(&pg, &views, None, None, &rm, &rv, 0.1, 1e-5)
             .expect_err("views with different channel counts accepted");
         ensure!(err.to_string().contains("share the channel count"), "{err}");
         Ok(())
