@@ -44,6 +44,16 @@ pub struct ClientOptions {
     pub connect_timeout: Option<Duration>,
 }
 
+/// HTTP/2 keepalive of every client channel: a ping this often (also while idle)...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...that must be answered within this, or the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive underneath: probes after this much idle time, then every
+/// `TCP_KEEPALIVE_INTERVAL`, `TCP_KEEPALIVE_RETRIES` times.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
 /// The URL for `addr`: a bare `host:port` becomes `https://` when TLS is on, else `http://`.
 pub fn endpoint_url(addr: &str, tls: bool) -> String {
     match addr.split_once("://") {
@@ -102,6 +112,15 @@ impl ClientOptions {
         };
         let mut ep = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
         ep = ep.connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(5)));
+        // A peer that vanished without a FIN or RST (a node gone, a dropped link) is noticed:
+        // HTTP/2 pings every 10 s, idle or not, answered within 10 s; TCP keepalive underneath.
+        ep = ep
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(TCP_KEEPALIVE))
+            .tcp_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+            .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
         if self.tls() {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca_cert {
