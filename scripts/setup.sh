@@ -4,7 +4,8 @@
 #    the torch version ($BT_VENV, default ~/.cache/bt/torch-2.13.0), reused by every clone. tch builds
 #    against it (LIBTORCH_USE_PYTORCH=1) unless you set LIBTORCH to a libtorch of your own; the
 #    PyTorch reference tests always use it.
-#    kubernetes-validate 1.31.0 (offline Kubernetes schemas) checks the manifests in deploy/.
+#    kubernetes-validate 1.31.0 (offline Kubernetes schemas) and checkov 3.3.30 (offline policy
+#    checks) check the manifests in deploy/ (deploy/check.py).
 #  - Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo.
 # protoc needs no install: the build uses a vendored binary.
 set -euo pipefail
@@ -13,15 +14,16 @@ source scripts/env.sh
 
 want="$BT_TORCH_VERSION"
 if ! "$BT_VENV/bin/python" - "$want" >/dev/null 2>&1 <<'PY'
-import sys, torch, torchvision, numpy, safetensors, kubernetes_validate, tensorboard
-sys.exit(0 if torch.__version__.split("+")[0] == sys.argv[1] else 1)
+import sys, torch, torchvision, numpy, safetensors, kubernetes_validate, tensorboard, checkov.version
+ok = torch.__version__.split("+")[0] == sys.argv[1] and checkov.version.version == "3.3.30"
+sys.exit(0 if ok else 1)
 PY
 then
   echo "setup: installing torch==$want and torchvision==0.28.0 into $BT_VENV (about 4.7 GB, a few minutes)"
   python3 -m venv "$BT_VENV"
   "$BT_VENV/bin/pip" install --quiet --disable-pip-version-check \
     "torch==$want" "torchvision==0.28.0" numpy safetensors "kubernetes-validate==1.31.0" \
-    "tensorboard==2.20.0"
+    "tensorboard==2.20.0" "checkov==3.3.30"
 fi
 echo "setup: torch $("$BT_VENV/bin/python" -c 'import torch; print(torch.__version__)') in $BT_VENV"
 if [ -n "${LIBTORCH:-}" ]; then

@@ -1,8 +1,15 @@
 //! The Kubernetes manifests, kept honest: every overlay renders, validates against the Kubernetes
-//! schemas offline and passes the lint (`deploy/check.py`), and the CPU overlay's containers, run
-//! exactly as rendered (command, arguments, environment; volumes, downward-API fields, Services and
-//! Secrets substituted with local stand-ins), form a working cluster that runs a job to success.
-//! A flag renamed in the code but not in the manifests fails here.
+//! schemas offline, passes checkov and the lint (`deploy/check.py`), and the CPU overlay's
+//! containers, run exactly as rendered (command, arguments, environment; volumes, downward-API
+//! fields, Services and Secrets substituted with local stand-ins), form a working cluster that
+//! runs a job to success. A flag renamed in the code but not in the manifests fails here.
+//!
+//! Each container gets the whole environment a kubelet would give it, not only the manifest's
+//! `env`: `HOSTNAME`, the `kubernetes` Service's variables, and the service-link variables of
+//! every Service of the rendered namespace (`BT_COORDINATOR_SERVICE_HOST`,
+//! `BT_COORDINATOR_METRICS_PORT_9090_TCP_PROTO`, ...), although the pods set
+//! `enableServiceLinks: false`: a kubelet older than that field, or someone turning it back on,
+//! must not stop the coordinator from starting.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,10 +52,9 @@ fn checked_render(dir: &Path) -> Vec<Value> {
         "deploy/check.py failed:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        text.contains("overlay gpu") && text.contains("overlay cpu"),
-        "{text}"
-    );
+    for overlay in ["cpu", "gpu", "gpu-pod-network"] {
+        assert!(text.contains(&format!("overlay {overlay}:")), "{text}");
+    }
     let yaml = std::fs::read_to_string(dir.join("cpu.yaml")).expect("rendered cpu overlay");
     serde_yaml::Deserializer::from_str(&yaml)
         .map(|d| Value::deserialize(d).expect("rendered YAML"))
@@ -71,6 +77,74 @@ fn strs(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A kubelet's name for a Service or port in variable names: upper case, `-` as `_`.
+fn env_name(s: &str) -> String {
+    s.to_uppercase().replace('-', "_")
+}
+
+/// The variables a kubelet injects for a Service at `ip` (as `makeLinkVariables` and
+/// `FromServices` in the kubelet's envvars package do): `<SVC>_SERVICE_HOST`,
+/// `<SVC>_SERVICE_PORT` (the first port), `<SVC>_SERVICE_PORT_<NAME>` for each named port,
+/// `<SVC>_PORT` (the first port as a URL) and, per port, `<SVC>_PORT_<P>_<PROTO>` with its
+/// `_PROTO`, `_PORT` and `_ADDR`.
+fn service_links(service: &Value, ip: &str) -> Vec<(String, String)> {
+    let svc = env_name(service["metadata"]["name"].as_str().expect("service name"));
+    let ports = service["spec"]["ports"]
+        .as_sequence()
+        .expect("service ports");
+    let port_of = |p: &Value| p["port"].as_u64().expect("port");
+    let mut out = vec![
+        (format!("{svc}_SERVICE_HOST"), ip.to_string()),
+        (
+            format!("{svc}_SERVICE_PORT"),
+            port_of(&ports[0]).to_string(),
+        ),
+    ];
+    for p in ports {
+        if let Some(name) = p["name"].as_str() {
+            out.push((
+                format!("{svc}_SERVICE_PORT_{}", env_name(name)),
+                port_of(p).to_string(),
+            ));
+        }
+    }
+    for (i, p) in ports.iter().enumerate() {
+        let proto = p["protocol"].as_str().unwrap_or("TCP");
+        let lower = proto.to_lowercase();
+        let port = port_of(p);
+        let url = format!("{lower}://{ip}:{port}");
+        if i == 0 {
+            out.push((format!("{svc}_PORT"), url.clone()));
+        }
+        let pre = format!("{svc}_PORT_{port}_{proto}");
+        out.push((format!("{pre}_PROTO"), lower));
+        out.push((format!("{pre}_PORT"), port.to_string()));
+        out.push((format!("{pre}_ADDR"), ip.to_string()));
+        out.push((pre, url));
+    }
+    out
+}
+
+/// The environment a kubelet gives every container of a pod named `hostname` in the rendered
+/// namespace before the container's own `env`: the service links of every Service of the
+/// namespace with a cluster IP and of the `kubernetes` Service, and `HOSTNAME`.
+fn kubelet_env(docs: &[Value], hostname: &str) -> Vec<(String, String)> {
+    let api: Value = serde_yaml::from_str(
+        "metadata: { name: kubernetes }\nspec: { ports: [{ name: https, port: 443 }] }",
+    )
+    .unwrap();
+    let mut env = service_links(&api, "10.96.0.1");
+    let services = docs.iter().filter(|d| d["kind"] == "Service");
+    for (i, s) in services.enumerate() {
+        if s["spec"]["clusterIP"] == "None" {
+            continue; // headless: no variables
+        }
+        env.extend(service_links(s, &format!("10.96.0.{}", 10 + i)));
+    }
+    env.push(("HOSTNAME".into(), hostname.into()));
+    env
+}
+
 /// One container of a rendered workload, made runnable on this machine.
 struct Runnable {
     program: PathBuf,
@@ -86,6 +160,7 @@ fn runnable(
     dirs: &BTreeMap<String, PathBuf>,
     subst: &[(String, String)],
     fields: &BTreeMap<&str, String>,
+    kubelet: Vec<(String, String)>,
 ) -> Runnable {
     let pod = &workload["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
@@ -134,7 +209,8 @@ fn runnable(
         .chain(strs(&c["args"]).iter())
         .map(|a| localize(a))
         .collect();
-    let mut env = Vec::new();
+    // The kubelet's variables first; the container's own override them.
+    let mut env = kubelet;
     for e in c["env"].as_sequence().into_iter().flatten() {
         let name = e["name"].as_str().expect("env name").to_string();
         let value = if let Some(v) = e["value"].as_str() {
@@ -148,6 +224,7 @@ fn runnable(
                 .unwrap_or_else(|| panic!("env {name}: no test value for {path}"))
                 .clone()
         };
+        env.retain(|(k, _)| *k != name);
         env.push((name, value));
     }
     Runnable {
@@ -293,11 +370,22 @@ fn manifests_validate_and_run_a_job_as_rendered() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Claims: one bound to a rendered PersistentVolume with a host path (the CPU overlay's data
+    // sets) is that path; any other is a fresh directory shared by every pod.
     let mut shared = BTreeMap::new();
-    for claim in ["bt-checkpoints", "bt-datasets"] {
-        let p = d.join(claim);
-        std::fs::create_dir_all(&p).unwrap();
-        shared.insert(claim.to_string(), p);
+    for claim in docs.iter().filter(|d| d["kind"] == "PersistentVolumeClaim") {
+        let name = claim["metadata"]["name"].as_str().expect("claim name");
+        let host = claim["spec"]["volumeName"]
+            .as_str()
+            .map(|pv| find(&docs, "PersistentVolume", pv))
+            .and_then(|pv| pv["spec"]["hostPath"]["path"].as_str())
+            .map(PathBuf::from);
+        let p = host.unwrap_or_else(|| {
+            let p = d.join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        });
+        shared.insert(name.to_string(), p);
     }
 
     let (api, health, metrics) = (free_port(), free_port(), free_port());
@@ -313,7 +401,38 @@ fn manifests_validate_and_run_a_job_as_rendered() {
     let mut procs = Procs(Vec::new());
     let cdir = d.join("coordinator");
     let cvol = volumes(coord, &cdir, &shared, &secrets);
-    let c = runnable(coord, &cvol, &subst, &BTreeMap::new());
+    let namespace = coord["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace")
+        .to_string();
+    let pod_fields = |pod: &str, node: &str| {
+        BTreeMap::from([
+            ("metadata.name", pod.to_string()),
+            ("metadata.namespace", namespace.clone()),
+            ("spec.nodeName", node.to_string()),
+            ("status.hostIP", "127.0.0.1".to_string()),
+            ("status.podIP", "127.0.0.1".to_string()),
+        ])
+    };
+    let c = runnable(
+        coord,
+        &cvol,
+        &subst,
+        &pod_fields("bt-coordinator-0", "node-0"),
+        kubelet_env(&docs, "bt-coordinator-0"),
+    );
+    // The worst case is what runs: every service link of the namespace, whatever the manifest's
+    // enableServiceLinks says.
+    for v in [
+        "BT_COORDINATOR_SERVICE_HOST",
+        "BT_COORDINATOR_PORT",
+        "BT_COORDINATOR_METRICS_PORT_9090_TCP_PROTO",
+        "BT_COORDINATOR_WORKERS_SERVICE_PORT_GRPC",
+        "KUBERNETES_PORT_443_TCP_ADDR",
+        "HOSTNAME",
+    ] {
+        assert!(c.env.iter().any(|(k, _)| k == v), "no {v} in {:?}", c.env);
+    }
     procs.start("coordinator", &c, d.join("coordinator.log"));
 
     // Two "nodes": each daemon on loopback with a port range of its own (one host here).
@@ -328,11 +447,9 @@ fn manifests_validate_and_run_a_job_as_rendered() {
             "--port-range=29500-29600".into(),
             format!("--port-range={start}-{}", start + 20),
         ));
-        let fields = BTreeMap::from([
-            ("spec.nodeName", format!("node-{i}")),
-            ("status.hostIP", "127.0.0.1".to_string()),
-        ]);
-        let w = runnable(worker, &vol, &s, &fields);
+        let pod = format!("bt-worker-{i}x7k2");
+        let fields = pod_fields(&pod, &format!("node-{i}"));
+        let w = runnable(worker, &vol, &s, &fields, kubelet_env(&docs, &pod));
         let range = format!("--port-range={start}-{}", start + 20);
         assert!(
             w.args.contains(&range),
