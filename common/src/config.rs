@@ -65,12 +65,25 @@ pub fn load_with_env<T: DeserializeOwned>(
         }
         b = b.add_source(config::File::from(f));
     }
+    let vars = prefixed_env(env_prefix, env)?;
+    // Each variable's key (`BT_COORDINATOR_LIMITS__MAX_JOBS` → `limits.max_jobs`), to name the
+    // variable in an error about its key.
+    let cut = env_prefix.len() + 1;
+    let origin: BTreeMap<String, String> = vars
+        .keys()
+        .filter_map(|name| {
+            Some((
+                name.get(cut..)?.to_lowercase().replace("__", "."),
+                name.clone(),
+            ))
+        })
+        .collect();
     b = b.add_source(
         config::Environment::with_prefix(env_prefix)
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .source(Some(prefixed_env(env_prefix, env)?)),
+            .source(Some(vars)),
     );
     for (k, v) in overrides {
         b = b
@@ -78,7 +91,31 @@ pub fn load_with_env<T: DeserializeOwned>(
             .map_err(|e| format!("{k}: {e}"))?;
     }
     let cfg = b.build().map_err(|e| e.to_string())?;
-    serde_path_to_error::deserialize::<_, T>(cfg).map_err(keyed)
+    serde_path_to_error::deserialize::<_, T>(cfg)
+        .map_err(keyed)
+        .map_err(
+            |e| match unknown_keys(&e).iter().find_map(|k| origin.get(k)) {
+                Some(var) => format!("{e} (from the environment variable {var})"),
+                None => e,
+            },
+        )
+}
+
+/// The keys an unknown-field error from [`keyed`] may be about, most specific first: the error
+/// names the table and the field ("limits: unknown field \`max_job\`" is `limits.max_job`), or
+/// the field twice at the top level ("listn: unknown field \`listn\`").
+fn unknown_keys(e: &str) -> Vec<String> {
+    let Some((table, rest)) = e.split_once(": unknown field `") else {
+        return Vec::new();
+    };
+    let Some((field, _)) = rest.split_once('`') else {
+        return Vec::new();
+    };
+    vec![
+        format!("{table}.{field}"),
+        table.to_string(),
+        field.to_string(),
+    ]
 }
 
 /// The variables that start with `<prefix>_` (in any case, as the `config` crate matches them),
@@ -426,6 +463,10 @@ mod tests {
         pairs.push(("BT_COORDINATOR_LISTN", "0.0.0.0:7070"));
         let e = load_with_env::<Coord>(None, "BT_COORDINATOR", env(&pairs), &[]).unwrap_err();
         assert!(e.contains("unknown field `listn`"), "{e}");
+        assert!(
+            e.ends_with("(from the environment variable BT_COORDINATOR_LISTN)"),
+            "{e}"
+        );
 
         let pairs = [("BT_COORDINATOR_SERVICE_HOST", "coordinator.example")];
         let e = load_with_env::<Coord>(None, "BT_COORDINATOR", env(&pairs), &[]).unwrap_err();
@@ -434,6 +475,10 @@ mod tests {
         let pairs = [("BT_COORDINATOR_LIMITS__MAX_JOB", "3")];
         let e = load_with_env::<Coord>(None, "BT_COORDINATOR", env(&pairs), &[]).unwrap_err();
         assert!(e.starts_with("limits: unknown field `max_job`"), "{e}");
+        assert!(
+            e.ends_with("(from the environment variable BT_COORDINATOR_LIMITS__MAX_JOB)"),
+            "{e}"
+        );
 
         #[cfg(unix)]
         {
