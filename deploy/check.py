@@ -112,6 +112,34 @@ def baseline_problems(name: str, pod: dict) -> list:
     return out
 
 
+def restricted_problems(name: str, pod: dict) -> list:
+    """What Pod Security "restricted" refuses beyond baseline."""
+    out = []
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+               "persistentVolumeClaim", "projected", "secret"}
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= allowed:
+            out.append(f"{name}: volume {v['name']} ({', '.join(sorted(kinds))}) is outside restricted")
+    psc = pod.get("securityContext", {})
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        cn = f"{name}[{c['name']}]"
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{cn}: not runAsNonRoot (restricted)")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{cn}: runAsUser 0 (restricted)")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{cn}: seccomp profile {seccomp} (restricted wants RuntimeDefault)")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{cn}: allowPrivilegeEscalation not false (restricted)")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{cn}: capabilities not restricted (drop ALL, add at most NET_BIND_SERVICE)")
+    return out
+
+
 def lint(overlay: str, docs: list) -> list:
     problems = []
     kinds = {d["kind"] for d in docs}
@@ -157,6 +185,10 @@ def lint(overlay: str, docs: list) -> list:
             problems.append(f"{name}: priorityClassName {pc!r} is not a PriorityClass of the render")
         if enforce in ("baseline", "restricted"):
             problems += baseline_problems(name, pod)
+        # A namespace that warns or audits against "restricted" should hear nothing from bt.
+        if "restricted" in (enforce, ns_labels.get("pod-security.kubernetes.io/warn"),
+                            ns_labels.get("pod-security.kubernetes.io/audit")):
+            problems += restricted_problems(name, pod)
         elif pod.get("hostNetwork") and enforce != "privileged":
             problems.append(f"{name}: host networking, but the namespace does not enforce "
                             "pod-security.kubernetes.io/enforce=privileged")
