@@ -2,6 +2,7 @@
 //! `btctl` (early, friendly) and in the coordinator (authoritative).
 //!
 //! Every error names the field it is about (`train.batch_size: must be greater than 0`).
+pub mod bounds;
 mod defaults;
 mod validate;
 

@@ -4,6 +4,12 @@
 //! extensions. A method missing from the table is refused to every caller. Tokens are never
 //! logged; only their hashes are stored, and the tokens file is re-read when it changes (rotation
 //! without a restart).
+//!
+//! A daemon's identity is bound to its credential: a worker token may name its node
+//! (`node = "NAME"` in the tokens file, `add-token --role worker --node NAME`), and with mutual TLS
+//! a client certificate whose DNS name is not the fleet name `bt-worker` names the node it was
+//! issued to. A bound daemon may register and open sessions only as that node. Handlers refuse a
+//! request that carries no principal (the layer is missing): authorization fails closed.
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -45,11 +51,13 @@ impl Role {
         }
     }
 
+    /// Whether this role may call a method that needs `access`. Admins may do everything but act
+    /// as a daemon: the worker service is for worker credentials only.
     pub fn allows(self, access: Access) -> bool {
         matches!(
             (self, access),
             (_, Access::Open)
-                | (Role::Admin, _)
+                | (Role::Admin, Access::Read | Access::Submit | Access::Admin)
                 | (Role::Submitter, Access::Read | Access::Submit)
                 | (Role::Viewer, Access::Read)
                 | (Role::Worker, Access::Worker)
@@ -68,18 +76,37 @@ impl std::str::FromStr for Role {
 }
 
 /// The authenticated caller, in every request's extensions. With authentication off it is an
-/// anonymous admin.
+/// anonymous caller allowed everything (including acting as a daemon).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub name: String,
     pub role: Role,
+    /// The node a worker credential is bound to (a per-node token, or the node named by a
+    /// client certificate); None: a fleet credential, or not a worker.
+    pub node: Option<String>,
+    /// Authentication is off: the caller may do everything.
+    pub unchecked: bool,
 }
 
 impl Principal {
+    /// The caller when authentication is off.
     pub fn anonymous() -> Self {
         Principal {
             name: String::new(),
             role: Role::Admin,
+            node: None,
+            unchecked: true,
+        }
+    }
+
+    /// Whether this caller may act as the daemon of the node named `node`: a credential bound to
+    /// a node only as that node; the error says which node it is bound to.
+    pub fn may_be_node(&self, node: &str) -> Result<(), String> {
+        match &self.node {
+            Some(bound) if bound != node => Err(format!(
+                "this credential is bound to node {bound:?}; it cannot act as node {node:?}"
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -163,6 +190,10 @@ pub struct TokenEntry {
     pub role: Role,
     /// Hex SHA-256 of the token (the token itself is never stored).
     pub sha256: String,
+    /// For a worker token: the only node it may register as (per-node tokens). Without it, a
+    /// worker token is a fleet token: its holder may register as any node not currently online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -206,11 +237,25 @@ impl TokenSet {
             hex::decode_to_slice(t.sha256.trim(), &mut hash).map_err(|_| {
                 format!("tokens[{i}].sha256: must be 64 hex digits (the SHA-256 of the token)")
             })?;
+            let node = match &t.node {
+                Some(_) if t.role != Role::Worker => {
+                    return Err(format!(
+                        "tokens[{i}].node: only a worker token names a node"
+                    ))
+                }
+                Some(n) if n.trim().is_empty() => {
+                    return Err(format!("tokens[{i}].node: must not be empty when set"))
+                }
+                Some(n) => Some(n.trim().to_string()),
+                None => None,
+            };
             entries.push((
                 hash,
                 Principal {
                     name: t.name.clone(),
                     role: t.role,
+                    node,
+                    unchecked: false,
                 },
             ));
         }
@@ -349,14 +394,16 @@ impl Authenticator {
 
     /// The principal for a call to `path` with these headers, or the status to refuse it with.
     /// Missing or unknown token: `Unauthenticated`; a role that may not call it: `PermissionDenied`.
+    /// `client_cert`: whether the caller presented a client certificate (mutual TLS), and the
+    /// node it names (its DNS name, unless that is the fleet name `bt-worker`).
     pub fn check(
         &self,
         path: &str,
         headers: &http::HeaderMap,
-        client_cert: bool,
+        client_cert: Option<Option<String>>,
     ) -> Result<Principal, Status> {
         let access = access_for(path, self.protect_probes);
-        if access == Some(Access::Worker) && self.require_worker_cert && !client_cert {
+        if access == Some(Access::Worker) && self.require_worker_cert && client_cert.is_none() {
             return Err(Status::unauthenticated(
                 "a client certificate is required for the worker service",
             ));
@@ -368,6 +415,8 @@ impl Authenticator {
             return Ok(Principal {
                 name: String::new(),
                 role: Role::Viewer,
+                node: None,
+                unchecked: false,
             });
         }
         let denied = || Status::unauthenticated("authentication required");
@@ -382,10 +431,24 @@ impl Authenticator {
             .filter(|t| !t.is_empty())
             .ok_or_else(denied)?;
         let file = self.file_tokens();
-        let p = match (file.lookup(token), self.inline.lookup(token)) {
+        let mut p = match (file.lookup(token), self.inline.lookup(token)) {
             (Some(p), _) | (None, Some(p)) => p,
             (None, None) => return Err(denied()),
         };
+        if p.role == Role::Worker {
+            // A node named by the certificate binds the session too; a token bound to another
+            // node than the certificate names is refused outright.
+            if let Some(Some(cert_node)) = client_cert {
+                match &p.node {
+                    Some(n) if *n != cert_node => {
+                        return Err(Status::permission_denied(format!(
+                            "the token is bound to node {n:?} but the client certificate names                              node {cert_node:?}"
+                        )))
+                    }
+                    _ => p.node = Some(cert_node),
+                }
+            }
+        }
         match access {
             Some(a) if p.role.allows(a) => Ok(p),
             _ => Err(Status::permission_denied("permission denied")),
@@ -393,16 +456,21 @@ impl Authenticator {
     }
 }
 
-/// The tower layer that puts [`Authenticator::check`] in front of every service.
+/// The tower layer that puts [`Authenticator::check`] in front of every service; refusals are
+/// counted (by reason only) in `metrics` when given.
 #[derive(Clone)]
-pub struct AuthLayer(pub Arc<Authenticator>);
+pub struct AuthLayer {
+    pub auth: Arc<Authenticator>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+}
 
 impl<S> tower_layer::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
     fn layer(&self, inner: S) -> AuthService<S> {
         AuthService {
             inner,
-            auth: self.0.clone(),
+            auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -411,6 +479,21 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// The fleet-wide name of the daemon client certificate `init-secrets` issues: it names no node.
+pub const FLEET_CERT_NAME: &str = "bt-worker";
+
+/// The node a client certificate (DER) names: its first DNS name other than the fleet name.
+pub fn cert_node(der: &[u8]) -> Option<String> {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    let names: Vec<&str> = cert.valid_dns_names().collect();
+    names
+        .into_iter()
+        .find(|n| *n != FLEET_CERT_NAME)
+        .map(str::to_string)
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -434,7 +517,7 @@ where
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs())
-            .is_some_and(|c| !c.is_empty());
+            .and_then(|c| c.first().map(|c| cert_node(c.as_ref())));
         match self
             .auth
             .check(req.uri().path(), req.headers(), client_cert)
@@ -444,6 +527,9 @@ where
                 Box::pin(self.inner.call(req))
             }
             Err(status) => {
+                if let Some(m) = &self.metrics {
+                    m.record_refused(status.code());
+                }
                 let resp = status.into_http::<RB>();
                 Box::pin(async move { Ok(resp) })
             }
@@ -451,13 +537,14 @@ where
     }
 }
 
-/// The caller of a tonic request (set by [`AuthLayer`]; anonymous admin when the layer is absent,
-/// as in handler unit tests).
-pub fn principal<T>(req: &tonic::Request<T>) -> Principal {
-    req.extensions()
-        .get::<Principal>()
-        .cloned()
-        .unwrap_or_else(Principal::anonymous)
+/// The caller of a tonic request, set by [`AuthLayer`] (also when authentication is off). A
+/// request without one did not pass the layer: it is refused (fail closed), never treated as
+/// anyone.
+pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, Status> {
+    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
+        tracing::error!("a request reached a handler without an authenticated principal; refused");
+        Status::unauthenticated("no authenticated caller (the authentication layer is missing)")
+    })
 }
 
 #[cfg(test)]
@@ -471,11 +558,13 @@ mod tests {
                     name: "alice".into(),
                     role: Role::Submitter,
                     sha256: token_hash("tok-a"),
+                    node: None,
                 },
                 TokenEntry {
                     name: "node".into(),
                     role: Role::Worker,
                     sha256: token_hash("tok-w"),
+                    node: None,
                 },
             ],
         };
@@ -504,7 +593,7 @@ mod tests {
     #[test]
     fn roles_and_policy() {
         use Access::*;
-        assert!(Role::Admin.allows(Worker) && Role::Admin.allows(Submit));
+        assert!(!Role::Admin.allows(Worker) && Role::Admin.allows(Submit));
         assert!(Role::Submitter.allows(Submit) && Role::Submitter.allows(Read));
         assert!(!Role::Submitter.allows(Worker));
         assert!(Role::Viewer.allows(Read) && !Role::Viewer.allows(Submit));

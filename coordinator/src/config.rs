@@ -20,9 +20,16 @@ pub struct CoordinatorConfig {
     pub checkpoint_root: PathBuf,
     /// How often daemons send heartbeats.
     pub heartbeat_interval_ms: u64,
-    /// A connected worker silent this long is lost; also the grace after a coordinator restart for
-    /// previously-online workers to reconnect.
+    /// A connected worker silent this long is lost (a worker with no session and no rank to
+    /// run, too).
     pub heartbeat_timeout_ms: u64,
+    /// After a coordinator restart, how long a worker that still holds ranks of running attempts
+    /// gets to reconnect before it is lost and those attempts fail. Its trainers keep training
+    /// meanwhile and their buffered reports arrive on the reconnect, so a restart within the
+    /// grace costs no job a restart. Sized for the coordinator's pod being rescheduled (a new
+    /// pod scheduled, its volume attached, the process started) plus the Service endpoint
+    /// propagating to every node; never less than `heartbeat_timeout_ms`.
+    pub reconnect_grace_ms: u64,
     /// Events buffered per `WatchJob` subscriber before it gets a `Missed` event.
     pub watch_buffer: usize,
     /// A placed rank whose trainer has not reported its start this long after placement fails
@@ -36,6 +43,31 @@ pub struct CoordinatorConfig {
     pub dashboard: DashboardConfig,
     pub retention: RetentionConfig,
     pub watchdog: WatchdogConfig,
+    pub backup: BackupConfig,
+}
+
+/// Scheduled online backups of the state database, taken by the coordinator itself (a consistent
+/// snapshot while it runs; see `bt-coordinator backup` for one by hand). Off unless `dir` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Directory for the backups, `bt-state-<UTC time>.db` (mode 0600, written atomically), e.g.
+    /// a volume other than the database's; empty (the default): no scheduled backups.
+    pub dir: PathBuf,
+    /// Seconds between backups; the first is taken at start.
+    pub interval_s: u64,
+    /// Backups kept in `dir` (the oldest beyond it are deleted); 0: every one.
+    pub keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            dir: PathBuf::new(),
+            interval_s: 3600,
+            keep: 24,
+        }
+    }
 }
 
 /// The progress watchdog: a running job none of whose ranks has reported anything (steps,
@@ -163,6 +195,19 @@ pub struct Limits {
     pub max_log_lines_per_sec: u32,
     /// Log lines kept per job; beyond it the oldest go.
     pub max_log_lines_per_job: u64,
+    /// Evaluation, notice and checkpoint reports accepted per trainer per second, for each kind
+    /// (more are dropped, with one warning per window).
+    pub max_reports_per_sec: u32,
+    /// Devices one worker may declare when it registers.
+    pub max_devices_per_worker: usize,
+    /// Submissions per owner: a token bucket of `submit_burst` that refills at
+    /// `submit_per_minute` (next to `max_queued_per_owner`, which cancel-and-resubmit would
+    /// otherwise sidestep).
+    pub submit_per_minute: u32,
+    pub submit_burst: u32,
+    /// Largest page a listing RPC returns (jobs, workers, checkpoints); the rest comes with a
+    /// `next_page_token`.
+    pub max_page_size: usize,
 }
 
 impl Default for Limits {
@@ -178,6 +223,11 @@ impl Default for Limits {
             max_queued_per_owner: 1000,
             max_log_lines_per_sec: 500,
             max_log_lines_per_job: 100_000,
+            max_reports_per_sec: 20,
+            max_devices_per_worker: 64,
+            submit_per_minute: 60,
+            submit_burst: 30,
+            max_page_size: 1000,
         }
     }
 }
@@ -192,6 +242,7 @@ impl Default for CoordinatorConfig {
             checkpoint_root: "checkpoints".into(),
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 10_000,
+            reconnect_grace_ms: 120_000,
             watch_buffer: 256,
             start_deadline_ms: 60_000,
             data_roots: vec!["/usr/share/datasets".into()],
@@ -201,6 +252,7 @@ impl Default for CoordinatorConfig {
             dashboard: DashboardConfig::default(),
             retention: RetentionConfig::default(),
             watchdog: WatchdogConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -222,6 +274,9 @@ impl CoordinatorConfig {
         }
         if !(self.watchdog.multiple >= 0.0 && self.watchdog.multiple.is_finite()) {
             return Err("watchdog.multiple: must be 0 (off) or a positive number".into());
+        }
+        if !self.backup.dir.as_os_str().is_empty() && self.backup.interval_s == 0 {
+            return Err("backup.interval_s: must be greater than 0".into());
         }
         if self.watch_buffer == 0 {
             return Err("watch_buffer: must be greater than 0".into());
@@ -245,13 +300,22 @@ impl CoordinatorConfig {
             ("limits.max_watchers_per_job", l.max_watchers_per_job),
             ("limits.max_watchers", l.max_watchers),
             ("limits.max_queued_per_owner", l.max_queued_per_owner),
+            ("limits.max_devices_per_worker", l.max_devices_per_worker),
+            ("limits.max_page_size", l.max_page_size),
         ] {
             if v == 0 {
                 return Err(format!("{k}: must be greater than 0"));
             }
         }
-        if l.max_metrics_per_sec == 0 {
-            return Err("limits.max_metrics_per_sec: must be greater than 0".into());
+        for (k, v) in [
+            ("limits.max_metrics_per_sec", l.max_metrics_per_sec),
+            ("limits.max_reports_per_sec", l.max_reports_per_sec),
+            ("limits.submit_per_minute", l.submit_per_minute),
+            ("limits.submit_burst", l.submit_burst),
+        ] {
+            if v == 0 {
+                return Err(format!("{k}: must be greater than 0"));
+            }
         }
         for o in &self.dashboard.cors_origins {
             let rest = o

@@ -4,7 +4,11 @@
 //!
 //! What is exported:
 //! - `bt_rpc_requests_total{method, code}` and `bt_rpc_duration_seconds{method}` (time to the
-//!   response headers), recorded by [`RpcMetricsLayer`] in front of every service;
+//!   response headers), recorded by [`RpcMetricsLayer`] behind the authentication layer, so only
+//!   authenticated calls are counted; `method` is one of the closed set of the services' methods
+//!   ([`method_label`]: anything else is `unknown`) and `code` a gRPC status code, so no caller can
+//!   grow the page with made-up paths; calls the authentication layer refused are counted by
+//!   reason only, in `bt_rpc_refused_total{reason}`;
 //! - at scrape time, from the coordinator's state: `bt_jobs{state}`, `bt_queue_length`,
 //!   `bt_workers{state}`, `bt_devices`, `bt_devices_busy`, and per running job
 //!   (`job_id`, `name` labels) the latest `bt_job_step`, `bt_job_loss`, `bt_job_on_diag`,
@@ -18,33 +22,111 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bt_proto::{Job, JobState, Worker, WorkerState};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label value, escaped as the exposition format requires whatever it holds (the
+/// `prometheus-client` crate writes label values verbatim): backslash, double quote and line feed
+/// become `\\`, `\"` and `\n`. Every label of every bt metric is one of these, so a job name like
+/// `evil"} forged 1` stays inside its quotes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LabelValue(pub String);
+
+impl From<&str> for LabelValue {
+    fn from(s: &str) -> Self {
+        LabelValue(s.to_string())
+    }
+}
+
+impl From<String> for LabelValue {
+    fn from(s: String) -> Self {
+        LabelValue(s)
+    }
+}
+
+/// `s` escaped for a label value of the text exposition format.
+pub fn escape_label_value(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&escape_label_value(&self.0))
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
-    method: String,
-    code: String,
+    method: LabelValue,
+    code: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    method: String,
+    method: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    state: String,
+    state: LabelValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: LabelValue,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
-    job_id: String,
-    name: String,
+    job_id: LabelValue,
+    name: LabelValue,
+}
+
+/// The `method` label of a request path: the path itself when it is one of the closed set of
+/// methods this coordinator serves (bt's own, in [`crate::auth::POLICY`], and the probes'), else
+/// `unknown`.
+pub fn method_label(path: &str) -> &str {
+    if crate::auth::POLICY.iter().any(|(p, _)| *p == path) {
+        return path;
+    }
+    const PROBES: &[&str] = &[
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    PROBES
+        .iter()
+        .find(|p| **p == path)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// The `code` label: a gRPC status code is a number from 0 to 16; anything else a peer could put
+/// in a header is `other`.
+fn code_label(code: &str) -> &str {
+    match code.parse::<u8>() {
+        Ok(0..=16) => code,
+        _ if code == "transport" => code,
+        _ => "other",
+    }
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -54,6 +136,7 @@ pub struct Metrics {
     registry: Registry,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<MethodLabels, Histogram>,
+    rpc_refused: Family<ReasonLabels, Counter>,
     jobs: Family<StateLabels, Gauge>,
     queue_length: Gauge,
     workers: Family<StateLabels, Gauge>,
@@ -102,6 +185,12 @@ impl Metrics {
             "bt_rpc_duration_seconds",
             "gRPC time to the response headers, by method",
             rpc_duration.clone(),
+        );
+        let rpc_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "bt_rpc_refused",
+            "gRPC calls refused by authentication, by reason (unauthenticated, permission_denied)",
+            rpc_refused.clone(),
         );
         let jobs = Family::<StateLabels, Gauge>::default();
         registry.register("bt_jobs", "Jobs by state", jobs.clone());
@@ -154,6 +243,7 @@ impl Metrics {
             registry,
             rpc_requests,
             rpc_duration,
+            rpc_refused,
             jobs,
             queue_length,
             workers,
@@ -169,19 +259,32 @@ impl Metrics {
         }
     }
 
-    /// Counts one RPC.
-    pub fn record_rpc(&self, method: &str, code: &str, seconds: f64) {
+    /// Counts one RPC to `path` (labelled by [`method_label`]) that ended with `code`.
+    pub fn record_rpc(&self, path: &str, code: &str, seconds: f64) {
+        let method = LabelValue::from(method_label(path));
         self.rpc_requests
             .get_or_create(&RpcLabels {
-                method: method.to_string(),
-                code: code.to_string(),
+                method: method.clone(),
+                code: code_label(code).into(),
             })
             .inc();
         self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_string(),
-            })
+            .get_or_create(&MethodLabels { method })
             .observe(seconds);
+    }
+
+    /// Counts one call the authentication layer refused (`code`: the gRPC status it got).
+    pub fn record_refused(&self, code: tonic::Code) {
+        let reason = match code {
+            tonic::Code::Unauthenticated => "unauthenticated",
+            tonic::Code::PermissionDenied => "permission_denied",
+            _ => "other",
+        };
+        self.rpc_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Sets the state gauges from the jobs and workers as the service shows them, then encodes.
@@ -235,8 +338,8 @@ impl Metrics {
         for j in jobs.iter().filter(|j| j.state() == JobState::Running) {
             let Some(m) = &j.last_metrics else { continue };
             let l = JobLabels {
-                job_id: j.id.clone(),
-                name: j.name.clone(),
+                job_id: j.id.as_str().into(),
+                name: j.name.as_str().into(),
             };
             self.job_step.get_or_create(&l).set(m.step as i64);
             self.job_loss.get_or_create(&l).set(m.loss);

@@ -39,11 +39,19 @@ pub struct Issued {
     pub ca_pem: String,
     pub server: (String, String),
     pub worker: (String, String),
+    /// Per-node daemon certificates (node name, (cert, key)): the node name is the certificate's
+    /// DNS name, which binds the daemon's identity (`auth::cert_node`).
+    pub nodes: Vec<(String, (String, String))>,
 }
 
 /// A CA, a server certificate for `hosts` (plus localhost and 127.0.0.1) and a daemon client
 /// certificate, all in memory.
 pub fn issue(hosts: &[String]) -> anyhow::Result<Issued> {
+    issue_with_nodes(hosts, &[])
+}
+
+/// [`issue`], plus a client certificate bound to each node of `nodes`.
+pub fn issue_with_nodes(hosts: &[String], nodes: &[String]) -> anyhow::Result<Issued> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -67,21 +75,40 @@ pub fn issue(hosts: &[String]) -> anyhow::Result<Issued> {
     let sk = KeyPair::generate()?;
     let server = sp.signed_by(&sk, &ca, &ca_key)?;
 
-    let mut wp = CertificateParams::new(vec!["bt-worker".to_string()])?;
-    wp.distinguished_name = DistinguishedName::new();
-    wp.distinguished_name.push(DnType::CommonName, "bt-worker");
-    wp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let wk = KeyPair::generate()?;
-    let worker = wp.signed_by(&wk, &ca, &ca_key)?;
+    let client = |name: &str| -> anyhow::Result<(String, String)> {
+        let mut wp = CertificateParams::new(vec![name.to_string()])?;
+        wp.distinguished_name = DistinguishedName::new();
+        wp.distinguished_name.push(DnType::CommonName, name);
+        wp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let wk = KeyPair::generate()?;
+        let cert = wp.signed_by(&wk, &ca, &ca_key)?;
+        Ok((cert.pem(), wk.serialize_pem()))
+    };
+    let worker = client(crate::auth::FLEET_CERT_NAME)?;
+    let mut per_node = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        if n == crate::auth::FLEET_CERT_NAME || n.trim().is_empty() {
+            bail!("--node {n:?}: not a node name");
+        }
+        per_node.push((n.clone(), client(n)?));
+    }
     Ok(Issued {
         ca_pem: ca.pem(),
         server: (server.pem(), sk.serialize_pem()),
-        worker: (worker.pem(), wk.serialize_pem()),
+        worker,
+        nodes: per_node,
     })
 }
 
 /// `bt-coordinator init-secrets`: everything a secured cluster needs, in `dir`.
-pub fn init_secrets(dir: &Path, hosts: &[String], force: bool) -> anyhow::Result<()> {
+/// `nodes`: also a client certificate per node (`node-NAME.pem`/`.key`) that binds its daemon to
+/// that node name.
+pub fn init_secrets(
+    dir: &Path,
+    hosts: &[String],
+    nodes: &[String],
+    force: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = [
         "ca.pem",
@@ -102,7 +129,11 @@ pub fn init_secrets(dir: &Path, hosts: &[String], force: bool) -> anyhow::Result
             );
         }
     }
-    let issued = issue(hosts)?;
+    let issued = issue_with_nodes(hosts, nodes)?;
+    for (n, (cert, key)) in &issued.nodes {
+        write_public(&dir.join(format!("node-{n}.pem")), cert)?;
+        write_private(&dir.join(format!("node-{n}.key")), key)?;
+    }
     write_public(&dir.join("ca.pem"), &issued.ca_pem)?;
     write_public(&dir.join("server.pem"), &issued.server.0)?;
     write_private(&dir.join("server.key"), &issued.server.1)?;
@@ -115,11 +146,13 @@ pub fn init_secrets(dir: &Path, hosts: &[String], force: bool) -> anyhow::Result
                 name: "admin".into(),
                 role: Role::Admin,
                 sha256: token_hash(&admin),
+                node: None,
             },
             TokenEntry {
                 name: "worker".into(),
                 role: Role::Worker,
                 sha256: token_hash(&worker),
+                node: None,
             },
         ],
     };
@@ -136,9 +169,18 @@ pub fn init_secrets(dir: &Path, hosts: &[String], force: bool) -> anyhow::Result
 }
 
 /// Adds a new token for `name` to the tokens file (created if missing); returns the token.
-pub fn add_token(tokens_file: &Path, name: &str, role: Role) -> anyhow::Result<String> {
+/// `node`: a worker token bound to that node (it may register only as it).
+pub fn add_token(
+    tokens_file: &Path,
+    name: &str,
+    role: Role,
+    node: Option<&str>,
+) -> anyhow::Result<String> {
     if name.trim().is_empty() {
         bail!("--name must not be empty");
+    }
+    if node.is_some() && role != Role::Worker {
+        bail!("--node binds a worker token to a node; it needs --role worker");
     }
     let mut file: TokenFile = match std::fs::read_to_string(tokens_file) {
         Ok(text) => {
@@ -161,6 +203,7 @@ pub fn add_token(tokens_file: &Path, name: &str, role: Role) -> anyhow::Result<S
         name: name.to_string(),
         role,
         sha256: token_hash(&token),
+        node: node.map(str::to_string),
     });
     write_private(tokens_file, &file.to_toml())?;
     Ok(token)

@@ -37,7 +37,7 @@ pub(crate) struct JobSvc {
 #[tonic::async_trait]
 impl JobService for JobSvc {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
-        let who = principal(&req);
+        let who = principal(&req)?;
         let spec = req.into_inner().spec_toml;
         let owner = who.name.clone();
         let job: Job = self
@@ -51,6 +51,7 @@ impl JobService for JobSvc {
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        principal(&req)?;
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
         Ok(Response::new(
             self.core.call(move |c| c.get_job(id)).await?.into(),
@@ -61,6 +62,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        principal(&req)?;
         let req = req.into_inner();
         let mut states = Vec::with_capacity(req.states.len());
         for (i, s) in req.states.iter().enumerate() {
@@ -81,7 +83,7 @@ impl JobService for JobSvc {
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
-        let who = principal(&req);
+        let who = principal(&req)?;
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let scope = who.cancel_scope().map(str::to_string);
@@ -100,6 +102,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        principal(&req)?;
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let from_step = req.from_step;
@@ -162,8 +165,9 @@ impl JobService for JobSvc {
 
     async fn list_workers(
         &self,
-        _req: Request<ListWorkersRequest>,
+        req: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        principal(&req)?;
         let workers = self.core.call(|c| c.list_workers()).await?;
         Ok(Response::new(ListWorkersResponse {
             workers: workers.into_iter().map(Into::into).collect(),
@@ -174,7 +178,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<DrainWorkerRequest>,
     ) -> Result<Response<bt_proto::Worker>, Status> {
-        let who = principal(&req);
+        let who = principal(&req)?;
         let req = req.into_inner();
         let reason = if req.reason.trim().is_empty() && !req.undo {
             format!(
@@ -201,6 +205,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<ListCheckpointsRequest>,
     ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        principal(&req)?;
         let id = parse_job_id("job_id", &req.get_ref().job_id)?;
         let checkpoints = self.core.call(move |c| c.list_checkpoints(id)).await?;
         Ok(Response::new(ListCheckpointsResponse {
@@ -214,6 +219,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        principal(&req)?;
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let slot = self.core.watch_slot(id)?;
@@ -273,7 +279,7 @@ impl JobService for JobSvc {
         &self,
         req: Request<DeleteJobRequest>,
     ) -> Result<Response<DeleteJobResponse>, Status> {
-        let who = principal(&req);
+        let who = principal(&req)?;
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id)?;
         let scope = who.cancel_scope().map(str::to_string);
@@ -310,11 +316,13 @@ impl WorkerService for WorkerSvc {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let who = principal(&req)?;
         let peer = req.remote_addr();
         let req = req.into_inner();
+        let bound = who.node.clone();
         let worker_id = self
             .core
-            .call(move |c| c.register(&req))
+            .call(move |c| c.register(&req, bound.as_deref()))
             .await
             .inspect_err(|e| {
                 warn!(peer = ?peer, error = %e, "registration refused");
@@ -336,6 +344,7 @@ impl WorkerService for WorkerSvc {
         &self,
         req: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = principal(&req)?;
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let wait = Duration::from_millis(self.core.config().heartbeat_timeout_ms);
@@ -353,6 +362,22 @@ impl WorkerService for WorkerSvc {
             }
             Ok(Ok(Some(m))) => m,
         };
+        if let Some(bound) = who.node.clone() {
+            // A credential bound to a node opens sessions only as that node's worker.
+            let id = match &first.msg {
+                Some(bt_proto::worker_message::Msg::Hello(h)) => h.worker_id.clone(),
+                _ => String::new(),
+            };
+            let name = self.core.call(move |c| c.worker_name(&id)).await?;
+            if let Some(name) = name.filter(|n| *n != bound) {
+                warn!(peer = ?peer, bound = %bound, worker = %name,
+                      "a session for another node's worker refused");
+                return Err(Status::permission_denied(format!(
+                    "hello.worker_id: this credential is bound to node {bound:?}; it cannot open \
+                     a session as worker {name:?}"
+                )));
+            }
+        }
         let opened = self
             .core
             .call(move |c| c.open_session(Some(first)))
@@ -401,5 +426,69 @@ impl WorkerService for WorkerSvc {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             opened.rx,
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AuthConfig, AuthMode, CoordinatorConfig};
+    use bt_proto::job_service_server::JobServiceServer;
+    use bt_proto::worker_service_server::WorkerServiceServer;
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    /// Authorization fails closed: served without the authentication layer (so no request carries
+    /// a principal), every method of both services is refused as unauthenticated, none is served
+    /// as if by an admin.
+    #[tokio::test]
+    async fn without_the_auth_layer_every_call_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CoordinatorConfig {
+            db_path: dir.path().join("state.db"),
+            checkpoint_root: dir.path().join("ckpt"),
+            auth: AuthConfig {
+                mode: AuthMode::Off,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let store = crate::store::SqliteStore::open(&config.db_path).unwrap();
+        let core = Core::new(config, Box::new(store)).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(JobServiceServer::new(JobSvc { core: core.clone() }))
+            .add_service(WorkerServiceServer::new(WorkerSvc { core }))
+            .serve_with_incoming(TcpListenerStream::new(l));
+        let task = tokio::spawn(server);
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        type Empty = ListWorkersRequest;
+        for (path, _) in crate::auth::POLICY {
+            let mut grpc = tonic::client::Grpc::new(ch.clone());
+            grpc.ready().await.unwrap();
+            let p: http::uri::PathAndQuery = path.parse().unwrap();
+            let codec = tonic_prost::ProstCodec::<Empty, Empty>::default();
+            let r = if path.ends_with("/Session") {
+                let up = tokio_stream::iter(Vec::<Empty>::new());
+                grpc.streaming(tonic::Request::new(up), p, codec)
+                    .await
+                    .map(|_| ())
+            } else if path.ends_with("/WatchJob") || path.ends_with("/StreamLogs") {
+                grpc.server_streaming(tonic::Request::new(Empty {}), p, codec)
+                    .await
+                    .map(|_| ())
+            } else {
+                grpc.unary(tonic::Request::new(Empty {}), p, codec)
+                    .await
+                    .map(|_| ())
+            };
+            let code = r.map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            assert_eq!(code, tonic::Code::Unauthenticated, "{path}");
+        }
+        task.abort();
     }
 }

@@ -5,9 +5,10 @@ impl JobSpec {
     /// Checks every rule a spec must meet; the first error found names its field.
     pub fn validate(&self) -> Result<(), SpecError> {
         let err = |f: &str, m: String| Err(SpecError::new(f, m));
-        if self.name.trim().is_empty() {
-            return err("name", "must not be empty".into());
+        if let Err(m) = bounds::check_name(&self.name) {
+            return err("name", m);
         }
+        self.check_bounds()?;
         if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
             return err(
                 "world_size",

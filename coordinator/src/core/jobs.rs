@@ -493,6 +493,15 @@ impl Core {
                     if owner.is_empty() { "this user" } else { owner }
                 )));
             }
+            let who = if owner.is_empty() { "this user" } else { owner };
+            rt.take_submit_token(owner, limits.submit_per_minute, limits.submit_burst)
+                .map_err(|wait| {
+                    Error::ResourceExhausted(format!(
+                        "{who} is submitting too fast (limits.submit_burst = {}, refilled at \
+                         limits.submit_per_minute = {}); try again in {wait:.1} s",
+                        limits.submit_burst, limits.submit_per_minute
+                    ))
+                })?;
             let job = insert_job(tx, fx, &spec, owner)?;
             job_view(rt, tx, &job)
         })

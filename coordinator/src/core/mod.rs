@@ -29,6 +29,8 @@ struct SessionHandle {
     tx: Outbound,
     /// Told when the coordinator drops this session, so its reader stops.
     kill: Arc<Notify>,
+    /// The protocol version its hello announced (this coordinator's, or N-1).
+    protocol: u32,
 }
 
 /// In-memory state that is not persisted: live sessions, liveness clocks and watcher fan-out.
@@ -45,6 +47,11 @@ struct Runtime {
     /// Metric reports of each attempt's rank 0 in the current one-second window: (window start,
     /// count, warned).
     metric_rate: HashMap<(JobId, u64), (i64, u32, bool)>,
+    /// Evaluation, notice and checkpoint reports of each (job, epoch, rank, kind) in the current
+    /// one-second window: (window start, count, warned).
+    report_rate: HashMap<(JobId, u64, u32, &'static str), (i64, u32, bool)>,
+    /// Each owner's submission token bucket: (tokens left, last refill in ms).
+    submit_tokens: HashMap<String, (f64, i64)>,
     /// Metric events appended per job since the last history-size check.
     metric_appends: HashMap<JobId, u32>,
     /// Why each job the latest scheduling pass left queued waits (shown as `pending_reason`).
@@ -57,6 +64,8 @@ struct Runtime {
     /// Workers whose daemon said it is going away (`Drain`): nothing more is placed on them
     /// until they open a new session.
     draining: std::collections::HashSet<WorkerId>,
+    /// Workers whose daemon registered its node as unhealthy, and why (they offer no device).
+    unhealthy: HashMap<WorkerId, String>,
     /// Signs of life of each active attempt (job, epoch), for the progress watchdog.
     progress: HashMap<(JobId, u64), Progress>,
     shutting_down: bool,
@@ -112,6 +121,57 @@ impl Runtime {
             Err(Error::FailedPrecondition(
                 "this session is no longer current (the worker was lost or reconnected)".into(),
             ))
+        }
+    }
+
+    /// Whether one more `kind` report (eval, notice, checkpoint) of this rank fits in its
+    /// per-second budget (`limits.max_reports_per_sec`).
+    fn report_allowed(
+        &mut self,
+        key: (JobId, u64, u32, &'static str),
+        per_sec: u32,
+    ) -> bool {
+        let now = now_ms();
+        if self.report_rate.len() > 4096 {
+            self.report_rate.retain(|_, e| now - e.0 < 60_000);
+        }
+        let e = self.report_rate.entry(key).or_insert((now, 0, false));
+        if now - e.0 >= 1000 {
+            *e = (now, 0, false);
+        }
+        if e.1 < per_sec {
+            e.1 += 1;
+            return true;
+        }
+        if !e.2 {
+            e.2 = true;
+            tracing::warn!(job_id = %key.0, epoch = key.1, rank = key.2, kind = key.3,
+                           limit = per_sec,
+                           "reports over limits.max_reports_per_sec; dropping the excess");
+        }
+        false
+    }
+
+    /// Takes one submission token from `owner`'s bucket (`burst` tokens, refilled at
+    /// `per_minute`); Err: the seconds until the next token.
+    fn take_submit_token(&mut self, owner: &str, per_minute: u32, burst: u32) -> Result<(), f64> {
+        let now = now_ms();
+        let rate = f64::from(per_minute) / 60_000.0;
+        if self.submit_tokens.len() > 10_000 {
+            self.submit_tokens
+                .retain(|_, (t, at)| *t + (now - *at) as f64 * rate < f64::from(burst));
+        }
+        let (tokens, at) = self
+            .submit_tokens
+            .entry(owner.to_string())
+            .or_insert((f64::from(burst), now));
+        *tokens = (*tokens + (now - *at).max(0) as f64 * rate).min(f64::from(burst));
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - *tokens) / rate / 1000.0)
         }
     }
 

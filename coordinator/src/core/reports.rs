@@ -75,6 +75,20 @@ pub(crate) fn handle_report(
         let step = matches!(body, trainer_report::Body::Metrics(_));
         rt.touch((job_id, r.epoch), step);
     }
+    let limited = match &body {
+        trainer_report::Body::Eval(_) => Some("eval"),
+        trainer_report::Body::Notice(_) => Some("notice"),
+        trainer_report::Body::Checkpoint(_) => Some("checkpoint"),
+        _ => None,
+    };
+    if let Some(kind) = limited {
+        if !rt.report_allowed(
+            (job_id, r.epoch, r.rank, kind),
+            config.limits.max_reports_per_sec,
+        ) {
+            return Ok(());
+        }
+    }
     match body {
         trainer_report::Body::Exit(e) => on_exit(rt, tx, fx, worker_id, at, &e),
         // A past attempt's last lines still tell why it ended.

@@ -6,7 +6,7 @@ use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
     worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest,
-    StopTrainers, WorkerMessage, PROTOCOL_VERSION,
+    StopTrainers, WorkerMessage, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
@@ -27,24 +27,39 @@ pub(crate) struct OpenedSession {
     pub kill: Arc<Notify>,
 }
 
+/// A coordinator serves daemons of its protocol version and of the one before (N-1, with the
+/// features it lacks off); a newer daemon is told to upgrade the coordinator first, an older one
+/// to upgrade the daemon.
 fn check_version(field: &str, v: u32) -> Result<()> {
-    if v != PROTOCOL_VERSION {
-        warn!(
-            field,
-            daemon_version = v,
-            coordinator_version = PROTOCOL_VERSION,
-            "protocol version mismatch"
-        );
-        return Err(Error::FailedPrecondition(format!(
-            "{field}: the daemon speaks protocol version {v}, this coordinator speaks {PROTOCOL_VERSION}; \
-             run matching versions of bt-worker and bt-coordinator"
-        )));
+    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
+        return Ok(());
     }
-    Ok(())
+    warn!(
+        field,
+        daemon_version = v,
+        coordinator_version = PROTOCOL_VERSION,
+        "protocol version mismatch"
+    );
+    let why = if v > PROTOCOL_VERSION {
+        format!(
+            "the daemon speaks protocol version {v}, newer than this coordinator's \
+             {PROTOCOL_VERSION}: upgrade the coordinator first (a coordinator serves daemons of \
+             its own version and one older), then the daemons"
+        )
+    } else {
+        format!(
+            "the daemon speaks protocol version {v}, older than the {MIN_PROTOCOL_VERSION} this \
+             coordinator (version {PROTOCOL_VERSION}) still serves: upgrade bt-worker on this node"
+        )
+    };
+    Err(Error::FailedPrecondition(format!("{field}: {why}")))
 }
 
-/// Validates a registration; errors name the field.
-pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecord>> {
+/// Validates a registration (at most `max_devices` devices); errors name the field.
+pub(crate) fn validate_register(
+    req: &RegisterRequest,
+    max_devices: usize,
+) -> Result<Vec<DeviceRecord>> {
     check_version("protocol_version", req.protocol_version)?;
     let name = req.name.trim();
     if name.is_empty() {
@@ -66,13 +81,31 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(Error::invalid("host", "must not contain whitespace"));
     }
-    if req.devices.is_empty() {
+    if req.devices.is_empty() && req.unhealthy.trim().is_empty() {
         return Err(Error::invalid("devices", "at least one device is required"));
+    }
+    if req.devices.len() > max_devices {
+        return Err(Error::invalid(
+            "devices",
+            format!(
+                "{} devices declared; at most {max_devices} per worker (limits.max_devices_per_worker)",
+                req.devices.len()
+            ),
+        ));
+    }
+    if host.len() > 253 {
+        return Err(Error::invalid("host", "must be at most 253 characters"));
     }
     let mut seen = HashSet::new();
     let mut devices = Vec::with_capacity(req.devices.len());
     for (i, dev) in req.devices.iter().enumerate() {
         let Device { index, name, .. } = dev;
+        if name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                format!("devices[{i}].name"),
+                "must be at most 128 characters without control characters",
+            ));
+        }
         let kind = bt_proto::convert::device_kind(dev).map_err(|_| {
             Error::invalid(
                 format!("devices[{i}].kind"),
@@ -96,10 +129,36 @@ pub(crate) fn validate_register(req: &RegisterRequest) -> Result<Vec<DeviceRecor
     Ok(devices)
 }
 
+/// How long after a coordinator restart a worker holding ranks gets to reconnect (ms): the
+/// configured grace, never less than the heartbeat timeout.
+fn reconnect_grace(config: &crate::config::CoordinatorConfig) -> i64 {
+    config
+        .reconnect_grace_ms
+        .max(config.heartbeat_timeout_ms)
+        .min(i64::MAX as u64 / 2) as i64
+}
+
+/// Why a registering daemon says its node is unhealthy (None: healthy), bounded and on one line.
+/// An unhealthy worker offers no device, whatever its request lists, so nothing is placed on it.
+pub(crate) fn unhealthy_reason(req: &RegisterRequest) -> Option<String> {
+    const MAX_CHARS: usize = 1000;
+    let why = req.unhealthy.trim();
+    (!why.is_empty()).then(|| {
+        why.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_CHARS)
+            .collect()
+    })
+}
+
 /// Fails every active attempt with a rank that has not reported its start within
 /// `start_deadline_ms` of placement (its daemon never spawned it, or lost the assignment).
+/// A rank whose worker has no session (a coordinator restart: its start report may wait in the
+/// daemon's buffer) is left to the reconnect grace, one that was not running when its worker
+/// reconnected to the vanished-rank deadline.
 fn start_deadlines(
     config: &crate::config::CoordinatorConfig,
+    rt: &Runtime,
     tx: &mut dyn Tx,
     fx: &mut Effects,
     now: i64,
@@ -109,11 +168,12 @@ fn start_deadlines(
         if !a.is_active() || now - a.started_ms <= deadline {
             continue;
         }
-        let Some(i) = a
-            .ranks
-            .iter()
-            .position(|r| r.started_ms.is_none() && r.exited_ms.is_none())
-        else {
+        let Some(i) = a.ranks.iter().position(|r| {
+            r.started_ms.is_none()
+                && r.exited_ms.is_none()
+                && rt.sessions.contains_key(&r.worker_id)
+                && !rt.vanished.contains_key(&(a.job_id, a.epoch, r.rank))
+        }) else {
             continue;
         };
         let Some(mut job) = tx.get_job(a.job_id)? else {
@@ -291,9 +351,13 @@ fn stop_trainers(w: &WorkerRecord) -> CoordinatorMessage {
 }
 
 fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> WorkerView {
+    let protocol = rt.sessions.get(&w.id).map_or(0, |s| s.protocol);
     WorkerView {
         last_seen_ms: rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms),
         busy_devices: busy,
+        protocol_version: protocol,
+        features_off: bt_proto::features_off(protocol),
+        unhealthy: rt.unhealthy.get(&w.id).cloned().unwrap_or_default(),
         worker: w.clone(),
     }
 }
@@ -301,8 +365,32 @@ fn worker_view(rt: &Runtime, w: &WorkerRecord, busy: u32) -> WorkerView {
 /// A trainer a daemon says is alive: (job, epoch, rank).
 type RunningKey = (JobId, u64, u32);
 
-/// The hello that opens a session: the worker's id (checked) and the trainers it still runs.
-fn parse_hello(first: Option<WorkerMessage>) -> Result<(WorkerId, Vec<RunningKey>)> {
+/// What the hello that opens a session says.
+struct HelloInfo {
+    worker_id: WorkerId,
+    /// The daemon's protocol version (checked: this one or N-1).
+    protocol: u32,
+    /// The trainers it still runs.
+    running: Vec<RunningKey>,
+    /// (v3) Trainers that exited while it was disconnected: their exit reports follow.
+    exited: Vec<RunningKey>,
+}
+
+fn parse_trainers(field: &str, ts: &[bt_proto::RunningTrainer]) -> Result<Vec<RunningKey>> {
+    let mut out = Vec::with_capacity(ts.len());
+    for (i, r) in ts.iter().enumerate() {
+        let job: JobId = r
+            .job_id
+            .parse()
+            .map_err(|e: String| Error::invalid(format!("hello.{field}[{i}].job_id"), e))?;
+        out.push((job, r.epoch, r.rank));
+    }
+    Ok(out)
+}
+
+/// The hello that opens a session: the worker's id and protocol version (checked), the trainers
+/// it still runs and those whose exit reports it still holds.
+fn parse_hello(first: Option<WorkerMessage>) -> Result<HelloInfo> {
     let hello: Hello = match first.and_then(|m| m.msg) {
         Some(worker_message::Msg::Hello(h)) => h,
         Some(
@@ -322,21 +410,46 @@ fn parse_hello(first: Option<WorkerMessage>) -> Result<(WorkerId, Vec<RunningKey
         .parse()
         .map_err(|e: String| Error::invalid("hello.worker_id", e))?;
     check_version("hello.protocol_version", hello.protocol_version)?;
-    let mut running = Vec::with_capacity(hello.running.len());
-    for (i, r) in hello.running.iter().enumerate() {
-        let job: JobId = r
-            .job_id
-            .parse()
-            .map_err(|e: String| Error::invalid(format!("hello.running[{i}].job_id"), e))?;
-        running.push((job, r.epoch, r.rank));
+    let running = parse_trainers("running", &hello.running)?;
+    let exited = if bt_proto::has_feature(hello.protocol_version, "exit-replay") {
+        parse_trainers("exited", &hello.exited)?
+    } else {
+        Vec::new()
+    };
+    Ok(HelloInfo {
+        worker_id,
+        protocol: hello.protocol_version,
+        running,
+        exited,
+    })
+}
+
+/// The refusal a second session (or registration) for a worker that still has a live one gets:
+/// a live session is never taken over. Live: its session is open and it was heard from within
+/// the heartbeat timeout; once that passes it is lost, and a new session is accepted.
+fn refuse_if_live(rt: &Runtime, w: &WorkerRecord, now: i64, timeout_ms: u64) -> Result<()> {
+    if !rt.sessions.contains_key(&w.id) {
+        return Ok(());
     }
-    Ok((worker_id, running))
+    let heard = rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms);
+    if now - heard > timeout_ms as i64 {
+        return Ok(());
+    }
+    warn!(worker_id = %w.id, worker = %w.name, "a second session for a live worker refused");
+    Err(Error::FailedPrecondition(format!(
+        "worker {:?} already has a live session (heard from {} ms ago); a second one is refused, \
+         not a takeover. A daemon that lost its connection is accepted again once the old \
+         session closes or has been silent for heartbeat_timeout_ms ({timeout_ms} ms)",
+        w.name,
+        (now - heard).max(0)
+    )))
 }
 
 /// Makes a new connection the worker's current session; an older one is told it was replaced.
 fn install_session(
     rt: &mut Runtime,
     worker_id: WorkerId,
+    protocol: u32,
 ) -> (
     u64,
     mpsc::UnboundedReceiver<std::result::Result<CoordinatorMessage, Status>>,
@@ -351,6 +464,7 @@ fn install_session(
         conn_id,
         tx: out,
         kill: kill.clone(),
+        protocol,
     };
     if let Some(old) = rt.sessions.insert(worker_id, handle) {
         let _ = old.tx.send(Err(Status::aborted(
@@ -400,27 +514,51 @@ fn cancel_stale_trainers(
     Ok(keep)
 }
 
-/// Ranks placed on the worker that are not running: an active attempt gets until `deadline` for
-/// their (buffered) exit reports; an ended one just frees the device.
+/// When a reconnected worker's ranks must have reported their exit, per what its hello said.
+struct MissingDeadlines<'a> {
+    /// Ranks whose exit the hello announced (`Hello.exited`, v3): their reports wait behind the
+    /// rest of the daemon's buffer, so they get the reconnect grace.
+    exited: &'a HashSet<RunningKey>,
+    exited_deadline: i64,
+    /// Any other rank not running: its exit report, if any, comes right after the hello.
+    deadline: i64,
+}
+
+/// Ranks placed on the worker that are not running: an active attempt gets until a deadline for
+/// their (buffered) exit reports; an ended one just frees the device. A rank its daemon runs, or
+/// ran, counts as started (its start report may still be in the daemon's buffer, and the start
+/// deadline must not fail it meanwhile).
 fn await_missing_ranks(
     rt: &mut Runtime,
     tx: &mut dyn Tx,
     worker_id: WorkerId,
     keep: &HashSet<RunningKey>,
     now: i64,
-    deadline: i64,
+    d: &MissingDeadlines<'_>,
 ) -> Result<()> {
     for mut a in tx.open_attempts()? {
         let mut changed = false;
         for r in a.ranks.iter_mut() {
-            if r.worker_id != worker_id
-                || r.exited_ms.is_some()
-                || keep.contains(&(a.job_id, a.epoch, r.rank))
+            if r.worker_id != worker_id || r.exited_ms.is_some() {
+                continue;
+            }
+            let key = (a.job_id, a.epoch, r.rank);
+            let announced = d.exited.contains(&key);
+            if (keep.contains(&key) || announced) && a.ended_ms.is_none() && r.started_ms.is_none()
             {
+                r.started_ms = Some(now);
+                changed = true;
+            }
+            if keep.contains(&key) {
                 continue;
             }
             if a.ended_ms.is_none() {
-                rt.vanished.insert((a.job_id, a.epoch, r.rank), deadline);
+                let due = if announced {
+                    d.exited_deadline
+                } else {
+                    d.deadline
+                };
+                rt.vanished.insert(key, due);
             } else {
                 r.mark_failed(now, "not running after its worker reconnected");
                 changed = true;
@@ -434,13 +572,28 @@ fn await_missing_ranks(
 }
 
 impl Core {
-    /// Registers (or re-registers, by name) a worker daemon; returns its id.
-    pub fn register(&self, req: &RegisterRequest) -> Result<WorkerId> {
-        let devices = validate_register(req)?;
-        self.transition(|_, rt, tx, _fx| {
+    /// Registers (or re-registers, by name) a worker daemon; returns its id. `bound_node`: the
+    /// node the caller's credential is bound to (it may register only as that node). A worker
+    /// with a live session cannot be registered again (its record is not overwritten).
+    pub fn register(&self, req: &RegisterRequest, bound_node: Option<&str>) -> Result<WorkerId> {
+        let devices = validate_register(req, self.config().limits.max_devices_per_worker)?;
+        let unhealthy = unhealthy_reason(req);
+        let devices = if unhealthy.is_some() { Vec::new() } else { devices };
+        if let Some(bound) = bound_node {
+            if req.name.trim() != bound {
+                return Err(Error::PermissionDenied(format!(
+                    "name: this credential is bound to node {bound:?}; it cannot register as {:?}",
+                    req.name.trim()
+                )));
+            }
+        }
+        self.transition(|config, rt, tx, _fx| {
             let now = now_ms();
             let name = req.name.trim().to_string();
             let existing = tx.get_worker_by_name(&name)?;
+            if let Some(w) = &existing {
+                refuse_if_live(rt, w, now, config.heartbeat_timeout_ms)?;
+            }
             let id = existing.as_ref().map_or_else(WorkerId::new, |w| w.id);
             let w = WorkerRecord {
                 id,
@@ -459,6 +612,16 @@ impl Core {
             };
             tx.put_worker(&w)?;
             rt.last_seen.insert(id, now);
+            match &unhealthy {
+                Some(why) => {
+                    warn!(worker_id = %id, worker = %name, reason = %why,
+                          "worker registered unhealthy: nothing is placed on it");
+                    rt.unhealthy.insert(id, why.clone());
+                }
+                None => {
+                    rt.unhealthy.remove(&id);
+                }
+            }
             info!(worker_id = %id, worker = %name, host = %w.host, devices = w.devices.len(),
                   known = existing.is_some(), "worker registered");
             Ok(id)
@@ -467,28 +630,41 @@ impl Core {
 
     /// Accepts the first message of a session (which must be a `Hello`).
     pub(crate) fn open_session(&self, first: Option<WorkerMessage>) -> Result<OpenedSession> {
-        let (worker_id, running) = parse_hello(first)?;
+        let hello = parse_hello(first)?;
+        let (worker_id, running) = (hello.worker_id, &hello.running);
         self.transition(|config, rt, tx, fx| {
             let mut w = tx.get_worker(worker_id)?.ok_or_else(|| Error::NotFound {
                 what: "worker",
                 id: format!("{worker_id} (register first)"),
             })?;
             let now = now_ms();
-            let (conn_id, rx, kill) = install_session(rt, worker_id);
+            refuse_if_live(rt, &w, now, config.heartbeat_timeout_ms)?;
+            let (conn_id, rx, kill) = install_session(rt, worker_id, hello.protocol);
             w.state = WorkerState::Online;
             w.last_seen_ms = now;
             tx.put_worker(&w)?;
             rt.last_seen.insert(worker_id, now);
-            let keep = cancel_stale_trainers(tx, fx, &w, &running)?;
+            let keep = cancel_stale_trainers(tx, fx, &w, running)?;
             if !w.drained.is_empty() && !keep.is_empty() {
                 // Drained while the coordinator was away (or before the daemon restarted): the
                 // trainers it still runs are asked again to checkpoint and stop.
                 fx.messages.push((worker_id, stop_trainers(&w)));
             }
-            let deadline = now + config.heartbeat_timeout_ms as i64;
-            await_missing_ranks(rt, tx, worker_id, &keep, now, deadline)?;
+            let exited: HashSet<RunningKey> = hello.exited.iter().copied().collect();
+            let deadlines = MissingDeadlines {
+                exited: &exited,
+                exited_deadline: now + reconnect_grace(config),
+                deadline: now + config.heartbeat_timeout_ms as i64,
+            };
+            await_missing_ranks(rt, tx, worker_id, &keep, now, &deadlines)?;
             fx.schedule = true;
-            info!(worker_id = %worker_id, worker = %w.name, conn_id, running = running.len(), "session opened");
+            info!(worker_id = %worker_id, worker = %w.name, conn_id, protocol = hello.protocol,
+                  running = running.len(), exited = exited.len(), "session opened");
+            if hello.protocol < PROTOCOL_VERSION {
+                info!(worker = %w.name, protocol = hello.protocol,
+                      features_off = ?bt_proto::features_off(hello.protocol),
+                      "an older daemon (N-1): served with the newer features off");
+            }
             Ok(OpenedSession {
                 worker_id,
                 worker_name: w.name.clone(),
@@ -507,8 +683,9 @@ impl Core {
         conn_id: u64,
         msg: WorkerMessage,
     ) -> Result<()> {
-        if let Some(worker_message::Msg::Heartbeat(_)) = msg.msg {
-            // The common case needs no transaction: only the liveness clock moves.
+        if let Some(worker_message::Msg::Heartbeat(hb)) = &msg.msg {
+            // The common case needs no transaction: only the liveness clock moves, and a daemon
+            // of protocol 3 or later is answered (its receive deadline).
             let mut guard = self.lock();
             let rt = &mut guard.rt;
             if rt.shutting_down {
@@ -516,6 +693,16 @@ impl Core {
             }
             rt.ensure_current(worker_id, conn_id)?;
             rt.last_seen.insert(worker_id, now_ms());
+            if let Some(s) = rt.sessions.get(&worker_id) {
+                if bt_proto::has_feature(s.protocol, "heartbeat-ack") {
+                    let ack = bt_proto::HeartbeatAck {
+                        time_ms: hb.time_ms,
+                    };
+                    let _ = s.tx.send(Ok(CoordinatorMessage {
+                        msg: Some(bt_proto::coordinator_message::Msg::HeartbeatAck(ack)),
+                    }));
+                }
+            }
             return Ok(());
         }
         self.transition(|config, rt, tx, fx| {
@@ -572,11 +759,31 @@ impl Core {
                 .filter(|(_, seen)| now - **seen > timeout)
                 .map(|(w, s)| (*w, *s))
                 .collect();
+            // A worker without a session that still holds ranks of open attempts is one that
+            // has not reconnected since this coordinator started (a lost session is handled when
+            // it closes): it gets the reconnect grace, its trainers are still training.
+            let mut holding: Option<std::collections::HashMap<WorkerId, u32>> = None;
+            let grace = reconnect_grace(config);
             for (w, seen) in silent {
                 let why = if rt.sessions.contains_key(&w) {
                     format!("no heartbeat for {} ms", now - seen)
                 } else {
-                    format!("no session for {} ms", now - seen)
+                    if holding.is_none() {
+                        holding = Some(busy_devices(tx)?);
+                    }
+                    let busy = holding.as_ref().is_some_and(|h| h.contains_key(&w));
+                    if busy && now - seen <= grace {
+                        continue;
+                    }
+                    if busy {
+                        format!(
+                            "no session for {} ms: it did not reconnect within \
+                             reconnect_grace_ms ({grace} ms)",
+                            now - seen
+                        )
+                    } else {
+                        format!("no session for {} ms", now - seen)
+                    }
                 };
                 lose_worker(rt, tx, fx, w, &why)?;
             }
@@ -605,7 +812,7 @@ impl Core {
                 );
                 fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
             }
-            start_deadlines(config, tx, fx, now)?;
+            start_deadlines(config, rt, tx, fx, now)?;
             watchdog(config, rt, tx, fx, now)
         })
     }
@@ -655,6 +862,14 @@ impl Core {
             let busy = busy_devices(tx)?.get(&w.id).copied().unwrap_or(0);
             Ok(worker_view(rt, &w, busy))
         })
+    }
+
+    /// The name of the worker whose id is `id` (None: not a known worker, or not an id).
+    pub fn worker_name(&self, id: &str) -> Result<Option<String>> {
+        let Ok(id) = id.parse::<WorkerId>() else {
+            return Ok(None);
+        };
+        self.read(|_, tx| Ok(tx.get_worker(id)?.map(|w| w.name)))
     }
 
     pub fn list_workers(&self) -> Result<Vec<WorkerView>> {

@@ -30,6 +30,7 @@ fn write_tokens(dir: &Path) -> std::path::PathBuf {
             name: n.into(),
             role: r,
             sha256: token_hash(&format!("tok-{n}")),
+            node: None,
         })
         .collect(),
     };

@@ -43,6 +43,9 @@ pub fn test_config(dir: &std::path::Path) -> CoordinatorConfig {
         // Scripted daemons report in bursts far above a trainer's rate.
         limits: bt_coordinator::config::Limits {
             max_metrics_per_sec: 1_000_000,
+            max_reports_per_sec: 1_000_000,
+            submit_per_minute: 1_000_000,
+            submit_burst: 1_000_000,
             ..Default::default()
         },
         ..Default::default()
@@ -193,6 +196,7 @@ pub fn register_request(name: &str, devices: u32) -> RegisterRequest {
             .collect(),
         port_range_start: 30000,
         port_range_end: 30100,
+        unhealthy: String::new(),
     }
 }
 
@@ -208,13 +212,37 @@ impl FakeDaemon {
         Self::connect_running(c, name, devices, vec![]).await
     }
 
+    /// [`FakeDaemon::connect`] with a bearer token (a coordinator with authentication on).
+    pub async fn connect_as(c: &Coord, token: &str, name: &str, devices: u32) -> FakeDaemon {
+        let ch = bt_proto::client::ClientOptions {
+            token: Some(token.to_string()),
+            ..bt_proto::client::ClientOptions::new(c.url())
+        }
+        .connect()
+        .await
+        .unwrap();
+        Self::connect_on(WorkerServiceClient::new(ch), name, devices, vec![]).await
+    }
+
     pub async fn connect_running(
         c: &Coord,
         name: &str,
         devices: u32,
         running: Vec<RunningTrainer>,
     ) -> FakeDaemon {
-        let mut w = c.workers().await;
+        let ch = bt_proto::client::ClientOptions::new(c.url())
+            .connect()
+            .await
+            .unwrap();
+        Self::connect_on(WorkerServiceClient::new(ch), name, devices, running).await
+    }
+
+    async fn connect_on(
+        mut w: WorkerServiceClient<bt_proto::client::AuthChannel>,
+        name: &str,
+        devices: u32,
+        running: Vec<RunningTrainer>,
+    ) -> FakeDaemon {
         let id = w
             .register(register_request(name, devices))
             .await
@@ -227,6 +255,7 @@ impl FakeDaemon {
                 worker_id: id.clone(),
                 protocol_version: PROTOCOL_VERSION,
                 running,
+                exited: vec![],
             })),
         })
         .await

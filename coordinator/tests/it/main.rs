@@ -9,5 +9,6 @@ mod lifecycle;
 mod ops;
 mod preemption;
 mod process;
+mod security;
 mod watch;
 mod watchdog;

@@ -26,12 +26,44 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`. The state is private to the
+    /// coordinator's user: a state directory it creates is 0700, the database (and SQLite's
+    /// `-wal` and `-shm` files, which take the database's mode) 0600; an existing database
+    /// readable by others is made 0600, an existing directory that others can read is reported.
     pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
-            })?;
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| {
+                        Error::Internal(format!("cannot create directory {}: {e}", dir.display()))
+                    })?;
+            } else if std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                tracing::warn!(dir = %dir.display(),
+                               "the state directory is accessible to other users; make it 0700");
+            }
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", path.display())))?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let p = std::path::PathBuf::from(p);
+            if let Ok(m) = std::fs::metadata(&p) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(
+                        |e| Error::Internal(format!("cannot make {} private: {e}", p.display())),
+                    )?;
+                }
+            }
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
