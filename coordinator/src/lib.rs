@@ -1,6 +1,7 @@
 //! bt-coordinator: the gRPC coordinator of bt — job and worker services, the durable state store,
 //! the gang scheduler, rendezvous hand-out and metric fan-out.
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod core;
 pub mod error;

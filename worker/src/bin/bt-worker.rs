@@ -27,9 +27,13 @@ struct DaemonArgs {
     /// Address other nodes use to reach this node's rank-0 trainer.
     #[arg(long)]
     host: Option<String>,
-    /// CPU trainer slots when the node has no CUDA device.
+    /// CPU trainer slots when the node has no CUDA device (never on a GPU node).
     #[arg(long)]
     cpu_slots: Option<u32>,
+    /// GPUs this node must have (default: every GPU CUDA finds; 0: CPU slots only). A node where
+    /// CUDA finds another number registers unhealthy, with the reason, and offers nothing.
+    #[arg(long, value_name = "N")]
+    gpus: Option<u32>,
     /// Ports for rank-0 TCPStores, START-END (end exclusive).
     #[arg(long, value_name = "START-END")]
     port_range: Option<String>,
@@ -94,6 +98,7 @@ fn daemon(a: DaemonArgs) -> anyhow::Result<()> {
     set("name", a.name);
     set("host", a.host);
     set("cpu_slots", a.cpu_slots.map(|v| v.to_string()));
+    set("gpus", a.gpus.map(|v| v.to_string()));
     set("work_dir", a.work_dir.map(|p| p.display().to_string()));
     set("stop_grace_ms", a.stop_grace_ms.map(|v| v.to_string()));
     let path = |p: Option<PathBuf>| p.map(|p| p.display().to_string());
