@@ -5,6 +5,7 @@ mod collectives;
 mod faults;
 mod harness;
 mod knn;
+mod outsider;
 mod overlap;
 mod store;
 mod sync_bn;
