@@ -348,18 +348,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             limit,
         } => {
             let mut c = connect(&cli.conn).await?;
-            let jobs = c
-                .list_jobs(ListJobsRequest {
-                    states: states
-                        .into_iter()
-                        .map(|s| JobState::from(s) as i32)
-                        .collect(),
-                    limit,
-                })
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .jobs;
+            let states: Vec<i32> = states
+                .into_iter()
+                .map(|s| JobState::from(s) as i32)
+                .collect();
+            // Page by page (the coordinator caps each page at its limits.max_page_size).
+            let (mut jobs, mut token) = (Vec::new(), String::new());
+            loop {
+                let page = c
+                    .list_jobs(ListJobsRequest {
+                        states: states.clone(),
+                        limit,
+                        page_token: token,
+                        page_size: 0,
+                    })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                jobs.extend(page.jobs);
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+            }
             output::print_jobs(&jobs, output == Format::Json);
         }
         Cmd::Get { job_id, output } => {
@@ -390,12 +401,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Workers { output } => {
             let mut c = connect(&cli.conn).await?;
-            let ws = c
-                .list_workers(ListWorkersRequest {})
-                .await
-                .map_err(rpc_err)?
-                .into_inner()
-                .workers;
+            let (mut ws, mut token) = (Vec::new(), String::new());
+            loop {
+                let page = c
+                    .list_workers(ListWorkersRequest {
+                        page_token: token,
+                        page_size: 0,
+                    })
+                    .await
+                    .map_err(rpc_err)?
+                    .into_inner();
+                ws.extend(page.workers);
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+            }
             output::print_workers(&ws, output == Format::Json);
         }
         Cmd::Drain { worker, reason } => {

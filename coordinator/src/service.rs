@@ -34,6 +34,26 @@ pub(crate) struct JobSvc {
     pub core: Arc<Core>,
 }
 
+impl JobSvc {
+    /// A listing's page: (offset from `page_token`, page size capped at `limits.max_page_size`).
+    fn page(&self, token: &str, size: u32) -> Result<(usize, usize), Status> {
+        let max = self.core.config().limits.max_page_size;
+        let offset = match token.trim() {
+            "" => 0,
+            t => t.parse::<usize>().map_err(|_| {
+                Status::invalid_argument(
+                    "page_token: not a token this coordinator handed out (pass next_page_token back unchanged)",
+                )
+            })?,
+        };
+        let size = match size as usize {
+            0 => max,
+            s => s.min(max),
+        };
+        Ok((offset, size))
+    }
+}
+
 #[tonic::async_trait]
 impl JobService for JobSvc {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
@@ -75,10 +95,24 @@ impl JobService for JobSvc {
                 Ok(s) => states.push(s),
             }
         }
-        let limit = req.limit as usize;
-        let jobs = self.core.call(move |c| c.list_jobs(&states, limit)).await?;
+        let (offset, size) = self.page(&req.page_token, req.page_size)?;
+        // `limit` bounds the whole listing: this page ends at it.
+        let size = match req.limit as usize {
+            0 => size,
+            l => size.min(l.saturating_sub(offset)),
+        };
+        let jobs = self
+            .core
+            .call(move |c| c.list_jobs_page(&states, offset, size + 1))
+            .await?;
+        let more = jobs.len() > size && (req.limit == 0 || offset + size < req.limit as usize);
         Ok(Response::new(ListJobsResponse {
-            jobs: jobs.into_iter().map(Into::into).collect(),
+            jobs: jobs.into_iter().take(size).map(Into::into).collect(),
+            next_page_token: if more {
+                (offset + size).to_string()
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -168,9 +202,21 @@ impl JobService for JobSvc {
         req: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         principal(&req)?;
+        let (offset, size) = self.page(&req.get_ref().page_token, req.get_ref().page_size)?;
         let workers = self.core.call(|c| c.list_workers()).await?;
+        let total = workers.len();
         Ok(Response::new(ListWorkersResponse {
-            workers: workers.into_iter().map(Into::into).collect(),
+            workers: workers
+                .into_iter()
+                .skip(offset)
+                .take(size)
+                .map(Into::into)
+                .collect(),
+            next_page_token: if offset + size < total {
+                (offset + size).to_string()
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -466,7 +512,7 @@ mod tests {
             .connect()
             .await
             .unwrap();
-        type Empty = ListWorkersRequest;
+        type Empty = ();
         for (path, _) in crate::auth::POLICY {
             let mut grpc = tonic::client::Grpc::new(ch.clone());
             grpc.ready().await.unwrap();
@@ -478,11 +524,11 @@ mod tests {
                     .await
                     .map(|_| ())
             } else if path.ends_with("/WatchJob") || path.ends_with("/StreamLogs") {
-                grpc.server_streaming(tonic::Request::new(Empty {}), p, codec)
+                grpc.server_streaming(tonic::Request::new(Empty::default()), p, codec)
                     .await
                     .map(|_| ())
             } else {
-                grpc.unary(tonic::Request::new(Empty {}), p, codec)
+                grpc.unary(tonic::Request::new(Empty::default()), p, codec)
                     .await
                     .map(|_| ())
             };

@@ -526,6 +526,24 @@ impl Core {
         })
     }
 
+    /// Jobs in `states` (all when empty), newest first, from `offset`, at most `size` of them.
+    pub fn list_jobs_page(
+        &self,
+        states: &[JobState],
+        offset: usize,
+        size: usize,
+    ) -> Result<Vec<JobView>> {
+        self.read(|rt, tx| {
+            let jobs = tx.list_jobs(states)?;
+            jobs.iter()
+                .rev()
+                .skip(offset)
+                .take(size)
+                .map(|j| job_view(rt, tx, j))
+                .collect()
+        })
+    }
+
     pub fn list_checkpoints(&self, id: JobId) -> Result<Vec<CheckpointInfo>> {
         self.read(|_, tx| {
             tx.get_job(id)?.ok_or_else(|| not_found(id))?;

@@ -12,8 +12,8 @@ use tonic::Code;
 
 use crate::harness::{eventually, history, register_request, spec, Coord, FakeDaemon};
 
-/// A message with no fields: every request decodes it as its defaults, every response as it.
-type Empty = ListWorkersRequest;
+/// The message with no fields: every request decodes it as its defaults, every response as it.
+type Empty = ();
 
 /// Tokens of every role (and a second submitter) in a tokens file under `dir`.
 fn write_tokens(dir: &Path) -> std::path::PathBuf {
@@ -70,11 +70,11 @@ async fn call(c: &Coord, path: &str, token: Option<&str>) -> Code {
             .await
             .map(|_: tonic::Response<Streaming<Empty>>| ())
     } else if streaming_out {
-        grpc.server_streaming(tonic::Request::new(Empty {}), p, codec)
+        grpc.server_streaming(tonic::Request::new(Empty::default()), p, codec)
             .await
             .map(|_| ())
     } else {
-        grpc.unary(tonic::Request::new(Empty {}), p, codec)
+        grpc.unary(tonic::Request::new(Empty::default()), p, codec)
             .await
             .map(|_| ())
     };

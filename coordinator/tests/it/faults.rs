@@ -14,7 +14,7 @@ async fn worker_state(c: &Coord, name: &str) -> i32 {
     let ws = c
         .jobs()
         .await
-        .list_workers(ListWorkersRequest {})
+        .list_workers(ListWorkersRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -51,6 +51,7 @@ async fn session_needs_a_hello_from_a_known_worker() {
             worker_id: uuid::Uuid::new_v4().to_string(),
             protocol_version: PROTOCOL_VERSION,
             running: vec![],
+            exited: vec![],
         })),
     })
     .await
@@ -64,6 +65,7 @@ async fn session_needs_a_hello_from_a_known_worker() {
             worker_id: id,
             protocol_version: 77,
             running: vec![],
+            exited: vec![],
         })),
     })
     .await
@@ -231,6 +233,7 @@ async fn garbage_on_a_session_closes_only_that_session() {
             worker_id: id.clone(),
             protocol_version: PROTOCOL_VERSION,
             running: vec![],
+            exited: vec![],
         }),
         bad: None,
     })
@@ -305,7 +308,12 @@ async fn silent_worker_is_lost_after_the_heartbeat_timeout() {
 #[tokio::test]
 async fn after_a_coordinator_restart_workers_reconnect_or_are_lost() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = Coord::start_in(tmp.path(), |cfg| cfg.heartbeat_timeout_ms = 1500).await;
+    let quick = |cfg: &mut bt_coordinator::CoordinatorConfig| {
+        cfg.heartbeat_timeout_ms = 1500;
+        // A daemon that does not come back is lost this soon after the restart (120 s by default).
+        cfg.reconnect_grace_ms = 1500;
+    };
+    let mut c = Coord::start_in(tmp.path(), quick).await;
     let mut a_node = FakeDaemon::connect(&c, "node-a", 1).await;
     let mut b_node = FakeDaemon::connect(&c, "node-b", 1).await;
     let ja = c.submit(&spec(1, 2)).await;
@@ -322,7 +330,7 @@ async fn after_a_coordinator_restart_workers_reconnect_or_are_lost() {
     drop(a_node);
     drop(b_node);
 
-    let c = Coord::start_in(tmp.path(), |cfg| cfg.heartbeat_timeout_ms = 1500).await;
+    let c = Coord::start_in(tmp.path(), quick).await;
     // node-a reconnects with its trainer alive (plus a leftover trainer of an old attempt, which
     // is cancelled); node-b never comes back.
     let running = vec![
@@ -368,6 +376,118 @@ async fn after_a_coordinator_restart_workers_reconnect_or_are_lost() {
     }
     a_node.exit_ok(&assigned[0]).await;
     c.wait_state(&assigned[0].job_id, JobState::Succeeded).await;
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_waits_its_reconnect_grace_and_the_exits_a_hello_announces() {
+    // Timeouts far below the outage: only the reconnect grace keeps the jobs alive.
+    let cfg = |cfg: &mut bt_coordinator::CoordinatorConfig| {
+        cfg.heartbeat_timeout_ms = 800;
+        cfg.start_deadline_ms = 500;
+        cfg.reconnect_grace_ms = 60_000;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Coord::start_in(tmp.path(), cfg).await;
+    let mut d = FakeDaemon::connect(&c, "node-a", 2).await;
+    let (j1, j2) = (c.submit(&spec(1, 0)).await, c.submit(&spec(1, 0)).await);
+    let (a1, a2) = (d.next_assignment().await, d.next_assignment().await);
+    // The coordinator dies before either start report reached it; the trainers train on.
+    c.stop().await;
+    drop(d);
+    let c = Coord::start_in(tmp.path(), cfg).await;
+    // Down past the heartbeat timeout and the start deadline: nothing fails meanwhile.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    for j in [&j1, &j2] {
+        let j = c.job(&j.id).await;
+        assert_eq!(j.state, JobState::Scheduled as i32, "{j:?}");
+    }
+    assert_eq!(worker_state(&c, "node-a").await, WorkerState::Online as i32);
+    // The daemon is back: a1's trainer runs, a2's ended while the coordinator was away (its
+    // exit waits in the daemon's buffer, behind its other reports).
+    let mut w = c.workers().await;
+    let id = w
+        .register(register_request("node-a", 2))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let key = |a: &bt_proto::Assignment| RunningTrainer {
+        job_id: a.job_id.clone(),
+        epoch: a.epoch,
+        rank: a.rank,
+    };
+    let (up, rx) = tokio::sync::mpsc::channel(64);
+    let send = |m| {
+        let up = up.clone();
+        async move { up.send(WorkerMessage { msg: Some(m) }).await.unwrap() }
+    };
+    send(worker_message::Msg::Hello(Hello {
+        worker_id: id,
+        protocol_version: PROTOCOL_VERSION,
+        running: vec![key(&a1)],
+        exited: vec![key(&a2)],
+    }))
+    .await;
+    let mut down = w
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = |a: &bt_proto::Assignment, body| {
+        worker_message::Msg::Report(bt_proto::TrainerReport {
+            job_id: a.job_id.clone(),
+            epoch: a.epoch,
+            rank: a.rank,
+            body: Some(body),
+        })
+    };
+    let beat = || worker_message::Msg::Heartbeat(Heartbeat { time_ms: 7 });
+    // A daemon of this version hears an acknowledgement of each heartbeat.
+    send(beat()).await;
+    let ack = tokio::time::timeout(WAIT, async {
+        loop {
+            match down.message().await.unwrap().and_then(|m| m.msg) {
+                Some(coordinator_message::Msg::HeartbeatAck(a)) => break a,
+                Some(_) => continue,
+                None => panic!("session ended"),
+            }
+        }
+    })
+    .await
+    .expect("a heartbeat acknowledgement");
+    assert_eq!(ack.time_ms, 7);
+    // The replay is slow (paced): past the heartbeat timeout and the start deadline again
+    // before a2's exit arrives. Heartbeats keep the session alive meanwhile.
+    for _ in 0..8 {
+        send(beat()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let j = c.job(&j2.id).await;
+    assert_eq!(
+        j.state,
+        JobState::Scheduled as i32,
+        "a2's exit is awaited: {j:?}"
+    );
+    let j = c.job(&j1.id).await;
+    assert_eq!(j.state, JobState::Scheduled as i32, "a1 is running: {j:?}");
+    let started = || trainer_report::Body::Started(bt_proto::TrainerStarted { pid: 9 });
+    let ok = || {
+        trainer_report::Body::Exit(TrainerExit {
+            success: true,
+            ..Default::default()
+        })
+    };
+    send(report(&a2, started())).await;
+    send(report(&a2, ok())).await;
+    send(report(&a1, started())).await;
+    c.wait_state(&j2.id, JobState::Succeeded).await;
+    c.wait_state(&j1.id, JobState::Running).await;
+    send(report(&a1, ok())).await;
+    c.wait_state(&j1.id, JobState::Succeeded).await;
+    for j in [&j1, &j2] {
+        let j = c.job(&j.id).await;
+        assert_eq!((j.restarts_used, j.attempts), (0, 1), "{j:?}");
+    }
 }
 
 #[tokio::test]

@@ -44,7 +44,7 @@ async fn job_runs_to_success_with_metrics_checkpoints_and_evals() {
     let busy = c
         .jobs()
         .await
-        .list_workers(ListWorkersRequest {})
+        .list_workers(ListWorkersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -138,7 +138,7 @@ async fn job_runs_to_success_with_metrics_checkpoints_and_evals() {
     let workers = c
         .jobs()
         .await
-        .list_workers(ListWorkersRequest {})
+        .list_workers(ListWorkersRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -224,6 +224,7 @@ async fn gang_scheduling_waits_priority_first_and_cancel() {
         .list_jobs(ListJobsRequest {
             states: vec![JobState::Cancelled as i32],
             limit: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -265,7 +265,7 @@ async fn an_operator_drain_stops_the_trainers_requeues_and_holds_until_undone() 
     assert_eq!(j.state, JobState::Queued as i32);
     let mut jobs = c.jobs().await;
     let listed = jobs
-        .list_workers(ListWorkersRequest {})
+        .list_workers(ListWorkersRequest::default())
         .await
         .unwrap()
         .into_inner()

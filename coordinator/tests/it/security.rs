@@ -270,14 +270,18 @@ async fn made_up_paths_cannot_inflate_the_metrics_page() {
         grpc.ready().await.unwrap();
         let _ = grpc
             .unary(
-                tonic::Request::new(ListWorkersRequest {}),
+                tonic::Request::new(ListWorkersRequest::default()),
                 p.clone(),
                 codec(),
             )
             .await;
         anon.ready().await.unwrap();
         let _ = anon
-            .unary(tonic::Request::new(ListWorkersRequest {}), p, codec())
+            .unary(
+                tonic::Request::new(ListWorkersRequest::default()),
+                p,
+                codec(),
+            )
             .await;
         if i == 0 {
             // The page after one made-up call of each kind: the baseline.
@@ -294,7 +298,11 @@ async fn made_up_paths_cannot_inflate_the_metrics_page() {
         let p: http::uri::PathAndQuery = format!("/x.Y/Z{i}").parse().unwrap();
         anon.ready().await.unwrap();
         let _ = anon
-            .unary(tonic::Request::new(ListWorkersRequest {}), p, codec())
+            .unary(
+                tonic::Request::new(ListWorkersRequest::default()),
+                p,
+                codec(),
+            )
             .await;
     }
     let after = metrics_page(&maddr).await;
@@ -605,4 +613,66 @@ async fn the_state_is_private() {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
     }
+}
+
+/// Listings come in pages no larger than `limits.max_page_size`, with a token for the next one,
+/// so no listing outgrows the message limit however many jobs or workers exist.
+#[tokio::test]
+async fn listings_are_paged() {
+    let c = Coord::start_with(|c| c.limits.max_page_size = 3).await;
+    let mut ids = vec![];
+    for _ in 0..7 {
+        ids.push(c.submit(&spec(1, 0)).await.id);
+    }
+    for i in 0..5 {
+        FakeDaemon::connect(&c, &format!("w{i}"), 1).await;
+    }
+    let mut jobs = c.jobs().await;
+    let (mut seen, mut token, mut pages) = (vec![], String::new(), 0);
+    loop {
+        let page = jobs
+            .list_jobs(ListJobsRequest {
+                page_token: token,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.jobs.len() <= 3, "{} in a page", page.jobs.len());
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        pages += 1;
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every job once, newest first");
+    assert_eq!(pages, 3);
+    // `limit` bounds the whole listing.
+    let first = jobs
+        .list_jobs(ListJobsRequest {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.jobs.len(), first.next_page_token.as_str()), (2, ""));
+    let w = jobs
+        .list_workers(ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.workers.len(), 3);
+    assert_eq!(w.next_page_token, "3");
+    let e = jobs
+        .list_workers(ListWorkersRequest {
+            page_token: "x".into(),
+            page_size: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("page_token:"), "{}", e.message());
 }
