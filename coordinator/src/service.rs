@@ -524,11 +524,11 @@ mod tests {
                     .await
                     .map(|_| ())
             } else if path.ends_with("/WatchJob") || path.ends_with("/StreamLogs") {
-                grpc.server_streaming(tonic::Request::new(Empty::default()), p, codec)
+                grpc.server_streaming(tonic::Request::new(()), p, codec)
                     .await
                     .map(|_| ())
             } else {
-                grpc.unary(tonic::Request::new(Empty::default()), p, codec)
+                grpc.unary(tonic::Request::new(()), p, codec)
                     .await
                     .map(|_| ())
             };

@@ -34,6 +34,9 @@ struct SessionHandle {
 }
 
 /// In-memory state that is not persisted: live sessions, liveness clocks and watcher fan-out.
+/// A rate-limited report stream: (job, epoch, rank, report kind).
+type ReportKey = (JobId, u64, u32, &'static str);
+
 #[derive(Default)]
 struct Runtime {
     sessions: HashMap<WorkerId, SessionHandle>,
@@ -49,7 +52,7 @@ struct Runtime {
     metric_rate: HashMap<(JobId, u64), (i64, u32, bool)>,
     /// Evaluation, notice and checkpoint reports of each (job, epoch, rank, kind) in the current
     /// one-second window: (window start, count, warned).
-    report_rate: HashMap<(JobId, u64, u32, &'static str), (i64, u32, bool)>,
+    report_rate: HashMap<ReportKey, (i64, u32, bool)>,
     /// Each owner's submission token bucket: (tokens left, last refill in ms).
     submit_tokens: HashMap<String, (f64, i64)>,
     /// Metric events appended per job since the last history-size check.
@@ -126,11 +129,7 @@ impl Runtime {
 
     /// Whether one more `kind` report (eval, notice, checkpoint) of this rank fits in its
     /// per-second budget (`limits.max_reports_per_sec`).
-    fn report_allowed(
-        &mut self,
-        key: (JobId, u64, u32, &'static str),
-        per_sec: u32,
-    ) -> bool {
+    fn report_allowed(&mut self, key: ReportKey, per_sec: u32) -> bool {
         let now = now_ms();
         if self.report_rate.len() > 4096 {
             self.report_rate.retain(|_, e| now - e.0 < 60_000);

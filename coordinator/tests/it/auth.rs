@@ -70,11 +70,11 @@ async fn call(c: &Coord, path: &str, token: Option<&str>) -> Code {
             .await
             .map(|_: tonic::Response<Streaming<Empty>>| ())
     } else if streaming_out {
-        grpc.server_streaming(tonic::Request::new(Empty::default()), p, codec)
+        grpc.server_streaming(tonic::Request::new(()), p, codec)
             .await
             .map(|_| ())
     } else {
-        grpc.unary(tonic::Request::new(Empty::default()), p, codec)
+        grpc.unary(tonic::Request::new(()), p, codec)
             .await
             .map(|_| ())
     };
