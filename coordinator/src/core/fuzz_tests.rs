@@ -364,7 +364,7 @@ fn ten_thousand_random_protocol_messages() {
                     1 => {
                         r.name = ["", " ", "a b", &"n".repeat(300), "x\ny", "fuzz-node"]
                             [rng.gen_range(0..6)]
-                            .into()
+                        .into()
                     }
                     2 => r.devices[1].index = 0,
                     3 => r.port_range_end = rng.gen(),
@@ -379,7 +379,9 @@ fn ten_thousand_random_protocol_messages() {
                             })
                             .collect();
                     }
-                    5 => r.host = ["h\n", &"h".repeat(1000), "\u{1b}[2J"][rng.gen_range(0..3)].into(),
+                    5 => {
+                        r.host = ["h\n", &"h".repeat(1000), "\u{1b}[2J"][rng.gen_range(0..3)].into()
+                    }
                     6 => r.devices[0].name = "gpu\n0".repeat(rng.gen_range(1..100)),
                     _ => r.devices[0].kind = "tpu".into(),
                 }
