@@ -147,6 +147,17 @@ impl Drop for TempFile {
     }
 }
 
+/// Creates `dir` (and its parents) private to this user when missing; an existing one is left
+/// as it is.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
 fn sync_dir(file: &Path) {
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = File::open(dir) {
@@ -236,8 +247,7 @@ fn open_existing(db: &Path, flags: OpenFlags) -> anyhow::Result<Connection> {
 fn destination(out: &Path, keep: usize, as_dir: bool) -> anyhow::Result<(PathBuf, String, bool)> {
     let as_dir = as_dir || out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/');
     if as_dir {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("creating the backup directory {}", out.display()))?;
+        create_private_dir(out)?;
         let name = format!(
             "{BACKUP_PREFIX}{}{BACKUP_SUFFIX}",
             stamp(bt_common::now_ms())
@@ -257,7 +267,7 @@ fn destination(out: &Path, keep: usize, as_dir: bool) -> anyhow::Result<(PathBuf
         .with_context(|| format!("{} is not a file name", out.display()))?
         .to_string();
     let dir = parent_of(out);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir(&dir)?;
     Ok((dir, name, false))
 }
 
@@ -396,7 +406,7 @@ pub fn restore(from: &Path, db: &Path, force: bool) -> anyhow::Result<RestoreInf
         }
     }
     let dir = parent_of(db);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    create_private_dir(&dir)?;
     let name = db
         .file_name()
         .and_then(|n| n.to_str())

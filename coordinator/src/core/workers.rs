@@ -578,7 +578,11 @@ impl Core {
     pub fn register(&self, req: &RegisterRequest, bound_node: Option<&str>) -> Result<WorkerId> {
         let devices = validate_register(req, self.config().limits.max_devices_per_worker)?;
         let unhealthy = unhealthy_reason(req);
-        let devices = if unhealthy.is_some() { Vec::new() } else { devices };
+        let devices = if unhealthy.is_some() {
+            Vec::new()
+        } else {
+            devices
+        };
         if let Some(bound) = bound_node {
             if req.name.trim() != bound {
                 return Err(Error::PermissionDenied(format!(
