@@ -64,6 +64,12 @@ if [ ! -x /usr/bin/chromium ]; then
   as_root_apt chromium ||
     echo "setup: /usr/bin/chromium is missing (sudo apt-get install chromium); the browser test will be skipped" >&2
 fi
+# A real Prometheus server for the scrape test (tests/tests/prometheus.rs): Debian's package.
+if ! command -v prometheus >/dev/null; then
+  echo "setup: installing Debian's prometheus for the metrics scrape test"
+  as_root_apt prometheus ||
+    echo "setup: prometheus is missing (sudo apt-get install prometheus); the scrape test will fail" >&2
+fi
 if command -v npm >/dev/null; then
   if [ ! -f dashboard/node_modules/.package-lock.json ] ||
     [ dashboard/package-lock.json -nt dashboard/node_modules/.package-lock.json ]; then

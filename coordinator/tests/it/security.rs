@@ -676,3 +676,62 @@ async fn listings_are_paged() {
         .unwrap_err();
     assert!(e.message().starts_with("page_token:"), "{}", e.message());
 }
+
+/// With mutual TLS a node's client certificate names its node: its daemon registers only as that
+/// node, even with a fleet token; a token bound to another node than the certificate is refused.
+/// The fleet certificate (`bt-worker`) binds nothing.
+#[tokio::test]
+async fn a_node_certificate_binds_the_daemon_to_its_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let issued = bt_coordinator::secrets::issue_with_nodes(&[], &["n1".to_string()]).unwrap();
+    let (n1_cert, n1_key) = &issued.nodes[0].1;
+    for (name, text) in [
+        ("ca.pem", &issued.ca_pem),
+        ("server.pem", &issued.server.0),
+        ("server.key", &issued.server.1),
+        ("worker.pem", &issued.worker.0),
+        ("worker.key", &issued.worker.1),
+        ("n1.pem", n1_cert),
+        ("n1.key", n1_key),
+    ] {
+        std::fs::write(d.join(name), text).unwrap();
+    }
+    let tokens = write_tokens(d);
+    let (cert, key, ca) = (d.join("server.pem"), d.join("server.key"), d.join("ca.pem"));
+    let ca2 = ca.clone();
+    let c = Coord::start_with(move |c: &mut CoordinatorConfig| {
+        c.auth.mode = AuthMode::On;
+        c.auth.tokens_file = Some(tokens);
+        c.tls.cert = Some(cert);
+        c.tls.key = Some(key);
+        c.tls.client_ca = Some(ca2);
+    })
+    .await;
+    let addr = c.addr.to_string();
+    let with = |cert: &str, token: &str| ClientOptions {
+        ca_cert: Some(d.join("ca.pem")),
+        client_cert: Some(d.join(format!("{cert}.pem"))),
+        client_key: Some(d.join(format!("{cert}.key"))),
+        token: Some(token.to_string()),
+        ..ClientOptions::new(addr.clone())
+    };
+    let register = |o: ClientOptions, name: &'static str| async move {
+        WorkerServiceClient::new(o.connect().await.unwrap())
+            .register(register_request(name, 1))
+            .await
+    };
+    register(with("n1", "tok-fleet"), "n1").await.unwrap();
+    let e = register(with("n1", "tok-fleet"), "n2").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("\"n1\""), "{}", e.message());
+    let e = register(with("n1", "tok-node-b"), "b").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("client certificate"),
+        "{}",
+        e.message()
+    );
+    // The fleet certificate names no node: a fleet token registers any node not online.
+    register(with("worker", "tok-fleet"), "n3").await.unwrap();
+}
