@@ -2,6 +2,7 @@
 //! alive (reconnecting with backoff), spawns one trainer process per assigned rank and relays its
 //! events. A crashing trainer never takes the daemon down.
 mod confine;
+mod devices;
 mod supervisor;
 
 use std::collections::{HashMap, VecDeque};
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 
 pub use confine::confine_assignment;
 use confine::delete_checkpoint;
+pub use devices::{detect_devices, plan_devices, CudaProbe, DevicePlan, GpuExpectation};
 pub use supervisor::TrainerHandle;
 
 /// Daemon configuration: file, `BT_WORKER_*` environment, then flags.
@@ -36,9 +38,15 @@ pub struct WorkerConfig {
     /// Address other nodes' trainers use to reach this node's rank 0.
     #[serde(default = "d::host")]
     pub host: String,
-    /// CPU trainer slots offered when the node has no CUDA device.
+    /// CPU trainer slots offered when the node has no CUDA device (never by a GPU daemon).
     #[serde(default = "d::cpu_slots")]
     pub cpu_slots: u32,
+    /// GPUs this node must have. Unset: every GPU CUDA finds (expected when
+    /// `NVIDIA_VISIBLE_DEVICES` names devices, as for a pod given `nvidia.com/gpu`), else
+    /// `cpu_slots`; N: exactly N; 0: a CPU daemon. A node short of what is expected registers
+    /// unhealthy, with the reason, offering nothing (see `devices`).
+    #[serde(default)]
+    pub gpus: Option<u32>,
     /// Ports for the rank-0 TCPStore of jobs whose rank 0 lands here, [start, end).
     #[serde(default = "d::port_start")]
     pub port_range_start: u32,
@@ -53,9 +61,30 @@ pub struct WorkerConfig {
     /// The trainer executable (default: this binary's `train` subcommand).
     #[serde(default)]
     pub trainer_bin: Option<PathBuf>,
-    /// Reports kept while the coordinator is unreachable.
+    /// Reports kept while the coordinator is unreachable (and replayed on the reconnect, in
+    /// order). When full, the oldest log lines go first, then pictures, then metrics; starts,
+    /// exits, checkpoints, evaluations and notices are kept. 10,000 holds two minutes of the
+    /// coordinator's most (50 metric reports a second) for a whole node, a restarted
+    /// coordinator's reconnect grace.
     #[serde(default = "d::max_buffered")]
     pub max_buffered_reports: usize,
+    /// Nothing heard down the session (a coordinator of protocol 3 or later acknowledges every
+    /// heartbeat) for this long: the coordinator, its node or the link is gone (a black hole
+    /// sends no FIN or RST). The daemon reconnects, and keeps retrying; its trainers keep
+    /// running and their reports are buffered.
+    #[serde(default = "d::session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Buffered metric reports replayed after a reconnect, per trainer per second: under the
+    /// coordinator's `limits.max_metrics_per_sec` (50), so none is dropped as a burst. Other
+    /// buffered reports replay at up to 10 per trainer and kind per second; starts and exits at
+    /// once.
+    #[serde(default = "d::replay_metrics_per_sec")]
+    pub replay_metrics_per_sec: u32,
+    /// For staged upgrades and their tests only: the protocol version to announce. The
+    /// previous one (`PROTOCOL_VERSION - 1`) behaves as the previous release did; the next one
+    /// only shows that a coordinator refuses a daemon newer than itself. Default: this build's.
+    #[serde(default)]
+    pub protocol_version: Option<u32>,
     /// Checkpoint storage (the coordinator's checkpoint root, mounted here at the same path): the
     /// only place this daemon lets trainers write checkpoints and deletes them on request.
     #[serde(default = "d::checkpoint_root")]
@@ -107,6 +136,12 @@ mod d {
     pub fn max_buffered() -> usize {
         10_000
     }
+    pub fn session_timeout_ms() -> u64 {
+        15_000
+    }
+    pub fn replay_metrics_per_sec() -> u32 {
+        25
+    }
     pub fn checkpoint_root() -> PathBuf {
         PathBuf::from("checkpoints")
     }
@@ -146,29 +181,6 @@ impl WorkerConfig {
     }
 }
 
-/// The devices this node offers: every CUDA device, or `cpu_slots` CPU slots.
-pub fn detect_devices(cpu_slots: u32) -> Vec<Device> {
-    let cuda = tch::Cuda::device_count();
-    if cuda > 0 {
-        return (0..cuda as u32)
-            .map(|i| Device {
-                index: i,
-                kind: "cuda".into(),
-                name: format!("cuda:{i}"),
-                device_kind: DeviceKind::Cuda as i32,
-            })
-            .collect();
-    }
-    (0..cpu_slots)
-        .map(|i| Device {
-            index: i,
-            kind: "cpu".into(),
-            name: format!("cpu-slot-{i}"),
-            device_kind: DeviceKind::Cpu as i32,
-        })
-        .collect()
-}
-
 /// Why an assignment is refused, which decides how its job goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
@@ -196,12 +208,40 @@ struct Daemon {
     client: bt_proto::client::ClientOptions,
     name: String,
     devices: Vec<Device>,
+    /// Why this node is unhealthy (it then offers no device); sent when registering.
+    unhealthy: Option<String>,
     trainers: HashMap<(String, u64, u32), TrainerHandle>,
     pending: VecDeque<TrainerReport>,
     local_tx: mpsc::UnboundedSender<Local>,
     trainer_bin: PathBuf,
     /// SIGTERM came: assignments are refused, trainers are stopping.
     draining: bool,
+    /// The protocol version announced (`PROTOCOL_VERSION` unless configured).
+    protocol: u32,
+    /// Replay pacing of buffered reports: per (job, epoch, rank, kind), when the next may go.
+    pace: HashMap<(String, u64, u32, &'static str), tokio::time::Instant>,
+}
+
+/// How long connecting, registering and opening the session may take together (a black-holed
+/// coordinator answers none of them).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Buffered reports other than metrics, starts and exits replayed per trainer and kind per
+/// second (under the coordinator's per-kind limit).
+const REPLAY_OTHERS_PER_SEC: f64 = 10.0;
+
+/// The replay pacing class of a report: None for starts and exits (never held back).
+fn pace_kind(r: &TrainerReport) -> Option<&'static str> {
+    use trainer_report::Body;
+    match r.body.as_ref()? {
+        Body::Started(_) | Body::Exit(_) => None,
+        Body::Metrics(_) => Some("metrics"),
+        Body::Eval(_) => Some("eval"),
+        Body::Checkpoint(_) => Some("checkpoint"),
+        Body::Notice(_) => Some("notice"),
+        Body::Picture(_) => Some("picture"),
+        Body::Logs(_) => Some("logs"),
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves; then stops its trainers (SIGTERM, then SIGKILL).
@@ -209,11 +249,15 @@ pub async fn run(
     cfg: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let devices = detect_devices(cfg.cpu_slots);
-    anyhow::ensure!(
-        !devices.is_empty(),
-        "this node offers no device (cpu_slots = 0 and no CUDA device)"
-    );
+    let DevicePlan { devices, unhealthy } = detect_devices(cfg.gpus, cfg.cpu_slots);
+    match &unhealthy {
+        // Registered all the same, so that `btctl workers` says why nothing runs here.
+        Some(why) => tracing::error!(reason = %why, "this node is unhealthy: it offers no device"),
+        None => anyhow::ensure!(
+            !devices.is_empty(),
+            "this node offers no device (cpu_slots = 0 and no CUDA device)"
+        ),
+    }
     bt_common::net::check_port_range(cfg.port_range_start, cfg.port_range_end)?;
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| anyhow::anyhow!("cannot create work_dir {}: {e}", cfg.work_dir.display()))?;
@@ -231,17 +275,35 @@ pub async fn run(
         None => std::env::current_exe()?,
     };
     check_trainer_bin(&trainer_bin).await?;
+    let protocol = cfg.protocol_version.unwrap_or(PROTOCOL_VERSION);
+    anyhow::ensure!(
+        (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION + 1).contains(&protocol),
+        "protocol_version {protocol}: this build speaks {PROTOCOL_VERSION} (or announces \
+         {MIN_PROTOCOL_VERSION}, the previous one, or {} to check a refusal)",
+        PROTOCOL_VERSION + 1
+    );
+    if protocol != PROTOCOL_VERSION {
+        warn!(
+            protocol,
+            features_off = ?bt_proto::features_off(protocol),
+            "announcing protocol version {protocol} instead of {PROTOCOL_VERSION} \
+             (protocol_version)"
+        );
+    }
     let (local_tx, mut local_rx) = mpsc::unbounded_channel();
     let mut d = Daemon {
         client,
         name: cfg.resolved_name(),
         cfg,
         devices,
+        unhealthy,
         trainers: HashMap::new(),
         pending: VecDeque::new(),
         local_tx,
         trainer_bin,
         draining: false,
+        protocol,
+        pace: HashMap::new(),
     };
     info!(name = %d.name, devices = d.devices.len(), coordinator = %d.cfg.coordinator, "worker daemon starting");
     tokio::pin!(shutdown);
@@ -287,16 +349,96 @@ impl Daemon {
         local_rx: &mut mpsc::UnboundedReceiver<Local>,
         mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> anyhow::Result<()> {
+        let (up_tx, up_rx) = mpsc::channel::<WorkerMessage>(1024);
+        let opened = tokio::time::timeout(CONNECT_DEADLINE, self.open(&up_tx, up_rx)).await;
+        let (reg, mut down) = match opened {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!(
+                "the coordinator did not answer within {} s (connect, register, open the session)",
+                CONNECT_DEADLINE.as_secs()
+            ),
+        };
+        let hb = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
+        let mut tick = tokio::time::interval(hb);
+        // A coordinator of protocol 3 or later answers every heartbeat: silence past the session
+        // timeout means it (or the link) is gone, even with the socket open.
+        let acked = bt_proto::has_feature(self.protocol, "heartbeat-ack")
+            && bt_proto::has_feature(reg.protocol_version, "heartbeat-ack");
+        let recv_timeout =
+            Duration::from_millis(self.cfg.session_timeout_ms.max(2 * hb.as_millis() as u64));
+        let mut heard = tokio::time::Instant::now();
+        // Reports that piled up while we were away go first, paced (`flush`).
+        self.pace.clear();
+        let mut next_flush = tokio::time::Instant::now();
+        // Draining: until every trainer has exited (or this deadline), then the session ends.
+        let mut give_up: Option<tokio::time::Instant> = None;
+        loop {
+            if self.draining && self.trainers.is_empty() && self.pending.is_empty() {
+                // Every exit went up; close our half and let the coordinator read it all.
+                drop(up_tx);
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    while let Some(Ok(_)) = down.next().await {}
+                })
+                .await;
+                info!("drained: every trainer stopped and reported");
+                return Ok(());
+            }
+            tokio::select! {
+                _ = shutdown.as_mut(), if !self.draining => {
+                    give_up = Some(self.begin_drain(&up_tx).await?);
+                }
+                _ = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
+                    warn!(trainers = self.trainers.len(), "trainers still running after the stop grace; leaving");
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(heard + recv_timeout), if acked => {
+                    anyhow::bail!(
+                        "nothing from the coordinator for {} ms (session_timeout_ms): it or the \
+                         link is gone; reconnecting, trainers keep running",
+                        recv_timeout.as_millis()
+                    );
+                }
+                _ = tokio::time::sleep_until(next_flush), if !self.pending.is_empty() => {
+                    next_flush = self.flush(&up_tx);
+                }
+                _ = tick.tick() => {
+                    // Never waits: a full channel means the link is stuck, and the receive
+                    // deadline above must still run.
+                    let _ = up_tx.try_send(WorkerMessage {
+                        msg: Some(Up::Heartbeat(Heartbeat { time_ms: bt_common::now_ms() })),
+                    });
+                }
+                msg = down.next() => match msg {
+                    Some(Ok(m)) => {
+                        heard = tokio::time::Instant::now();
+                        self.command(m).await
+                    }
+                    Some(Err(s)) => anyhow::bail!("session stream: {s}"),
+                    None => return Ok(()),
+                },
+                Some(ev) = local_rx.recv() => self.local(ev, Some(&up_tx)),
+            }
+        }
+    }
+
+    /// Connects, registers and opens the session with its hello; returns the registration and
+    /// the stream down.
+    async fn open(
+        &mut self,
+        up_tx: &mpsc::Sender<WorkerMessage>,
+        up_rx: mpsc::Receiver<WorkerMessage>,
+    ) -> anyhow::Result<(RegisterResponse, tonic::Streaming<CoordinatorMessage>)> {
         let channel = self.client.connect().await?;
         let mut client = WorkerServiceClient::new(channel);
         let reg = client
             .register(RegisterRequest {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: self.protocol,
                 name: self.name.clone(),
                 host: self.cfg.host.clone(),
                 devices: self.devices.clone(),
                 port_range_start: self.cfg.port_range_start,
                 port_range_end: self.cfg.port_range_end,
+                unhealthy: self.unhealthy.clone().unwrap_or_default(),
             })
             .await;
         let reg = match reg {
@@ -317,80 +459,84 @@ impl Daemon {
             }
             Err(s) => anyhow::bail!("register: {s}"),
         };
-        info!(worker_id = %reg.worker_id, "registered with coordinator");
-        let (up_tx, up_rx) = mpsc::channel::<WorkerMessage>(1024);
+        info!(worker_id = %reg.worker_id, coordinator_protocol = reg.protocol_version,
+              buffered = self.pending.len(), "registered with coordinator");
+        let key = |(job_id, epoch, rank): (&String, u64, u32)| RunningTrainer {
+            job_id: job_id.clone(),
+            epoch,
+            rank,
+        };
         let running = self
             .trainers
             .keys()
-            .map(|(job_id, epoch, rank)| RunningTrainer {
-                job_id: job_id.clone(),
-                epoch: *epoch,
-                rank: *rank,
-            })
+            .map(|(j, e, r)| key((j, *e, *r)))
             .collect();
+        // Trainers that ended while we were away: their exits wait in the buffer.
+        let exited = if bt_proto::has_feature(self.protocol, "exit-replay") {
+            self.pending
+                .iter()
+                .filter(|r| matches!(r.body, Some(trainer_report::Body::Exit(_))))
+                .map(|r| key((&r.job_id, r.epoch, r.rank)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         up_tx
             .send(WorkerMessage {
                 msg: Some(Up::Hello(Hello {
                     worker_id: reg.worker_id.clone(),
-                    protocol_version: PROTOCOL_VERSION,
+                    protocol_version: self.protocol,
                     running,
+                    exited,
                 })),
             })
             .await?;
-        let mut down = client
+        let down = client
             .session(ReceiverStream::new(up_rx))
             .await?
             .into_inner();
-        // Reports that piled up while we were away.
-        while let Some(r) = self.pending.pop_front() {
-            up_tx
-                .send(WorkerMessage {
-                    msg: Some(Up::Report(r)),
-                })
-                .await?;
-        }
-        let hb = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
-        let mut tick = tokio::time::interval(hb);
-        // Draining: until every trainer has exited (or this deadline), then the session ends.
-        let mut give_up: Option<tokio::time::Instant> = None;
-        loop {
-            if self.draining && self.trainers.is_empty() {
-                // Every exit went up; close our half and let the coordinator read it all.
-                drop(up_tx);
-                let _ = tokio::time::timeout(Duration::from_secs(3), async {
-                    while let Some(Ok(_)) = down.next().await {}
-                })
-                .await;
-                info!("drained: every trainer stopped and reported");
-                return Ok(());
-            }
-            tokio::select! {
-                _ = shutdown.as_mut(), if !self.draining => {
-                    give_up = Some(self.begin_drain(&up_tx).await?);
-                }
-                _ = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => {
-                    warn!(trainers = self.trainers.len(), "trainers still running after the stop grace; leaving");
-                    return Ok(());
-                }
-                _ = tick.tick() => {
-                    up_tx.send(WorkerMessage { msg: Some(Up::Heartbeat(Heartbeat { time_ms: bt_common::now_ms() })) }).await?;
-                }
-                msg = down.next() => match msg {
-                    Some(Ok(m)) => self.command(m).await,
-                    Some(Err(s)) => anyhow::bail!("session stream: {s}"),
-                    None => return Ok(()),
-                },
-                Some(ev) = local_rx.recv() => self.local(ev, Some(&up_tx)),
-            }
-        }
+        Ok((reg, down))
     }
 
-    /// Handles a trainer event: forward it if connected, else buffer it.
+    /// Sends buffered reports in order, as far as the channel and the replay pacing allow;
+    /// returns when to try again.
+    fn flush(&mut self, up: &mpsc::Sender<WorkerMessage>) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let per_sec = f64::from(self.cfg.replay_metrics_per_sec.max(1));
+        let metrics_gap = Duration::from_secs_f64(1.0 / per_sec);
+        let others_gap = Duration::from_secs_f64(1.0 / REPLAY_OTHERS_PER_SEC);
+        while let Some(r) = self.pending.front() {
+            let kind = pace_kind(r);
+            let key = kind.map(|k| (r.job_id.clone(), r.epoch, r.rank, k));
+            if let Some(at) = key.as_ref().and_then(|k| self.pace.get(k)) {
+                if *at > now {
+                    return *at;
+                }
+            }
+            let Ok(permit) = up.try_reserve() else {
+                return now + Duration::from_millis(20);
+            };
+            let Some(r) = self.pending.pop_front() else {
+                break;
+            };
+            if let (Some(k), Some(kind)) = (key, kind) {
+                let gap = if kind == "metrics" { metrics_gap } else { others_gap };
+                self.pace.insert(k, now + gap);
+            }
+            permit.send(WorkerMessage {
+                msg: Some(Up::Report(r)),
+            });
+        }
+        now
+    }
+
+    /// Handles a trainer event: forward it if connected (and nothing buffered is still to go
+    /// before it), else buffer it.
     fn local(&mut self, ev: Local, up: Option<&mpsc::Sender<WorkerMessage>>) {
         match ev {
             Local::Report(r) => {
                 let r = *r;
-                let Some(tx) = up else {
+                let Some(tx) = up.filter(|_| self.pending.is_empty()) else {
                     self.buffer(r);
                     return;
                 };
@@ -416,17 +562,32 @@ impl Daemon {
     }
 
     fn buffer(&mut self, r: TrainerReport) {
-        if self.pending.len() >= self.cfg.max_buffered_reports {
-            // Drop the oldest metrics or log lines first; exits, checkpoints and evals are kept.
-            if let Some(i) = self.pending.iter().position(|p| {
-                matches!(
-                    p.body,
-                    Some(trainer_report::Body::Metrics(_) | trainer_report::Body::Logs(_))
-                )
-            }) {
-                self.pending.remove(i);
-            } else {
-                self.pending.pop_front();
+        if self.pending.len() >= self.cfg.max_buffered_reports.max(1) {
+            // Full: the oldest log lines go first, then pictures, then metrics; starts, exits,
+            // checkpoints, evaluations and notices are kept.
+            use trainer_report::Body;
+            let oldest = |f: fn(&Body) -> bool| {
+                self.pending
+                    .iter()
+                    .position(|p| p.body.as_ref().is_some_and(f))
+            };
+            let victim = oldest(|b| matches!(b, Body::Logs(_)))
+                .or_else(|| oldest(|b| matches!(b, Body::Picture(_))))
+                .or_else(|| oldest(|b| matches!(b, Body::Metrics(_))));
+            if victim.is_none() {
+                warn!(
+                    buffered = self.pending.len(),
+                    "report buffer full of starts, exits, checkpoints, evaluations and notices; \
+                     dropping the oldest"
+                );
+            }
+            match victim {
+                Some(i) => {
+                    self.pending.remove(i);
+                }
+                None => {
+                    self.pending.pop_front();
+                }
             }
         }
         self.pending.push_back(r);
@@ -483,7 +644,8 @@ impl Daemon {
                     });
                 }
             }
-            None => {}
+            // The answer to a heartbeat: it only shows the coordinator is there.
+            Some(Down::HeartbeatAck(_)) | None => {}
         }
     }
 
