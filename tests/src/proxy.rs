@@ -2,6 +2,9 @@
 //! upstream address. When it is *stalled*, it stops moving bytes but keeps every socket open: a
 //! network partition that neither side sees as a closed connection (no FIN, no RST), only as
 //! silence, the way a dropped link or a hung switch looks. Un-stalled, the queued bytes flow again.
+//! A stall is also the black hole a vanished node leaves (its packets dropped): connections opened
+//! during it are accepted but carry nothing either way, so a client's connect or handshake times
+//! out rather than being refused.
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,5 +170,31 @@ mod tests {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"pong", "held-back bytes arrive after the stall");
+    }
+
+    #[test]
+    fn a_connection_opened_during_a_stall_carries_nothing_until_it_ends() {
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = upstream.accept().unwrap();
+            let _ = s.write_all(b"hi");
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let p = Proxy::start(up_addr);
+        p.stall(true);
+        let mut c = TcpStream::connect(p.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 2];
+        let e = c.read(&mut b).unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            "black hole: silence ({e})"
+        );
+        p.stall(false);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
     }
 }
