@@ -10,7 +10,9 @@
 //! `bt-coordinator backup` takes one by hand; with `backup.dir` set the coordinator takes them
 //! itself every `backup.interval_s`. `bt-coordinator restore` checks a backup (integrity, a bt
 //! schema, that this coordinator can open it) before it replaces a database, and refuses to
-//! replace a non-empty one without `--force` or one a running coordinator has open.
+//! replace a non-empty one without `--force` or one a running coordinator has open. A restored
+//! database's fencing counter moves on by [`RESTORE_EPOCH_JUMP`]: attempts the lost coordinator
+//! started after the backup may still have trainers running, and their epochs must stay stale.
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -56,6 +58,11 @@ pub struct Summary {
     pub jobs: u64,
     pub events: u64,
 }
+
+/// How far a restore moves the fencing counter (`meta.epoch`) on: beyond every attempt epoch the
+/// lost coordinator may have handed out after the backup, so that none is ever issued twice (a
+/// trainer of such an attempt may still be running, and its reports must stay stale).
+pub const RESTORE_EPOCH_JUMP: i64 = 1_000_000;
 
 /// What a restore did.
 #[derive(Debug, Clone)]
@@ -424,6 +431,14 @@ pub fn restore(from: &Path, db: &Path, force: bool) -> anyhow::Result<RestoreInf
         crate::store::SqliteStore::open(&tmp.path)
             .map_err(|e| anyhow::anyhow!("backup {}: {e}", from.display()))?,
     );
+    {
+        let c = Connection::open_with_flags(&tmp.path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        c.execute(
+            "UPDATE meta SET value = value + ?1 WHERE key = 'epoch'",
+            [RESTORE_EPOCH_JUMP],
+        )
+        .context("moving the fencing counter on")?;
+    }
     let tmp_wal = sidecar(&tmp.path, "-wal");
     if occupied(&tmp_wal) {
         bail!("{} was left behind; not restoring", tmp_wal.display());
@@ -538,6 +553,20 @@ mod tests {
         let r = restore(&left[1], &target, false).unwrap();
         assert_eq!(r.summary.events, 1);
         assert!(r.previous.is_none());
+        let epoch = |p: &Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!(epoch(&target), epoch(&db) + RESTORE_EPOCH_JUMP);
+        let dir_mode = std::fs::metadata(target.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
         // Not over a database with something in it, unless forced; then the old one is kept.
         let e = format!("{:#}", restore(&left[0], &target, false).unwrap_err());
         assert!(e.contains("--force") && e.contains("not empty"), "{e}");
