@@ -267,7 +267,8 @@ pub fn print_workers(ws: &[Worker], as_json: bool) {
                 json!({
                     "id": w.id, "name": w.name, "host": w.host, "state": state(w),
                     "last_seen_ms": w.last_seen_ms, "busy_devices": w.busy_devices,
-                    "drained": w.drained,
+                    "drained": w.drained, "unhealthy": w.unhealthy,
+                    "protocol_version": w.protocol_version, "features_off": w.features_off,
                     "devices": w.devices.iter().map(|d| json!({
                         "index": d.index, "kind": device_kind(d), "name": d.name})).collect::<Vec<_>>(),
                 })
@@ -277,24 +278,40 @@ pub fn print_workers(ws: &[Worker], as_json: bool) {
         return;
     }
     println!(
-        "{:<36}  {:<16} {:<16} {:<7} {:>7}  {:<19}  DRAINED",
+        "{:<36}  {:<16} {:<16} {:<9} {:>7}  {:<19}  DRAINED / UNHEALTHY",
         "ID", "NAME", "HOST", "STATE", "BUSY", "LAST SEEN"
     );
     for w in ws {
         println!(
-            "{:<36}  {:<16} {:<16} {:<7} {:>3}/{:<3}  {:<19}  {}",
+            "{:<36}  {:<16} {:<16} {:<9} {:>3}/{:<3}  {:<19}  {}",
             w.id,
             truncate(&w.name, 16),
             truncate(&w.host, 16),
-            state(w),
+            // Connected, but its node offers nothing (GPUs expected, none usable).
+            if w.unhealthy.is_empty() || w.state() != WorkerState::Online {
+                state(w)
+            } else {
+                "unhealthy"
+            },
             w.busy_devices,
             w.devices.len(),
             time(w.last_seen_ms),
-            if w.drained.is_empty() {
-                "-"
-            } else {
-                &w.drained
+            match (w.drained.is_empty(), w.unhealthy.is_empty()) {
+                (true, true) => "-".to_string(),
+                (false, true) => w.drained.clone(),
+                (true, false) => format!("unhealthy: {}", w.unhealthy),
+                (false, false) => format!("{}; unhealthy: {}", w.drained, w.unhealthy),
             }
+        );
+    }
+    // Daemons one protocol version behind the coordinator (mid-upgrade) run with some features
+    // off: say which, under the table.
+    for w in ws.iter().filter(|w| !w.features_off.is_empty()) {
+        println!(
+            "note: {} speaks protocol {} (older than the coordinator's): off for it: {}",
+            w.name,
+            w.protocol_version,
+            w.features_off.join(", ")
         );
     }
 }

@@ -34,18 +34,36 @@ impl Error {
     }
 }
 
+/// Longest status message sent to a peer (bytes). Errors may quote what the peer sent (an id that
+/// does not parse); a message of megabytes would go back in the `grpc-message` trailer, which
+/// HTTP/2 peers refuse past their header limits (and it would echo the attacker's bulk).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `m` cut to [`MAX_STATUS_MESSAGE`] bytes at a character boundary, saying how much was cut.
+pub fn bounded_message(m: String) -> String {
+    if m.len() <= MAX_STATUS_MESSAGE {
+        return m;
+    }
+    let mut end = MAX_STATUS_MESSAGE;
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &m[..end], m.len() - end)
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        let m = bounded_message(e.to_string());
         match &e {
-            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            Error::NotFound { .. } => Status::not_found(e.to_string()),
-            Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-            Error::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
-            Error::ShuttingDown => Status::unavailable(e.to_string()),
+            Error::InvalidArgument { .. } => Status::invalid_argument(m),
+            Error::NotFound { .. } => Status::not_found(m),
+            Error::FailedPrecondition(_) => Status::failed_precondition(m),
+            Error::PermissionDenied(_) => Status::permission_denied(m),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(m),
+            Error::ShuttingDown => Status::unavailable(m),
             Error::Store(_) | Error::Corrupt(_) | Error::Internal(_) => {
                 tracing::error!(error = %e, "internal error");
-                Status::internal(e.to_string())
+                Status::internal(m)
             }
         }
     }

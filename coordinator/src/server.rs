@@ -39,6 +39,17 @@ fn tls_config(c: &TlsConfig) -> anyhow::Result<Option<tonic::transport::ServerTl
     Ok(Some(tls))
 }
 
+/// The gRPC listener's connections with TCP keepalive (a daemon whose node vanished without a
+/// FIN or RST is dropped even when HTTP/2 pings cannot be written) and no Nagle delay. The
+/// builder's `tcp_keepalive` applies only to listeners tonic binds itself.
+fn keepalive_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(bt_proto::client::TCP_KEEPALIVE))
+        .with_keepalive_interval(Some(bt_proto::client::TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(bt_proto::client::TCP_KEEPALIVE_RETRIES))
+}
+
 /// Runs the coordinator on `listener` until `shutdown` resolves, then drains with a deadline.
 pub async fn run(
     config: CoordinatorConfig,
@@ -122,6 +133,14 @@ pub async fn run(
         });
     }
 
+    if !config.backup.dir.as_os_str().is_empty() {
+        // Scheduled online backups of the state database (backup.dir).
+        background.spawn(crate::backup::scheduled(
+            config.db_path.clone(),
+            config.backup.clone(),
+        ));
+    }
+
     if !config.health_listen.is_empty() {
         // Health only, no TLS, no token: what a kubelet's gRPC probe can reach.
         let l = TcpListener::bind(&config.health_listen)
@@ -180,13 +199,17 @@ pub async fn run(
     info!(dashboard = config.dashboard.mode == DashboardMode::On,
           cors_origins = ?config.dashboard.cors_origins, "gRPC-web and the dashboard on the same port");
     // Outermost first: the dashboard's files and CORS (no token), then gRPC-web → gRPC, then the
-    // token check every RPC passes, native or from a browser.
+    // token check every RPC passes, native or from a browser (refusals counted by reason only),
+    // then the RPC metrics of authenticated calls, labelled from the closed set of methods.
     let server = builder
         .accept_http1(true)
         .layer(front)
         .layer(tonic_web::GrpcWebLayer::new())
+        .layer(AuthLayer {
+            auth,
+            metrics: Some(metrics.clone()),
+        })
         .layer(crate::metrics::RpcMetricsLayer(metrics))
-        .layer(AuthLayer(auth))
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -197,7 +220,7 @@ pub async fn run(
             WorkerServiceServer::new(WorkerSvc { core: core.clone() })
                 .max_decoding_message_size(max_msg),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(keepalive_incoming(listener), async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);

@@ -39,6 +39,11 @@ pub struct WorkerView {
     pub last_seen_ms: i64,
     /// Devices a rank of an open attempt holds.
     pub busy_devices: u32,
+    /// The protocol version of its current session (0: none) and the features off for it.
+    pub protocol_version: u32,
+    pub features_off: Vec<&'static str>,
+    /// Why its daemon registered the node as unhealthy (empty: healthy).
+    pub unhealthy: String,
 }
 
 impl From<JobView> for bt_proto::Job {
@@ -105,6 +110,9 @@ impl From<WorkerView> for bt_proto::Worker {
             last_seen_ms: v.last_seen_ms,
             busy_devices: v.busy_devices,
             drained: w.drained,
+            protocol_version: v.protocol_version,
+            features_off: v.features_off.into_iter().map(String::from).collect(),
+            unhealthy: v.unhealthy,
         }
     }
 }

@@ -281,7 +281,10 @@ pub(crate) fn lose_worker(
     fx.close.push((
         worker_id,
         None,
-        Status::unavailable(format!("worker {} considered lost: {reason}", w.name)),
+        Status::unavailable(crate::error::bounded_message(format!(
+            "worker {} considered lost: {reason}",
+            w.name
+        ))),
     ));
     for mut a in tx.open_attempts()? {
         let mine: Vec<u32> = a

@@ -735,3 +735,126 @@ async fn a_node_certificate_binds_the_daemon_to_its_node() {
     // The fleet certificate names no node: a fleet token registers any node not online.
     register(with("worker", "tok-fleet"), "n3").await.unwrap();
 }
+
+/// The session stream fuzzed with valid credentials: a registered daemon (fleet token) sends
+/// reports with hostile values (names and messages with control characters and megabytes of
+/// text, counts and sizes at their extremes, unknown enum values, wrong ids and epochs) for a job
+/// really placed on it. The coordinator never panics or stops serving; a message it refuses
+/// closes the session with an error naming the field, and the daemon can come back.
+#[tokio::test]
+async fn the_session_stream_survives_hostile_values_with_valid_credentials() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let c = secured(tmp.path(), |c| {
+        c.limits.max_reports_per_sec = 1_000_000;
+        c.limits.max_metrics_per_sec = 1_000_000;
+    })
+    .await;
+    let mut jobs = jobs_as(&c, "tok-alice").await;
+    let job = jobs
+        .submit_job(SubmitJobRequest {
+            spec_toml: spec(1, 1000),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rng = StdRng::seed_from_u64(0x5ec_0002);
+    let strings = |rng: &mut StdRng| -> String {
+        [
+            String::new(),
+            "a\nb\r\u{1b}[2J".into(),
+            "\u{0}".into(),
+            "x".repeat(rng.gen_range(0..300_000)),
+            "名前\u{2028}".into(),
+            "../../etc/passwd".into(),
+        ][rng.gen_range(0..6)]
+        .clone()
+    };
+    let (mut sent, mut closed) = (0, 0);
+    let mut d = FakeDaemon::connect_as(&c, "tok-fleet", "fz", 1).await;
+    let mut a = d.next_assignment().await;
+    d.started(&a).await;
+    for _ in 0..300 {
+        let (job_id, epoch, rank) = match rng.gen_range(0..4) {
+            0 => (strings(&mut rng), rng.gen(), rng.gen()),
+            1 => (job.id.clone(), rng.gen(), a.rank),
+            _ => (a.job_id.clone(), a.epoch, a.rank),
+        };
+        let body = match rng.gen_range(0..7) {
+            0 => trainer_report::Body::Notice(bt_proto::Notice {
+                level: strings(&mut rng),
+                message: strings(&mut rng),
+                severity: rng.gen(),
+            }),
+            1 => trainer_report::Body::Eval(EvalResult {
+                step: rng.gen(),
+                kind: strings(&mut rng),
+                top1: [f64::NAN, f64::INFINITY, -1.0, 2.0, 0.5][rng.gen_range(0..5)],
+                ..Default::default()
+            }),
+            2 => trainer_report::Body::Checkpoint(CheckpointInfo {
+                step: rng.gen(),
+                path: strings(&mut rng),
+                ..Default::default()
+            }),
+            3 => trainer_report::Body::Metrics(TrainMetrics {
+                step: rng.gen(),
+                loss: [f64::NAN, f64::NEG_INFINITY, 1e308, 1.0][rng.gen_range(0..4)],
+                ..Default::default()
+            }),
+            4 => trainer_report::Body::Logs(LogLines {
+                // Below the 4 MiB message limit (a larger message is refused by the transport).
+                lines: (0..rng.gen_range(0..12))
+                    .map(|_| strings(&mut rng))
+                    .collect(),
+                dropped: rng.gen(),
+                time_ms: rng.gen(),
+            }),
+            5 => trainer_report::Body::Picture(CorrelationPicture {
+                step: rng.gen(),
+                side: rng.gen(),
+                ..Default::default()
+            }),
+            _ => trainer_report::Body::Started(TrainerStarted { pid: rng.gen() }),
+        };
+        let what = format!("{:.200}", format!("{body:?}"));
+        d.report_as(&job_id, epoch, rank, body).await;
+        sent += 1;
+        // A refused message closes the session: read what the coordinator said, come back.
+        if let Ok(next) =
+            tokio::time::timeout(std::time::Duration::from_millis(5), d.down.message()).await
+        {
+            match next {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the session ended without a status"),
+                Err(status) => {
+                    closed += 1;
+                    let m = status.message();
+                    assert!(
+                        m.contains("bad message: report.") || m.contains("bad message: msg"),
+                        "a closed session's reason names no field: {status:?} (after {what})"
+                    );
+                    d = FakeDaemon::connect_as(&c, "tok-fleet", "fz", 1).await;
+                    a = d.next_assignment().await;
+                    d.started(&a).await;
+                }
+            }
+        }
+    }
+    eprintln!("hostile session messages: {sent} sent, {closed} sessions closed by the coordinator");
+    // Still serving, the job still known and its state one of the defined ones.
+    let j = jobs
+        .get_job(GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(JobState::try_from(j.state).is_ok(), "{j:?}");
+    eventually("the coordinator to list jobs", || {
+        let mut jobs = jobs.clone();
+        async move { jobs.list_jobs(ListJobsRequest::default()).await.is_ok() }
+    })
+    .await;
+}
