@@ -50,6 +50,44 @@ fn keepalive_incoming(listener: TcpListener) -> tonic::transport::server::TcpInc
         .with_keepalive_retries(Some(bt_proto::client::TCP_KEEPALIVE_RETRIES))
 }
 
+/// The main loop (liveness ticks and scheduling passes, under the core's lock) must come round at
+/// least this often; past it the health service's overall status (`""`, what a kubelet's gRPC
+/// liveness probe asks without a service name) turns NOT_SERVING, so a coordinator stuck on its
+/// lock or its database is restarted instead of sitting there answering probes.
+pub const LOOP_STALL_MS: i64 = 60_000;
+
+/// Watches `beat` (when the main loop last came round) and sets the overall health status.
+pub(crate) async fn liveness(
+    health: tonic_health::server::HealthReporter,
+    beat: Arc<std::sync::atomic::AtomicI64>,
+    stall_ms: i64,
+) {
+    use tonic_health::ServingStatus;
+    let mut stuck = false;
+    let mut every =
+        tokio::time::interval(Duration::from_millis((stall_ms / 10).clamp(10, 2000) as u64));
+    loop {
+        every.tick().await;
+        let silent = bt_common::now_ms() - beat.load(std::sync::atomic::Ordering::Relaxed);
+        let now_stuck = silent > stall_ms;
+        if now_stuck != stuck {
+            stuck = now_stuck;
+            if stuck {
+                error!(
+                    silent_ms = silent,
+                    "the main loop is stuck; liveness reports NOT_SERVING"
+                );
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+            } else {
+                warn!("the main loop came round again; liveness reports SERVING");
+                health.set_service_status("", ServingStatus::Serving).await;
+            }
+        }
+    }
+}
+
 /// Runs the coordinator on `listener` until `shutdown` resolves, then drains with a deadline.
 pub async fn run(
     config: CoordinatorConfig,
@@ -90,10 +128,14 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let mut background = tokio::task::JoinSet::new();
+    // When the main loop last came round (ms): the liveness check below reads it.
+    let loop_beat = Arc::new(std::sync::atomic::AtomicI64::new(bt_common::now_ms()));
+    background.spawn(liveness(health.clone(), loop_beat.clone(), LOOP_STALL_MS));
     {
         // The scheduling loop: woken on every relevant event, and by a periodic tick.
         let core = core.clone();
         let period = Duration::from_millis(config.heartbeat_interval_ms.clamp(50, 1000));
+        let beat = loop_beat;
         background.spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,6 +155,7 @@ pub async fn run(
                     Err(crate::Error::ShuttingDown) => return,
                     Err(e) => error!(error = %e, "scheduling pass failed"),
                 }
+                beat.store(bt_common::now_ms(), std::sync::atomic::Ordering::Relaxed);
             }
         });
     }
@@ -526,5 +569,56 @@ mod web {
                 assert!(is_grpc(&r), "{ct}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    /// The overall health status a kubelet's liveness probe reads turns NOT_SERVING when the main
+    /// loop stops coming round, and SERVING again when it does.
+    #[tokio::test]
+    async fn liveness_fails_while_the_main_loop_is_stuck() {
+        let (health, svc) = tonic_health::server::health_reporter();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(TcpListenerStream::new(l)),
+        );
+        let beat = Arc::new(std::sync::atomic::AtomicI64::new(bt_common::now_ms()));
+        let watcher = tokio::spawn(liveness(health, beat.clone(), 300));
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = HealthClient::new(ch);
+        let status = |mut c: HealthClient<tonic::transport::Channel>| async move {
+            c.check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+        };
+        assert_eq!(status(client.clone()).await, ServingStatus::Serving);
+        // The loop stops: within the stall and a check interval, liveness fails.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(status(client.clone()).await, ServingStatus::NotServing);
+        // It comes round again.
+        for _ in 0..10 {
+            beat.store(bt_common::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(status(client).await, ServingStatus::Serving);
+        watcher.abort();
+        server.abort();
     }
 }

@@ -80,6 +80,10 @@ enum Cmd {
         /// always included).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// Also a daemon client certificate bound to this node name (`node-NAME.pem`/`.key`;
+        /// repeatable): with mutual TLS, its daemon may register only as NAME.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -97,6 +101,36 @@ enum Cmd {
         /// Write the token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         token_out: Option<PathBuf>,
+        /// Bind a worker token to this node: its daemon may register only as NODE (a per-node
+        /// token; without it a worker token may register as any node that is not online).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Back up the state database while the coordinator runs (a consistent snapshot, written
+    /// atomically, mode 0600): to a file, or to `bt-state-<UTC time>.db` in a directory.
+    Backup {
+        /// The state database.
+        #[arg(long = "db")]
+        db: PathBuf,
+        /// A file, or a directory (existing, or written with a trailing `/`).
+        #[arg(long, value_name = "DIR_OR_FILE")]
+        out: PathBuf,
+        /// Keep only the newest N backups in the directory (0: all).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep: usize,
+    },
+    /// Restore the state database from a backup (stop the coordinator first). The backup must
+    /// pass `PRAGMA integrity_check` and be a bt state database.
+    Restore {
+        /// The backup file.
+        #[arg(long = "from", value_name = "BACKUP")]
+        from: PathBuf,
+        /// The state database to create.
+        #[arg(long = "db")]
+        db: PathBuf,
+        /// Replace a database that is not empty (it is kept as DB.pre-restore-<time>).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -124,17 +158,22 @@ async fn main() -> std::process::ExitCode {
 async fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     match &args.cmd {
-        Some(Cmd::InitSecrets { dir, hosts, force }) => {
-            return bt_coordinator::secrets::init_secrets(dir, hosts, *force)
-        }
+        Some(Cmd::InitSecrets {
+            dir,
+            hosts,
+            nodes,
+            force,
+        }) => return bt_coordinator::secrets::init_secrets(dir, hosts, nodes, *force),
         Some(Cmd::AddToken {
             tokens_file,
             name,
             role,
             token_out,
+            node,
         }) => {
             let role = role.parse().map_err(anyhow::Error::msg)?;
-            let token = bt_coordinator::secrets::add_token(tokens_file, name, role)?;
+            let token =
+                bt_coordinator::secrets::add_token(tokens_file, name, role, node.as_deref())?;
             match token_out {
                 Some(p) => {
                     bt_coordinator::secrets::write_private(p, &format!("{token}\n"))?;
@@ -146,6 +185,35 @@ async fn real_main() -> anyhow::Result<()> {
                 }
                 None => println!("{token}"),
             }
+            return Ok(());
+        }
+        Some(Cmd::Backup { db, out, keep }) => {
+            let b = bt_coordinator::backup::backup(db, out, *keep)?;
+            println!(
+                "backed up {} to {} ({} bytes, {} ms)",
+                db.display(),
+                b.path.display(),
+                b.bytes,
+                b.elapsed.as_millis()
+            );
+            for p in &b.removed {
+                println!("deleted the older backup {}", p.display());
+            }
+            return Ok(());
+        }
+        Some(Cmd::Restore { from, db, force }) => {
+            let r = bt_coordinator::backup::restore(from, db, *force)?;
+            if let Some(p) = &r.previous {
+                println!("kept the replaced database as {}", p.display());
+            }
+            println!(
+                "restored {} to {} (schema {}, {} jobs, {} events)",
+                from.display(),
+                db.display(),
+                r.summary.schema,
+                r.summary.jobs,
+                r.summary.events
+            );
             return Ok(());
         }
         None => {}
