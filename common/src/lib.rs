@@ -32,6 +32,31 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `ms` since the Unix epoch as UTC (year, month, day, hour, minute, second, millisecond), by the
+/// proleptic Gregorian calendar (400-year eras counted from 0000-03-01).
+pub fn utc_parts(ms: i64) -> (i64, i64, i64, i64, i64, i64, i64) {
+    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let s = ms_of_day / 1000;
+    (
+        year,
+        month,
+        day,
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms_of_day % 1000,
+    )
+}
+
 /// Sets up `tracing` for a binary: human-readable lines on stderr, filtered by `RUST_LOG`
 /// (default `info`), or JSON lines when `BT_LOG_FORMAT=json`. Every event is one line whatever
 /// its fields hold: values a peer sent (a job name with a newline, a trainer's message with

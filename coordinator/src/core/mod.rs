@@ -34,6 +34,40 @@ struct SessionHandle {
 }
 
 /// In-memory state that is not persisted: live sessions, liveness clocks and watcher fan-out.
+/// What a one-second rate window says of one more report.
+enum Window {
+    Allowed,
+    /// Over the limit, the first time in this window (warn once).
+    FirstDrop,
+    Dropped,
+}
+
+/// One more report of `key` against `per_sec` in its current one-second window: (window start,
+/// count, warned) per key; entries idle for a minute go once the map holds 4096.
+fn one_second_window<K: std::hash::Hash + Eq>(
+    windows: &mut HashMap<K, (i64, u32, bool)>,
+    key: K,
+    per_sec: u32,
+) -> Window {
+    let now = now_ms();
+    if windows.len() > 4096 {
+        windows.retain(|_, e| now - e.0 < 60_000);
+    }
+    let e = windows.entry(key).or_insert((now, 0, false));
+    if now - e.0 >= 1000 {
+        *e = (now, 0, false);
+    }
+    if e.1 < per_sec {
+        e.1 += 1;
+        Window::Allowed
+    } else if !e.2 {
+        e.2 = true;
+        Window::FirstDrop
+    } else {
+        Window::Dropped
+    }
+}
+
 /// A rate-limited report stream: (job, epoch, rank, report kind).
 type ReportKey = (JobId, u64, u32, &'static str);
 
@@ -130,25 +164,16 @@ impl Runtime {
     /// Whether one more `kind` report (eval, notice, checkpoint) of this rank fits in its
     /// per-second budget (`limits.max_reports_per_sec`).
     fn report_allowed(&mut self, key: ReportKey, per_sec: u32) -> bool {
-        let now = now_ms();
-        if self.report_rate.len() > 4096 {
-            self.report_rate.retain(|_, e| now - e.0 < 60_000);
+        match one_second_window(&mut self.report_rate, key, per_sec) {
+            Window::Allowed => true,
+            Window::FirstDrop => {
+                tracing::warn!(job_id = %key.0, epoch = key.1, rank = key.2, kind = key.3,
+                               limit = per_sec,
+                               "reports over limits.max_reports_per_sec; dropping the excess");
+                false
+            }
+            Window::Dropped => false,
         }
-        let e = self.report_rate.entry(key).or_insert((now, 0, false));
-        if now - e.0 >= 1000 {
-            *e = (now, 0, false);
-        }
-        if e.1 < per_sec {
-            e.1 += 1;
-            return true;
-        }
-        if !e.2 {
-            e.2 = true;
-            tracing::warn!(job_id = %key.0, epoch = key.1, rank = key.2, kind = key.3,
-                           limit = per_sec,
-                           "reports over limits.max_reports_per_sec; dropping the excess");
-        }
-        false
     }
 
     /// Takes one submission token from `owner`'s bucket (`burst` tokens, refilled at
@@ -176,27 +201,15 @@ impl Runtime {
 
     /// Whether one more metric report of this attempt fits in its per-second budget.
     fn metrics_allowed(&mut self, job_id: JobId, epoch: u64, per_sec: u32) -> bool {
-        let now = now_ms();
-        if self.metric_rate.len() > 4096 {
-            self.metric_rate.retain(|_, e| now - e.0 < 60_000);
+        match one_second_window(&mut self.metric_rate, (job_id, epoch), per_sec) {
+            Window::Allowed => true,
+            Window::FirstDrop => {
+                tracing::warn!(job_id = %job_id, epoch, limit = per_sec,
+                               "metric reports over limits.max_metrics_per_sec; dropping the excess");
+                false
+            }
+            Window::Dropped => false,
         }
-        let e = self
-            .metric_rate
-            .entry((job_id, epoch))
-            .or_insert((now, 0, false));
-        if now - e.0 >= 1000 {
-            *e = (now, 0, false);
-        }
-        if e.1 < per_sec {
-            e.1 += 1;
-            return true;
-        }
-        if !e.2 {
-            e.2 = true;
-            tracing::warn!(job_id = %job_id, epoch, limit = per_sec,
-                           "metric reports over limits.max_metrics_per_sec; dropping the excess");
-        }
-        false
     }
 
     /// How many of `n` new log lines of a rank fit in its per-second budget, and how many lines

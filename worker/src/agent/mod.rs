@@ -520,7 +520,11 @@ impl Daemon {
                 break;
             };
             if let (Some(k), Some(kind)) = (key, kind) {
-                let gap = if kind == "metrics" { metrics_gap } else { others_gap };
+                let gap = if kind == "metrics" {
+                    metrics_gap
+                } else {
+                    others_gap
+                };
                 self.pace.insert(k, now + gap);
             }
             permit.send(WorkerMessage {
