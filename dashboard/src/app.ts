@@ -516,7 +516,7 @@ function workersPage(main: HTMLElement): () => void {
   const body = h("tbody");
   main.append(
     h("h1", {}, "Workers"),
-    h("table", { id: "workers" }, h("thead", {}, h("tr", {}, ...["Worker", "Host", "State", "Devices", "Busy", "Last heartbeat", "Drained"].map((c) => h("th", {}, c)))), body),
+    h("table", { id: "workers" }, h("thead", {}, h("tr", {}, ...["Worker", "Host", "State", "Devices", "Busy", "Last heartbeat", "Drained", "Health"].map((c) => h("th", {}, c)))), body),
   );
   return poll(2000, async () => {
     const { workers } = await client.listWorkers({});
@@ -532,11 +532,20 @@ function workersPage(main: HTMLElement): () => void {
           h("td", {}, `${w.busyDevices}/${w.devices.length}`),
           h("td", {}, w.lastSeenMs ? `${age(w.lastSeenMs)} ago` : "never"),
           h("td", { class: w.drained ? "" : "muted" }, w.drained || "–"),
+          h("td", { class: w.unhealthy || w.featuresOff.length ? "" : "muted" }, workerHealth(w)),
         ),
       ),
     );
-    if (!workers.length) body.append(h("tr", {}, h("td", { colspan: "7", class: "muted" }, "no workers")));
+    if (!workers.length) body.append(h("tr", {}, h("td", { colspan: "8", class: "muted" }, "no workers")));
   });
+}
+
+/** An unhealthy worker's reason, and the protocol features off for a daemon one version behind. */
+function workerHealth(w: { unhealthy: string; featuresOff: string[]; protocolVersion: number }): string {
+  const notes: string[] = [];
+  if (w.unhealthy) notes.push(`unhealthy: ${w.unhealthy}`);
+  if (w.featuresOff.length) notes.push(`protocol ${w.protocolVersion}, off: ${w.featuresOff.join(", ")}`);
+  return notes.join("; ") || "ok";
 }
 
 // ---------- Submit ----------
