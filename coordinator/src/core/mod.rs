@@ -5,6 +5,8 @@
 mod fuzz_tests;
 mod history;
 mod jobs;
+mod liveness;
+mod registration;
 mod reports;
 mod workers;
 

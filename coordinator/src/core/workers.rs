@@ -1,21 +1,23 @@
-//! Workers: registration, sessions, liveness, and the one lost-worker handler.
+//! Workers: sessions, drains, listings, and the one lost-worker handler (registration is in
+//! `registration.rs`, the periodic liveness checks in `liveness.rs`).
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bt_common::domain::{AttemptOutcome, JobState, WorkerState};
+use bt_common::domain::{AttemptOutcome, WorkerState};
 use bt_common::{now_ms, JobId, WorkerId};
 use bt_proto::{
-    worker_message, CancelAssignment, CoordinatorMessage, Device, Hello, RegisterRequest,
-    StopTrainers, WorkerMessage, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    worker_message, CancelAssignment, CoordinatorMessage, Hello, StopTrainers, WorkerMessage,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{info, warn};
 
 use super::jobs::fail_attempt;
+use super::registration::{check_version, refuse_if_live};
 use super::{Core, Effects, Runtime, SessionHandle};
 use crate::error::{Error, Result};
-use crate::store::{DeviceRecord, Tx, WorkerRecord};
+use crate::store::{Tx, WorkerRecord};
 use crate::view::WorkerView;
 
 /// A session accepted by `Core::open_session`.
@@ -27,237 +29,13 @@ pub(crate) struct OpenedSession {
     pub kill: Arc<Notify>,
 }
 
-/// A coordinator serves daemons of its protocol version and of the one before (N-1, with the
-/// features it lacks off); a newer daemon is told to upgrade the coordinator first, an older one
-/// to upgrade the daemon.
-fn check_version(field: &str, v: u32) -> Result<()> {
-    if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&v) {
-        return Ok(());
-    }
-    warn!(
-        field,
-        daemon_version = v,
-        coordinator_version = PROTOCOL_VERSION,
-        "protocol version mismatch"
-    );
-    let why = if v > PROTOCOL_VERSION {
-        format!(
-            "the daemon speaks protocol version {v}, newer than this coordinator's \
-             {PROTOCOL_VERSION}: upgrade the coordinator first (a coordinator serves daemons of \
-             its own version and one older), then the daemons"
-        )
-    } else {
-        format!(
-            "the daemon speaks protocol version {v}, older than the {MIN_PROTOCOL_VERSION} this \
-             coordinator (version {PROTOCOL_VERSION}) still serves: upgrade bt-worker on this node"
-        )
-    };
-    Err(Error::FailedPrecondition(format!("{field}: {why}")))
-}
-
-/// Validates a registration (at most `max_devices` devices); errors name the field.
-pub(crate) fn validate_register(
-    req: &RegisterRequest,
-    max_devices: usize,
-) -> Result<Vec<DeviceRecord>> {
-    check_version("protocol_version", req.protocol_version)?;
-    let name = req.name.trim();
-    if name.is_empty() {
-        return Err(Error::invalid("name", "must not be empty"));
-    }
-    if name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Error::invalid(
-            "name",
-            "must be at most 253 characters without whitespace or control characters",
-        ));
-    }
-    let host = req.host.trim();
-    if host.is_empty() {
-        return Err(Error::invalid(
-            "host",
-            "must not be empty (the address other nodes reach this one at)",
-        ));
-    }
-    if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(Error::invalid("host", "must not contain whitespace"));
-    }
-    if req.devices.is_empty() && req.unhealthy.trim().is_empty() {
-        return Err(Error::invalid("devices", "at least one device is required"));
-    }
-    if req.devices.len() > max_devices {
-        return Err(Error::invalid(
-            "devices",
-            format!(
-                "{} devices declared; at most {max_devices} per worker (limits.max_devices_per_worker)",
-                req.devices.len()
-            ),
-        ));
-    }
-    if host.len() > 253 {
-        return Err(Error::invalid("host", "must be at most 253 characters"));
-    }
-    let mut seen = HashSet::new();
-    let mut devices = Vec::with_capacity(req.devices.len());
-    for (i, dev) in req.devices.iter().enumerate() {
-        let Device { index, name, .. } = dev;
-        if name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                format!("devices[{i}].name"),
-                "must be at most 128 characters without control characters",
-            ));
-        }
-        let kind = bt_proto::convert::device_kind(dev).map_err(|_| {
-            Error::invalid(
-                format!("devices[{i}].kind"),
-                format!("must be \"cpu\" or \"cuda\", got {:?}", dev.kind),
-            )
-        })?;
-        if !seen.insert(*index) {
-            return Err(Error::invalid(
-                format!("devices[{i}].index"),
-                format!("device index {index} appears twice"),
-            ));
-        }
-        devices.push(DeviceRecord {
-            index: *index,
-            kind,
-            name: name.clone(),
-        });
-    }
-    bt_common::net::check_port_range(req.port_range_start, req.port_range_end)
-        .map_err(|e| Error::invalid(e.field, e.message))?;
-    Ok(devices)
-}
-
 /// How long after a coordinator restart a worker holding ranks gets to reconnect (ms): the
 /// configured grace, never less than the heartbeat timeout.
-fn reconnect_grace(config: &crate::config::CoordinatorConfig) -> i64 {
+pub(super) fn reconnect_grace(config: &crate::config::CoordinatorConfig) -> i64 {
     config
         .reconnect_grace_ms
         .max(config.heartbeat_timeout_ms)
         .min(i64::MAX as u64 / 2) as i64
-}
-
-/// Why a registering daemon says its node is unhealthy (None: healthy), bounded and on one line.
-/// An unhealthy worker offers no device, whatever its request lists, so nothing is placed on it.
-pub(crate) fn unhealthy_reason(req: &RegisterRequest) -> Option<String> {
-    const MAX_CHARS: usize = 1000;
-    let why = req.unhealthy.trim();
-    (!why.is_empty()).then(|| {
-        why.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(MAX_CHARS)
-            .collect()
-    })
-}
-
-/// Fails every active attempt with a rank that has not reported its start within
-/// `start_deadline_ms` of placement (its daemon never spawned it, or lost the assignment).
-/// A rank whose worker has no session (a coordinator restart: its start report may wait in the
-/// daemon's buffer) is left to the reconnect grace, one that was not running when its worker
-/// reconnected to the vanished-rank deadline.
-fn start_deadlines(
-    config: &crate::config::CoordinatorConfig,
-    rt: &Runtime,
-    tx: &mut dyn Tx,
-    fx: &mut Effects,
-    now: i64,
-) -> Result<()> {
-    let deadline = config.start_deadline_ms.min(i64::MAX as u64) as i64;
-    for mut a in tx.open_attempts()? {
-        if !a.is_active() || now - a.started_ms <= deadline {
-            continue;
-        }
-        let Some(i) = a.ranks.iter().position(|r| {
-            r.started_ms.is_none()
-                && r.exited_ms.is_none()
-                && rt.sessions.contains_key(&r.worker_id)
-                && !rt.vanished.contains_key(&(a.job_id, a.epoch, r.rank))
-        }) else {
-            continue;
-        };
-        let Some(mut job) = tx.get_job(a.job_id)? else {
-            continue;
-        };
-        if job.epoch != a.epoch || job.state.is_terminal() {
-            continue;
-        }
-        let wname = tx
-            .get_worker(a.ranks[i].worker_id)?
-            .map(|w| w.name)
-            .unwrap_or_default();
-        let rank = a.ranks[i].rank;
-        let why = format!(
-            "rank {rank} on worker {wname} did not start within {deadline} ms of its placement \
-             (start_deadline_ms)"
-        );
-        a.ranks[i].mark_failed(now, why.clone());
-        warn!(job_id = %a.job_id, epoch = a.epoch, rank, worker = %wname, "rank did not start");
-        fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
-    }
-    Ok(())
-}
-
-/// The progress watchdog (`watchdog.*`): a running attempt none of whose ranks has reported for
-/// `multiple` × its recent step-report interval (at least `min_ms`) is hung; it fails as an
-/// infrastructure failure (restart by the budget), its ranks are told to stop.
-fn watchdog(
-    config: &crate::config::CoordinatorConfig,
-    rt: &mut Runtime,
-    tx: &mut dyn Tx,
-    fx: &mut Effects,
-    now: i64,
-) -> Result<()> {
-    let w = &config.watchdog;
-    if w.multiple <= 0.0 {
-        rt.progress.clear();
-        return Ok(());
-    }
-    // Only attempts silent past their limit are looked up in the store (a tick reads nothing for
-    // jobs that report); entries of attempts that ended go when they come due.
-    let limit_of =
-        |p: &super::Progress| (w.multiple * p.step_interval_ms.unwrap_or(0.0)).max(w.min_ms as f64);
-    let due: Vec<((JobId, u64), super::Progress)> = rt
-        .progress
-        .iter()
-        .filter(|(_, p)| (now - p.last_ms) as f64 > limit_of(p))
-        .map(|(k, p)| (*k, *p))
-        .collect();
-    for (key @ (job_id, epoch), p) in due {
-        let (job, attempt) = (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?);
-        let (Some(mut job), Some(mut a)) = (job, attempt) else {
-            rt.progress.remove(&key);
-            continue;
-        };
-        if job.epoch != epoch || job.state.is_terminal() || !a.is_active() {
-            rt.progress.remove(&key);
-            continue;
-        }
-        if job.state != JobState::Running {
-            continue;
-        }
-        let silent = now - p.last_ms;
-        rt.progress.remove(&key);
-        let why = match p.step_interval_ms {
-            Some(i) => format!(
-                "hung: no report from any rank for {:.1} s, {:.0}x its recent step-report \
-                 interval of {:.0} ms (watchdog.multiple {}, watchdog.min_ms {})",
-                silent as f64 / 1e3,
-                silent as f64 / i.max(1.0),
-                i,
-                w.multiple,
-                w.min_ms
-            ),
-            None => format!(
-                "hung: no report from any rank for {:.1} s (watchdog.min_ms {})",
-                silent as f64 / 1e3,
-                w.min_ms
-            ),
-        };
-        warn!(job_id = %job_id, epoch, silent_ms = silent, "job declared hung");
-        fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
-    }
-    Ok(())
 }
 
 /// The one handler for a lost worker: marks it LOST, ends every active attempt with a rank on it
@@ -332,7 +110,7 @@ pub(crate) fn lose_worker(
 }
 
 /// Devices a rank of an open attempt holds, per worker.
-fn busy_devices(tx: &mut dyn Tx) -> Result<std::collections::HashMap<WorkerId, u32>> {
+pub(super) fn busy_devices(tx: &mut dyn Tx) -> Result<std::collections::HashMap<WorkerId, u32>> {
     let mut busy = std::collections::HashMap::new();
     for a in tx.open_attempts()? {
         for r in a.ranks.iter().filter(|r| r.exited_ms.is_none()) {
@@ -425,27 +203,6 @@ fn parse_hello(first: Option<WorkerMessage>) -> Result<HelloInfo> {
         running,
         exited,
     })
-}
-
-/// The refusal a second session (or registration) for a worker that still has a live one gets:
-/// a live session is never taken over. Live: its session is open and it was heard from within
-/// the heartbeat timeout; once that passes it is lost, and a new session is accepted.
-fn refuse_if_live(rt: &Runtime, w: &WorkerRecord, now: i64, timeout_ms: u64) -> Result<()> {
-    if !rt.sessions.contains_key(&w.id) {
-        return Ok(());
-    }
-    let heard = rt.last_seen.get(&w.id).copied().unwrap_or(w.last_seen_ms);
-    if now - heard > timeout_ms as i64 {
-        return Ok(());
-    }
-    warn!(worker_id = %w.id, worker = %w.name, "a second session for a live worker refused");
-    Err(Error::FailedPrecondition(format!(
-        "worker {:?} already has a live session (heard from {} ms ago); a second one is refused, \
-         not a takeover. A daemon that lost its connection is accepted again once the old \
-         session closes or has been silent for heartbeat_timeout_ms ({timeout_ms} ms)",
-        w.name,
-        (now - heard).max(0)
-    )))
 }
 
 /// Makes a new connection the worker's current session; an older one is told it was replaced.
@@ -575,66 +332,6 @@ fn await_missing_ranks(
 }
 
 impl Core {
-    /// Registers (or re-registers, by name) a worker daemon; returns its id. `bound_node`: the
-    /// node the caller's credential is bound to (it may register only as that node). A worker
-    /// with a live session cannot be registered again (its record is not overwritten).
-    pub fn register(&self, req: &RegisterRequest, bound_node: Option<&str>) -> Result<WorkerId> {
-        let devices = validate_register(req, self.config().limits.max_devices_per_worker)?;
-        let unhealthy = unhealthy_reason(req);
-        let devices = if unhealthy.is_some() {
-            Vec::new()
-        } else {
-            devices
-        };
-        if let Some(bound) = bound_node {
-            if req.name.trim() != bound {
-                return Err(Error::PermissionDenied(format!(
-                    "name: this credential is bound to node {bound:?}; it cannot register as {:?}",
-                    req.name.trim()
-                )));
-            }
-        }
-        self.transition(|config, rt, tx, _fx| {
-            let now = now_ms();
-            let name = req.name.trim().to_string();
-            let existing = tx.get_worker_by_name(&name)?;
-            if let Some(w) = &existing {
-                refuse_if_live(rt, w, now, config.heartbeat_timeout_ms)?;
-            }
-            let id = existing.as_ref().map_or_else(WorkerId::new, |w| w.id);
-            let w = WorkerRecord {
-                id,
-                name: name.clone(),
-                host: req.host.trim().to_string(),
-                devices,
-                port_start: req.port_range_start,
-                port_end: req.port_range_end,
-                state: WorkerState::Online,
-                last_seen_ms: now,
-                // An operator's drain holds across the daemon's restarts.
-                drained: existing
-                    .as_ref()
-                    .map(|w| w.drained.clone())
-                    .unwrap_or_default(),
-            };
-            tx.put_worker(&w)?;
-            rt.last_seen.insert(id, now);
-            match &unhealthy {
-                Some(why) => {
-                    warn!(worker_id = %id, worker = %name, reason = %why,
-                          "worker registered unhealthy: nothing is placed on it");
-                    rt.unhealthy.insert(id, why.clone());
-                }
-                None => {
-                    rt.unhealthy.remove(&id);
-                }
-            }
-            info!(worker_id = %id, worker = %name, host = %w.host, devices = w.devices.len(),
-                  known = existing.is_some(), "worker registered");
-            Ok(id)
-        })
-    }
-
     /// Accepts the first message of a session (which must be a `Hello`).
     pub(crate) fn open_session(&self, first: Option<WorkerMessage>) -> Result<OpenedSession> {
         let hello = parse_hello(first)?;
@@ -754,76 +451,6 @@ impl Core {
         }
     }
 
-    /// Periodic liveness check: heartbeat timeouts (including workers that did not reconnect after
-    /// a coordinator restart) and ranks that vanished across a reconnect.
-    pub fn tick(&self) -> Result<()> {
-        self.transition(|config, rt, tx, fx| {
-            let now = now_ms();
-            let timeout = config.heartbeat_timeout_ms as i64;
-            let silent: Vec<(WorkerId, i64)> = rt
-                .last_seen
-                .iter()
-                .filter(|(_, seen)| now - **seen > timeout)
-                .map(|(w, s)| (*w, *s))
-                .collect();
-            // A worker without a session that still holds ranks of open attempts is one that
-            // has not reconnected since this coordinator started (a lost session is handled when
-            // it closes): it gets the reconnect grace, its trainers are still training.
-            let mut holding: Option<std::collections::HashMap<WorkerId, u32>> = None;
-            let grace = reconnect_grace(config);
-            for (w, seen) in silent {
-                let why = if rt.sessions.contains_key(&w) {
-                    format!("no heartbeat for {} ms", now - seen)
-                } else {
-                    if holding.is_none() {
-                        holding = Some(busy_devices(tx)?);
-                    }
-                    let busy = holding.as_ref().is_some_and(|h| h.contains_key(&w));
-                    if busy && now - seen <= grace {
-                        continue;
-                    }
-                    if busy {
-                        format!(
-                            "no session for {} ms: it did not reconnect within \
-                             reconnect_grace_ms ({grace} ms)",
-                            now - seen
-                        )
-                    } else {
-                        format!("no session for {} ms", now - seen)
-                    }
-                };
-                lose_worker(rt, tx, fx, w, &why)?;
-            }
-            let due: Vec<(JobId, u64, u32)> = rt
-                .vanished
-                .iter()
-                .filter(|(_, d)| now >= **d)
-                .map(|(k, _)| *k)
-                .collect();
-            for key @ (job_id, epoch, rank) in due {
-                rt.vanished.remove(&key);
-                let (Some(mut job), Some(mut a)) = (tx.get_job(job_id)?, tx.get_attempt(job_id, epoch)?) else {
-                    continue;
-                };
-                let Some(r) = a.ranks.get_mut(rank as usize) else { continue };
-                if r.exited_ms.is_some() || a.ended_ms.is_some() {
-                    continue;
-                }
-                let wname = tx
-                    .get_worker(r.worker_id)?
-                    .map(|w| w.name)
-                    .unwrap_or_default();
-                a.ranks[rank as usize].mark_failed(now, "vanished across a reconnect");
-                let why = format!(
-                    "rank {rank} on worker {wname} was not running after its worker reconnected and never reported an exit"
-                );
-                fail_attempt(tx, fx, &mut job, &mut a, false, why)?;
-            }
-            start_deadlines(config, rt, tx, fx, now)?;
-            watchdog(config, rt, tx, fx, now)
-        })
-    }
-
     /// Drains the worker named `worker` (a name or an id) for `reason`, or with `undo` lets it take
     /// work again. Draining places nothing more on it and asks its trainers to checkpoint and
     /// stop: their jobs requeue as preemptions. Stored, so it holds across restarts.
@@ -869,14 +496,6 @@ impl Core {
             let busy = busy_devices(tx)?.get(&w.id).copied().unwrap_or(0);
             Ok(worker_view(rt, &w, busy))
         })
-    }
-
-    /// The name of the worker whose id is `id` (None: not a known worker, or not an id).
-    pub fn worker_name(&self, id: &str) -> Result<Option<String>> {
-        let Ok(id) = id.parse::<WorkerId>() else {
-            return Ok(None);
-        };
-        self.read(|_, tx| Ok(tx.get_worker(id)?.map(|w| w.name)))
     }
 
     pub fn list_workers(&self) -> Result<Vec<WorkerView>> {
