@@ -3,9 +3,10 @@
 //! events. A crashing trainer never takes the daemon down.
 mod confine;
 mod devices;
+mod outbox;
 mod supervisor;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -211,38 +212,19 @@ struct Daemon {
     /// Why this node is unhealthy (it then offers no device); sent when registering.
     unhealthy: Option<String>,
     trainers: HashMap<(String, u64, u32), TrainerHandle>,
-    pending: VecDeque<TrainerReport>,
+    /// Reports waiting to go up (while disconnected, or behind others still waiting).
+    outbox: outbox::Outbox,
     local_tx: mpsc::UnboundedSender<Local>,
     trainer_bin: PathBuf,
     /// SIGTERM came: assignments are refused, trainers are stopping.
     draining: bool,
     /// The protocol version announced (`PROTOCOL_VERSION` unless configured).
     protocol: u32,
-    /// Replay pacing of buffered reports: per (job, epoch, rank, kind), when the next may go.
-    pace: HashMap<(String, u64, u32, &'static str), tokio::time::Instant>,
 }
 
 /// How long connecting, registering and opening the session may take together (a black-holed
 /// coordinator answers none of them).
 const CONNECT_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Buffered reports other than metrics, starts and exits replayed per trainer and kind per
-/// second (under the coordinator's per-kind limit).
-const REPLAY_OTHERS_PER_SEC: f64 = 10.0;
-
-/// The replay pacing class of a report: None for starts and exits (never held back).
-fn pace_kind(r: &TrainerReport) -> Option<&'static str> {
-    use trainer_report::Body;
-    match r.body.as_ref()? {
-        Body::Started(_) | Body::Exit(_) => None,
-        Body::Metrics(_) => Some("metrics"),
-        Body::Eval(_) => Some("eval"),
-        Body::Checkpoint(_) => Some("checkpoint"),
-        Body::Notice(_) => Some("notice"),
-        Body::Picture(_) => Some("picture"),
-        Body::Logs(_) => Some("logs"),
-    }
-}
 
 /// Runs the daemon until `shutdown` resolves; then stops its trainers (SIGTERM, then SIGKILL).
 pub async fn run(
@@ -294,16 +276,15 @@ pub async fn run(
     let mut d = Daemon {
         client,
         name: cfg.resolved_name(),
+        outbox: outbox::Outbox::new(cfg.max_buffered_reports, cfg.replay_metrics_per_sec),
         cfg,
         devices,
         unhealthy,
         trainers: HashMap::new(),
-        pending: VecDeque::new(),
         local_tx,
         trainer_bin,
         draining: false,
         protocol,
-        pace: HashMap::new(),
     };
     info!(name = %d.name, devices = d.devices.len(), coordinator = %d.cfg.coordinator, "worker daemon starting");
     tokio::pin!(shutdown);
@@ -368,12 +349,12 @@ impl Daemon {
             Duration::from_millis(self.cfg.session_timeout_ms.max(2 * hb.as_millis() as u64));
         let mut heard = tokio::time::Instant::now();
         // Reports that piled up while we were away go first, paced (`flush`).
-        self.pace.clear();
+        self.outbox.restart_pacing();
         let mut next_flush = tokio::time::Instant::now();
         // Draining: until every trainer has exited (or this deadline), then the session ends.
         let mut give_up: Option<tokio::time::Instant> = None;
         loop {
-            if self.draining && self.trainers.is_empty() && self.pending.is_empty() {
+            if self.draining && self.trainers.is_empty() && self.outbox.is_empty() {
                 // Every exit went up; close our half and let the coordinator read it all.
                 drop(up_tx);
                 let _ = tokio::time::timeout(Duration::from_secs(3), async {
@@ -398,8 +379,8 @@ impl Daemon {
                         recv_timeout.as_millis()
                     );
                 }
-                _ = tokio::time::sleep_until(next_flush), if !self.pending.is_empty() => {
-                    next_flush = self.flush(&up_tx);
+                _ = tokio::time::sleep_until(next_flush), if !self.outbox.is_empty() => {
+                    next_flush = self.outbox.flush(&up_tx);
                 }
                 _ = tick.tick() => {
                     // Never waits: a full channel means the link is stuck, and the receive
@@ -460,7 +441,7 @@ impl Daemon {
             Err(s) => anyhow::bail!("register: {s}"),
         };
         info!(worker_id = %reg.worker_id, coordinator_protocol = reg.protocol_version,
-              buffered = self.pending.len(), "registered with coordinator");
+              buffered = self.outbox.len(), "registered with coordinator");
         let key = |(job_id, epoch, rank): (&String, u64, u32)| RunningTrainer {
             job_id: job_id.clone(),
             epoch,
@@ -473,7 +454,7 @@ impl Daemon {
             .collect();
         // Trainers that ended while we were away: their exits wait in the buffer.
         let exited = if bt_proto::has_feature(self.protocol, "exit-replay") {
-            self.pending
+            self.outbox
                 .iter()
                 .filter(|r| matches!(r.body, Some(trainer_report::Body::Exit(_))))
                 .map(|r| key((&r.job_id, r.epoch, r.rank)))
@@ -498,50 +479,14 @@ impl Daemon {
         Ok((reg, down))
     }
 
-    /// Sends buffered reports in order, as far as the channel and the replay pacing allow;
-    /// returns when to try again.
-    fn flush(&mut self, up: &mpsc::Sender<WorkerMessage>) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
-        let per_sec = f64::from(self.cfg.replay_metrics_per_sec.max(1));
-        let metrics_gap = Duration::from_secs_f64(1.0 / per_sec);
-        let others_gap = Duration::from_secs_f64(1.0 / REPLAY_OTHERS_PER_SEC);
-        while let Some(r) = self.pending.front() {
-            let kind = pace_kind(r);
-            let key = kind.map(|k| (r.job_id.clone(), r.epoch, r.rank, k));
-            if let Some(at) = key.as_ref().and_then(|k| self.pace.get(k)) {
-                if *at > now {
-                    return *at;
-                }
-            }
-            let Ok(permit) = up.try_reserve() else {
-                return now + Duration::from_millis(20);
-            };
-            let Some(r) = self.pending.pop_front() else {
-                break;
-            };
-            if let (Some(k), Some(kind)) = (key, kind) {
-                let gap = if kind == "metrics" {
-                    metrics_gap
-                } else {
-                    others_gap
-                };
-                self.pace.insert(k, now + gap);
-            }
-            permit.send(WorkerMessage {
-                msg: Some(Up::Report(r)),
-            });
-        }
-        now
-    }
-
     /// Handles a trainer event: forward it if connected (and nothing buffered is still to go
     /// before it), else buffer it.
     fn local(&mut self, ev: Local, up: Option<&mpsc::Sender<WorkerMessage>>) {
         match ev {
             Local::Report(r) => {
                 let r = *r;
-                let Some(tx) = up.filter(|_| self.pending.is_empty()) else {
-                    self.buffer(r);
+                let Some(tx) = up.filter(|_| self.outbox.is_empty()) else {
+                    self.outbox.push(r);
                     return;
                 };
                 if let Err(e) = tx.try_send(WorkerMessage {
@@ -551,7 +496,7 @@ impl Daemon {
                         msg: Some(Up::Report(r)),
                     } = e.into_inner()
                     {
-                        self.buffer(r);
+                        self.outbox.push(r);
                     }
                 }
             }
@@ -563,38 +508,6 @@ impl Daemon {
                 self.trainers.remove(&(job_id, epoch, rank));
             }
         }
-    }
-
-    fn buffer(&mut self, r: TrainerReport) {
-        if self.pending.len() >= self.cfg.max_buffered_reports.max(1) {
-            // Full: the oldest log lines go first, then pictures, then metrics; starts, exits,
-            // checkpoints, evaluations and notices are kept.
-            use trainer_report::Body;
-            let oldest = |f: fn(&Body) -> bool| {
-                self.pending
-                    .iter()
-                    .position(|p| p.body.as_ref().is_some_and(f))
-            };
-            let victim = oldest(|b| matches!(b, Body::Logs(_)))
-                .or_else(|| oldest(|b| matches!(b, Body::Picture(_))))
-                .or_else(|| oldest(|b| matches!(b, Body::Metrics(_))));
-            if victim.is_none() {
-                warn!(
-                    buffered = self.pending.len(),
-                    "report buffer full of starts, exits, checkpoints, evaluations and notices; \
-                     dropping the oldest"
-                );
-            }
-            match victim {
-                Some(i) => {
-                    self.pending.remove(i);
-                }
-                None => {
-                    self.pending.pop_front();
-                }
-            }
-        }
-        self.pending.push_back(r);
     }
 
     async fn command(&mut self, m: CoordinatorMessage) {
