@@ -76,11 +76,12 @@ pub fn plan_with_waits(
     free: &[FreeWorker],
 ) -> (Vec<Placement>, Vec<(JobId, Wait)>) {
     let mut jobs: Vec<&QueuedJob> = queue.iter().collect();
+    // Stable: jobs submitted in the same millisecond keep the queue's order (the store's
+    // submission order), not the order of their random ids.
     jobs.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)
             .then(a.created_ms.cmp(&b.created_ms))
-            .then(a.id.cmp(&b.id))
     });
     let mut pool: Vec<(WorkerId, String, Vec<u32>)> = free
         .iter()
